@@ -1,0 +1,102 @@
+"""Triton kernels: bitsandbytes-compatible 4-bit blockwise quantize and dequantize.
+
+Launchers take validated, contiguous tensors and return new tensors. The arithmetic follows
+`peftkern.reference` operation for operation, so the bytes are identical to bitsandbytes'.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Dequantizing double-quantized absmax is `code8[q] * absmax2 + offset` with two roundings, as in
+# bitsandbytes; fusing them into an FMA would change the last bit of some weights.
+_NO_FMA = {} if _INTERPRET else {"enable_fp_fusion": False}
+
+
+@triton.jit
+def _quantize_4bit_kernel(a_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr, n,
+                          BLOCKSIZE: tl.constexpr, IS_FP4: tl.constexpr):
+    # One program per quantization block; even/odd flat elements become high/low nibbles.
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCKSIZE
+    j = tl.arange(0, BLOCKSIZE // 2)
+    idx = start + 2 * j
+    x_hi = tl.load(a_ptr + idx, mask=idx < n, other=0.0).to(tl.float32)
+    x_lo = tl.load(a_ptr + idx + 1, mask=idx + 1 < n, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x_hi), axis=0), tl.max(tl.abs(x_lo), axis=0))
+    safe = tl.maximum(amax, 1e-38)
+    # bnb multiplies full blocks by the reciprocal and divides the partial tail block.
+    full = start + BLOCKSIZE <= n
+    recip = 1.0 / safe
+    s_hi = tl.where(full, x_hi * recip, x_hi / safe)
+    s_lo = tl.where(full, x_lo * recip, x_lo / safe)
+    s_hi = tl.minimum(tl.maximum(s_hi, -1.0), 1.0)
+    s_lo = tl.minimum(tl.maximum(s_lo, -1.0), 1.0)
+    # bucket = number of midpoints strictly below the value (torch.bucketize, right=False).
+    b_hi = tl.zeros([BLOCKSIZE // 2], dtype=tl.int32)
+    b_lo = tl.zeros([BLOCKSIZE // 2], dtype=tl.int32)
+    for k in tl.static_range(15):
+        bound = tl.load(bounds_ptr + k)
+        b_hi += (s_hi > bound).to(tl.int32)
+        b_lo += (s_lo > bound).to(tl.int32)
+    if IS_FP4:
+        b_hi = tl.load(order_ptr + b_hi)
+        b_lo = tl.load(order_ptr + b_lo)
+    byte = ((b_hi << 4) | b_lo).to(tl.uint8)
+    tl.store(packed_ptr + start // 2 + j, byte, mask=idx < n)
+    tl.store(absmax_ptr + pid, tl.where(full, amax, safe))
+
+
+@triton.jit
+def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                            out_ptr, n, blocksize, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per BLOCK packed bytes; both nibbles of a byte share a quantization block.
+    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = 2 * j < n
+    byte = tl.load(packed_ptr + j, mask=live, other=0).to(tl.int32)
+    blk = (2 * j) // blocksize
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=live, other=0).to(tl.int32)
+        scale = tl.load(code8_ptr + q) * tl.load(absmax2_ptr + blk // 256, mask=live, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=live, other=0.0)
+    hi = tl.load(table_ptr + (byte >> 4)) * scale
+    lo = tl.load(table_ptr + (byte & 15)) * scale
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + 2 * j, hi.to(ty), mask=live)
+    tl.store(out_ptr + 2 * j + 1, lo.to(ty), mask=2 * j + 1 < n)
+
+
+def quantize_4bit(A: torch.Tensor, bounds: torch.Tensor, order: torch.Tensor, blocksize: int,
+                  is_fp4: bool):
+    """Flat contiguous `A` -> `(packed uint8 [(n+1)//2], absmax fp32 [ceil(n/bs)])`."""
+    n = A.numel()
+    nblocks = triton.cdiv(n, blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=A.device)
+    if n:
+        _quantize_4bit_kernel[(nblocks,)](A, packed, absmax, bounds, order, n,
+                                          BLOCKSIZE=blocksize, IS_FP4=is_fp4)
+    return packed, absmax
+
+
+def dequantize_4bit(packed, absmax, absmax2, code8, offset, table, blocksize: int, numel: int,
+                    dtype: torch.dtype, block: int = 1024):
+    """Packed bytes -> flat `[numel]` tensor of `dtype`; `absmax2 is None` means plain absmax."""
+    # Interpreter-only shim: the Triton interpreter truncates fp32 -> bf16 where GPUs round to
+    # nearest even, so under TRITON_INTERPRET=1 bf16 output is written as fp32 and rounded by torch.
+    shim = _INTERPRET and dtype == torch.bfloat16
+    out = torch.empty(numel, dtype=torch.float32 if shim else dtype, device=packed.device)
+    nested = absmax2 is not None
+    if not nested:  # unused pointers still need a tensor
+        absmax2 = code8 = offset = absmax
+    grid = (triton.cdiv((numel + 1) // 2, block),)
+    if numel:
+        _dequantize_4bit_kernel[grid](packed, absmax, absmax2, code8, offset, table, out, numel,
+                                      blocksize, NESTED=nested, BLOCK=block, **_NO_FMA)
+    return out.to(dtype) if shim else out

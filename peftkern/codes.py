@@ -1,0 +1,74 @@
+"""The one table of quantization codes (bitsandbytes-compatible).
+
+Everything that encodes or decodes 4-bit weights reads its values from here; the C++/CUDA header
+`csrc/include/peftkern/codes.h` mirrors them and a test checks that the two agree.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+QUANT_TYPES = ("nf4", "fp4")
+QUANT_TYPE_ID = {"nf4": 0, "fp4": 1}  # the integer the C++/Triton kernels take
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+NESTED_BLOCKSIZE = 256  # bnb's blocksize for the 8-bit quantization of absmax (double quant)
+
+NF4 = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+# FP4 (1 sign, 2 exponent, 1 mantissa bit) as bnb lists it, normalized by 12 in fp32.
+_FP4_RAW = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+
+# Quantization sorts the table and buckets the scaled value between fp32 midpoints (bnb's
+# CPU path). For NF4 the table is already sorted; for FP4, bucket i holds code FP4_ORDER[i].
+# bnb's order puts +0 before -0, so values in (0, 0.0026] get code 8 (-0.0): kept, for bytes.
+FP4_ORDER = (11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _table_cpu(quant_type: str) -> torch.Tensor:
+    if quant_type == "nf4":
+        return torch.tensor(NF4, dtype=torch.float32)
+    return torch.tensor(_FP4_RAW, dtype=torch.float32) / torch.tensor(12.0)
+
+
+def code_table(quant_type: str, device=None) -> torch.Tensor:
+    """The 16 fp32 values that codes 0..15 decode to."""
+    return _table_cpu(quant_type).to(device)
+
+
+def bucket_order(quant_type: str, device=None) -> torch.Tensor:
+    """int64 map from sorted-bucket index to code."""
+    order = tuple(range(16)) if quant_type == "nf4" else FP4_ORDER
+    return torch.tensor(order, dtype=torch.int64, device=device)
+
+
+def bucket_bounds(quant_type: str, device=None) -> torch.Tensor:
+    """The 15 fp32 midpoints between consecutive sorted table values."""
+    table = code_table(quant_type)
+    s = table[bucket_order(quant_type)]
+    return ((s[:-1] + s[1:]) / 2).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map_cpu() -> torch.Tensor:
+    # bnb's create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8).
+    data = []
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data.sort()
+    return torch.tensor(data, dtype=torch.float32)
+
+
+def dynamic_map(device=None) -> torch.Tensor:
+    """bnb's signed dynamic 8-bit table (256 sorted fp32 values), as stored in the nested state."""
+    return _dynamic_map_cpu().to(device)
+

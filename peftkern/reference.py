@@ -1,0 +1,232 @@
+"""The specification: plain-torch reference implementations of everything peftkern computes.
+
+Every kernel is tested against these functions. They favour clarity over speed, run on any
+device, and the linear-algebra parts run in whatever dtype they are given (tests use float64).
+The 4-bit quantizer is the exception: the format is defined by bitsandbytes' fp32 arithmetic,
+so it always computes in fp32, exactly as bitsandbytes 0.50 does on the CPU.
+
+Kernels never import this module; the ops layer uses it as the last fallback.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from . import codes
+
+# --------------------------------------------------------------------------------------------
+# 4-bit blockwise quantization (bitsandbytes NF4 / FP4)
+# --------------------------------------------------------------------------------------------
+
+
+def quantize_4bit(A: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64):
+    """Quantize `A` (any shape, read in row-major order) to packed 4-bit codes.
+
+    Returns `(packed, absmax)`: uint8 `[(n+1)//2]` with the even flat element in the high
+    nibble, and fp32 `[ceil(n/blocksize)]`.
+    """
+    x = A.reshape(-1).float()
+    n = x.numel()
+    full = n - n % blocksize
+    blocks = x[:full].view(-1, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # Full blocks multiply by the reciprocal; the partial tail block divides (bnb's exact ops).
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).reshape(-1)
+    if full < n:
+        tail_max = x[full:].abs().amax().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_max[None]])
+        scaled = torch.cat([scaled, x[full:] / tail_max])
+    scaled = scaled.clamp(-1, 1)
+    if n % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    bucket = torch.bucketize(scaled, codes.bucket_bounds(quant_type, x.device))
+    code = codes.bucket_order(quant_type, x.device)[bucket].to(torch.uint8)
+    packed = (code[0::2] << 4) | code[1::2]
+    return packed, absmax
+
+
+def unpack_codes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """int64 codes `[numel]` from packed bytes (high nibble first)."""
+    b = packed.reshape(-1).view(torch.uint8).long()
+    return torch.stack([b >> 4, b & 0xF], dim=1).reshape(-1)[:numel]
+
+
+def dequantize_4bit(packed, absmax, quant_type: str, blocksize: int, shape, dtype=torch.float32):
+    """`table[code] * absmax[block]` in fp32, reshaped to `shape` and cast to `dtype`."""
+    numel = math.prod(shape)
+    code = unpack_codes(packed, numel)
+    table = codes.code_table(quant_type, packed.device)
+    block = torch.arange(numel, device=packed.device) // blocksize
+    return (table[code] * absmax[block]).reshape(shape).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_lut() -> torch.Tensor:
+    # bnb's 65536-entry quantization table: bin i holds value -1 + 2i/65535 (fp32), and maps to
+    # the number of fp32 midpoints of the dynamic table strictly below that value.
+    table = codes.dynamic_map()
+    mid = 0.5 * (table[:-1] + table[1:])
+    val = -1.0 + (2.0 * torch.arange(65536, dtype=torch.float32)) / 65535.0
+    return torch.searchsorted(mid, val, side="left")
+
+
+def quantize_blockwise_8bit(A: torch.Tensor, blocksize: int = codes.NESTED_BLOCKSIZE):
+    """bnb's 8-bit dynamic blockwise quantization, exactly as its CPU library (0.50) does it.
+
+    Per block: `v = clamp(x * (1/absmax), -1, 1)`, bin `trunc(((v + 1) * 0.5) * 65535 + 0.5)`
+    of the 65536-entry table above (fp32, each operation rounded). An all-zero block gives 0.
+    Returns `(q uint8 [n], absmax fp32 [ceil(n/blocksize)])`.
+    """
+    x = A.reshape(-1).float()
+    n = x.numel()
+    nblocks = -(-n // blocksize)
+    padded = torch.nn.functional.pad(x, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    absmax = padded.abs().amax(dim=1)
+    inv = torch.where(absmax == 0, 0.0, 1.0 / absmax)[:, None]  # zero blocks give code 0 below
+    v = (padded * inv).clamp(-1.0, 1.0)
+    bins = (((v + 1.0) * 0.5) * 65535.0 + 0.5).to(torch.int64)  # truncation, as the C cast
+    q = _dynamic_lut().to(x.device)[bins]
+    q = torch.where(absmax[:, None] == 0, 0, q)
+    return q.reshape(-1)[:n].to(torch.uint8), absmax
+
+
+def double_quantize(absmax: torch.Tensor):
+    """bnb's compress_statistics: `offset = mean(absmax)`, then 8-bit blocks of `absmax - offset`.
+
+    Returns `(q8 uint8 [nblocks], absmax2 fp32 [ceil(nblocks/256)], code8 fp32 [256], offset fp32 [])`.
+    """
+    offset = absmax.mean()
+    q8, absmax2 = quantize_blockwise_8bit(absmax - offset)
+    return q8, absmax2, codes.dynamic_map(absmax.device), offset
+
+
+def dequantize_absmax(q8, absmax2, code8, offset) -> torch.Tensor:
+    """`code8[q8[i]] * absmax2[i // 256] + offset`, as two separately rounded fp32 operations."""
+    block = torch.arange(q8.numel(), device=q8.device) // codes.NESTED_BLOCKSIZE
+    scaled = code8[q8.long()] * absmax2[block]
+    return scaled + offset
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA / QLoRA linear (PEFT semantics)
+# --------------------------------------------------------------------------------------------
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask=None):
+    """`y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`, with dropout only on the LoRA branch.
+
+    `dropout_mask` already holds the 1/(1-p) factor (0 where dropped), shaped like `x`.
+    """
+    xd = x if dropout_mask is None else x * dropout_mask
+    y = x @ weight.t() + scaling * ((xd @ lora_A.t()) @ lora_B.t())
+    return y if bias is None else y + bias
+
+
+def lora_linear_backward(dy, x, weight, lora_A, lora_B, scaling, dropout_mask=None):
+    """Gradients of `lora_linear` for a frozen base weight: `(dx, dA, dB, dbias)`.
+
+    dX = dY·W + s·(dY·B)·A ⊙ mask;  dA = s·(dY·B)ᵀ·drop(x);  dB = s·dYᵀ·(drop(x)·Aᵀ).
+    Leading dims of x/dy are flattened for the parameter gradients.
+    """
+    K, N = x.shape[-1], dy.shape[-1]
+    x2, dy2 = x.reshape(-1, K), dy.reshape(-1, N)
+    m2 = None if dropout_mask is None else dropout_mask.reshape(-1, K)
+    xd = x2 if m2 is None else x2 * m2
+    xa = xd @ lora_A.t()
+    dyb = dy2 @ lora_B
+    dx_lora = scaling * (dyb @ lora_A)
+    if m2 is not None:
+        dx_lora = dx_lora * m2
+    dx = (dy2 @ weight + dx_lora).reshape(x.shape)
+    dA = scaling * (dyb.t() @ xd)
+    dB = scaling * (dy2.t() @ xa)
+    dbias = dy2.sum(dim=0)
+    return dx, dA, dB, dbias
+
+
+def qlora_linear(x, packed, absmax, quant_type, blocksize, shape, bias, lora_A, lora_B, scaling,
+                 dropout_mask=None):
+    """QLoRA forward: the LoRA linear over the dequantized (fp32-decoded) base weight."""
+    weight = dequantize_4bit(packed, absmax, quant_type, blocksize, shape, x.dtype)
+    return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
+
+
+# --------------------------------------------------------------------------------------------
+# DoRA (PEFT semantics)
+# --------------------------------------------------------------------------------------------
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude):
+    """`y = (m / ‖W + s·B·A‖_row) ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias`; the norm is detached."""
+    w_norm = (weight + scaling * (lora_B @ lora_A)).norm(p=2, dim=1).detach()
+    y = (magnitude / w_norm) * (x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t()))
+    return y if bias is None else y + bias
+
+
+# --------------------------------------------------------------------------------------------
+# AdaLoRA (PEFT semantics)
+# --------------------------------------------------------------------------------------------
+
+
+def adalora_scaling(lora_alpha: float, r: int) -> float:
+    return lora_alpha if lora_alpha > 0 else float(r)
+
+
+def adalora_linear(x, weight, bias, lora_A, lora_E, lora_B, scaling, ranknum, dropout_mask=None):
+    """`y = x·Wᵀ + bias + drop(x)·(A⊙E)ᵀ·Bᵀ · s / (ranknum + 1e-5)`."""
+    xd = x if dropout_mask is None else x * dropout_mask
+    y = x @ weight.t() + (xd @ (lora_A * lora_E).t() @ lora_B.t()) * scaling / (ranknum + 1e-5)
+    return y if bias is None else y + bias
+
+
+def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1=0.85, beta2=0.85):
+    """One RankAllocator sensitivity step; returns new `(exp_avg_ipt, exp_avg_unc)`."""
+    ipt = (p * grad).abs()
+    exp_avg_ipt = beta1 * exp_avg_ipt + (1 - beta1) * ipt
+    exp_avg_unc = beta2 * exp_avg_unc + (1 - beta2) * (ipt - exp_avg_ipt).abs()
+    return exp_avg_ipt, exp_avg_unc
+
+
+def adalora_triplet_score(score_A, score_E, score_B):
+    """Per-rank score `[r]`: `score_E[i] + mean(score_A[i, :]) + mean(score_B[:, i])`.
+
+    Each `score_*` is an element score `exp_avg_ipt * exp_avg_unc` of that parameter.
+    """
+    return score_E.reshape(-1) + score_A.mean(dim=1) + score_B.mean(dim=0)
+
+
+def adalora_budget(step, init_budget, target_budget, tinit, tfinal, total_step, deltaT=1):
+    """PEFT's cubic budget schedule: `(budget, mask_now)`."""
+    if step <= tinit:
+        return init_budget, False
+    if step > total_step - tfinal:
+        return target_budget, True
+    mul = 1 - (step - tinit) / (total_step - tfinal - tinit)
+    return int((init_budget - target_budget) * mul**3 + target_budget), step % deltaT == 0
+
+
+def adalora_threshold(all_scores: torch.Tensor, init_budget: int, budget: int):
+    """Global threshold: ranks whose score is <= it get masked; None when nothing is pruned."""
+    k = init_budget - budget
+    if k <= 0:
+        return None
+    return torch.kthvalue(all_scores, min(k, all_scores.numel()))[0]
+
+
+def adalora_orth_reg(pairs, weight: float = 0.5):
+    """PEFT's orthogonal regularizer for `pairs` of `(A, B)`.
+
+    `w · (Σ ‖A·Aᵀ − I‖_F + Σ ‖Bᵀ·B − I‖_F) / (number of A and B matrices)`: PEFT averages over
+    every A and every B, i.e. over 2 × layers (DESIGN.md §4's "mean over layers" is 2× too big).
+    """
+    norms = []
+    for A, B in pairs:
+        eye_r = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        norms += [torch.linalg.norm(A @ A.t() - eye_r), torch.linalg.norm(B.t() @ B - eye_r)]
+    return weight * torch.stack(norms).mean()
