@@ -36,26 +36,44 @@ def _table_cpu(quant_type: str) -> torch.Tensor:
     return torch.tensor(_FP4_RAW, dtype=torch.float32) / torch.tensor(12.0)
 
 
-def code_table(quant_type: str, device=None) -> torch.Tensor:
-    """The 16 fp32 values that codes 0..15 decode to."""
-    return _table_cpu(quant_type).to(device)
+def _cached_on(fn):
+    """Make `fn(*args)` -> CPU tensor into `fn(*args, device=None)`, cached per device.
+
+    The tables are tiny and read-only: one copy per device, so kernels never re-upload them.
+    """
+    @functools.lru_cache(maxsize=None)
+    def on_device(args, device):
+        return fn(*args).to(device)
+
+    @functools.wraps(fn)
+    def get(*args, device=None):
+        return on_device(args, torch.device(device if device is not None else "cpu"))
+    return get
 
 
-def bucket_order(quant_type: str, device=None) -> torch.Tensor:
+@_cached_on
+def code_table(quant_type: str) -> torch.Tensor:
+    """The 16 fp32 values that codes 0..15 decode to (read-only, cached per device)."""
+    return _table_cpu(quant_type)
+
+
+@_cached_on
+def bucket_order(quant_type: str) -> torch.Tensor:
     """int64 map from sorted-bucket index to code."""
     order = tuple(range(16)) if quant_type == "nf4" else FP4_ORDER
-    return torch.tensor(order, dtype=torch.int64, device=device)
+    return torch.tensor(order, dtype=torch.int64)
 
 
-def bucket_bounds(quant_type: str, device=None) -> torch.Tensor:
+@_cached_on
+def bucket_bounds(quant_type: str) -> torch.Tensor:
     """The 15 fp32 midpoints between consecutive sorted table values."""
-    table = code_table(quant_type)
-    s = table[bucket_order(quant_type)]
-    return ((s[:-1] + s[1:]) / 2).to(device)
+    s = _table_cpu(quant_type)[bucket_order(quant_type)]
+    return (s[:-1] + s[1:]) / 2
 
 
-@functools.lru_cache(maxsize=None)
-def _dynamic_map_cpu() -> torch.Tensor:
+@_cached_on
+def dynamic_map() -> torch.Tensor:
+    """bnb's signed dynamic 8-bit table (256 sorted fp32 values), as stored in the nested state."""
     # bnb's create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8).
     data = []
     for i in range(7):
@@ -66,9 +84,4 @@ def _dynamic_map_cpu() -> torch.Tensor:
     data += [0.0, 1.0]
     data.sort()
     return torch.tensor(data, dtype=torch.float32)
-
-
-def dynamic_map(device=None) -> torch.Tensor:
-    """bnb's signed dynamic 8-bit table (256 sorted fp32 values), as stored in the nested state."""
-    return _dynamic_map_cpu().to(device)
 

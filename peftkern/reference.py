@@ -41,8 +41,8 @@ def quantize_4bit(A: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64)
     scaled = scaled.clamp(-1, 1)
     if n % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    bucket = torch.bucketize(scaled, codes.bucket_bounds(quant_type, x.device))
-    code = codes.bucket_order(quant_type, x.device)[bucket].to(torch.uint8)
+    bucket = torch.bucketize(scaled, codes.bucket_bounds(quant_type, device=x.device))
+    code = codes.bucket_order(quant_type, device=x.device)[bucket].to(torch.uint8)
     packed = (code[0::2] << 4) | code[1::2]
     return packed, absmax
 
@@ -57,7 +57,7 @@ def dequantize_4bit(packed, absmax, quant_type: str, blocksize: int, shape, dtyp
     """`table[code] * absmax[block]` in fp32, reshaped to `shape` and cast to `dtype`."""
     numel = math.prod(shape)
     code = unpack_codes(packed, numel)
-    table = codes.code_table(quant_type, packed.device)
+    table = codes.code_table(quant_type, device=packed.device)
     block = torch.arange(numel, device=packed.device) // blocksize
     return (table[code] * absmax[block]).reshape(shape).to(dtype)
 
@@ -99,7 +99,7 @@ def double_quantize(absmax: torch.Tensor):
     """
     offset = absmax.mean()
     q8, absmax2 = quantize_blockwise_8bit(absmax - offset)
-    return q8, absmax2, codes.dynamic_map(absmax.device), offset
+    return q8, absmax2, codes.dynamic_map(device=absmax.device), offset
 
 
 def dequantize_absmax(q8, absmax2, code8, offset) -> torch.Tensor:

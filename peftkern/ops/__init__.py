@@ -1,0 +1,8 @@
+"""The single door to the kernels: torch.library custom ops, dispatched by device.
+
+`use_backend("triton" | "cpp" | "cuda" | "reference")` forces an implementation.
+"""
+from .backends import BACKENDS, available, use_backend
+from .quant import dequantize_4bit, quantize_4bit
+
+__all__ = ["BACKENDS", "available", "use_backend", "quantize_4bit", "dequantize_4bit"]

@@ -1,0 +1,95 @@
+"""Which implementation runs an op: Triton, the C++/CUDA extension, or the torch reference.
+
+Default by device: CUDA -> Triton; CPU -> Triton when TRITON_INTERPRET=1, else the C++ extension
+when built, else the reference. `use_backend(name)` forces one (tests use it to cover each).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import warnings
+
+import torch
+
+BACKENDS = ("triton", "cpp", "cuda", "reference")
+_state = threading.local()
+_warned: set[str] = set()
+
+
+def _load_ext():
+    try:
+        from .. import _C  # noqa: F401  (importing registers torch.ops.peftkern_C)
+    except ImportError as e:
+        return None, str(e)
+    return torch.ops.peftkern_C, None
+
+
+EXT, EXT_ERROR = _load_ext()
+HAS_CUDA_EXT = EXT is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "peftkern_C::dequantize_4bit", "CUDA")
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available(device: torch.device) -> tuple[str, ...]:
+    names = ["reference"]
+    if _has_triton() and (device.type == "cuda" or interpreting()):
+        names.append("triton")
+    if EXT is not None and device.type == "cpu":
+        names.append("cpp")
+    if HAS_CUDA_EXT and device.type == "cuda":
+        names.append("cuda")
+    return tuple(names)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force `name` for every op run inside the block (None restores the default choice)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
+    prev = getattr(_state, "forced", None)
+    _state.forced = name
+    try:
+        yield
+    finally:
+        _state.forced = prev
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def pick(device: torch.device, supported=BACKENDS) -> str:
+    """The backend for an op on `device`; `supported` lists the backends that implement it."""
+    have = [b for b in available(device) if b in supported]
+    forced = getattr(_state, "forced", None)
+    if forced is not None:
+        if forced not in have:
+            raise RuntimeError(f"backend {forced!r} is not available for this op on {device.type} "
+                               f"(available: {', '.join(have)})")
+        return forced
+    order = ("triton", "cuda") if device.type == "cuda" else \
+        (("triton", "cpp") if interpreting() else ("cpp",))
+    for name in order:
+        if name in have:
+            return name
+    if device.type == "cpu" and EXT is None:
+        _warn_once("cpu", f"peftkern: the C++ extension is not available ({EXT_ERROR}); CPU ops run "
+                          "the slow pure-PyTorch reference. Build it with "
+                          "`pip install --no-build-isolation -e .`")
+    elif device.type == "cuda":
+        _warn_once("cuda", "peftkern: Triton is not installed; CUDA ops run the slow reference")
+    return "reference"

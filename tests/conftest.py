@@ -1,0 +1,36 @@
+"""Shared test setup. Triton runs under its CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is set here,
+before peftkern.kernels is imported.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from peftkern import ops  # noqa: E402
+
+CPU = torch.device("cpu")
+CPU_BACKENDS = ops.available(CPU)
+GPU = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not GPU:
+            item.add_marker(skip_gpu)
+
+
+def pytest_report_header(config):
+    dev = torch.cuda.get_device_name() if GPU else "none"
+    return f"peftkern CPU backends: {', '.join(CPU_BACKENDS)}; GPU: {dev}"
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator; each test draws fresh random inputs from it."""
+    return torch.Generator().manual_seed(1234)
