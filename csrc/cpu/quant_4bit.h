@@ -1,0 +1,17 @@
+// CPU kernels: plain pointers in, validated by the caller (csrc/bindings.cpp).
+#pragma once
+#include <stdint.h>
+
+namespace peftkern::cpu {
+
+template <typename T>
+void quantize_4bit(const T* A, int64_t n, int quant_type, int64_t blocksize, uint8_t* packed,
+                   float* absmax);
+
+// absmax_q != nullptr selects double-quantized absmax (then absmax is unused).
+template <typename T>
+void dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* absmax_q,
+                     const float* absmax2, const float* code8, float offset, int quant_type,
+                     int64_t blocksize, int64_t n, T* out);
+
+}  // namespace peftkern::cpu
