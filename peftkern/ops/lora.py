@@ -1,0 +1,242 @@
+"""LoRA / QLoRA linear ops: `lora_linear` and `qlora_linear`, with autograd.
+
+Forward: `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`. On CUDA (or CPU under TRITON_INTERPRET=1) one
+Triton kernel does the base GEMM with the 4-bit weight decoded in-kernel and the LoRA term in
+the epilogue, after the small `xA` product. Otherwise plain torch in the compute dtype runs
+(dequantizing through the C++ extension when present).
+Backward: `dX` by the same fused kernel; `dA = s·(dY·B)ᵀ·drop(x)`, `dB = s·dYᵀ·xA` reuse the saved
+`xA`; the base weight is frozen. The custom ops take 2-D `x`; the public functions reshape.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import codes
+from ..validation import FLOAT_DTYPES, check_tensor
+from .backends import pick
+from .quant import dequantize_4bit
+
+_BACKENDS = ("triton", "reference")  # CPU LoRA kernels in C++ are not written yet (issue 6)
+
+
+def _kernels():
+    from ..kernels import lora_linear
+    return lora_linear
+
+
+def _dropped(x, mask):
+    return x if mask is None else x * mask
+
+
+def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
+    return (absmax, absmax2, code8, offset, codes.code_table(quant_type, device=device), blocksize)
+
+
+# ---- dense base weight -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("peftkern::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                    mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    xa = _dropped(x, mask) @ lora_A.t()
+    if pick(x.device, _BACKENDS) == "triton":
+        y = _kernels().lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
+                                   stride_wq=weight.stride(1), stride_wp=weight.stride(0),
+                                   P=weight.shape[0])
+    else:
+        y = F.linear(x, weight, bias) + scaling * (xa @ lora_B.t())
+    return y, xa
+
+
+@torch.library.custom_op("peftkern::lora_linear_dx", mutates_args=())
+def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                   dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    if pick(dy.device, _BACKENDS) == "triton":
+        return _kernels().lora_matmul(dy, weight, None, dyb, lora_A, scaling, mask, None,
+                                      stride_wq=weight.stride(0), stride_wp=weight.stride(1),
+                                      P=weight.shape[1])
+    return dy @ weight + _dropped(scaling * (dyb @ lora_A), mask)
+
+
+# ---- 4-bit base weight ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("peftkern::qlora_linear_fwd", mutates_args=())
+def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
+                     absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
+                     offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
+                     out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                     lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    xa = _dropped(x, mask) @ lora_A.t()
+    K = x.shape[1]
+    if pick(x.device, _BACKENDS) == "triton":
+        q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
+        y = _kernels().lora_matmul(x, data.reshape(-1).view(torch.uint8), q, xa, lora_B.t(),
+                                   scaling, None, bias, stride_wq=1, stride_wp=K, P=out_features)
+    else:
+        w = dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
+                            [out_features, K], x.dtype)
+        y = F.linear(x, w, bias) + scaling * (xa @ lora_B.t())
+    return y, xa
+
+
+@torch.library.custom_op("peftkern::qlora_linear_dx", mutates_args=())
+def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
+                    absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
+                    offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
+                    in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
+                    mask: Optional[torch.Tensor]) -> torch.Tensor:
+    N = dy.shape[1]
+    if pick(dy.device, _BACKENDS) == "triton":
+        q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
+        return _kernels().lora_matmul(dy, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,
+                                      scaling, mask, None, stride_wq=in_features, stride_wp=1,
+                                      P=in_features)
+    w = dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
+                        [N, in_features], dy.dtype)
+    return dy @ w + _dropped(scaling * (dyb @ lora_A), mask)
+
+
+# ---- fake implementations (torch.compile) -------------------------------------------------------
+
+
+@lora_linear_fwd.register_fake
+def _(x, weight, bias, lora_A, lora_B, scaling, mask):
+    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@qlora_linear_fwd.register_fake
+def _(x, data, absmax, absmax2, code8, offset, quant_type, blocksize, out_features, bias, lora_A,
+      lora_B, scaling, mask):
+    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
+
+
+@lora_linear_dx.register_fake
+def _(dy, weight, lora_A, dyb, scaling, mask):
+    return dy.new_empty(dy.shape[0], weight.shape[1])
+
+
+@qlora_linear_dx.register_fake
+def _(dy, data, absmax, absmax2, code8, offset, quant_type, blocksize, in_features, lora_A, dyb,
+      scaling, mask):
+    return dy.new_empty(dy.shape[0], in_features)
+
+
+# ---- autograd: shared by both ops (the base weight is frozen) ------------------------------------
+
+
+def _save(ctx, x, A, B, s, mask, bias, xa, weight_args):
+    ctx.scaling, ctx.has_bias, ctx.weight_args = s, bias is not None, weight_args
+    ctx.save_for_backward(x, A, B, mask, xa,
+                          *[t for t in weight_args if isinstance(t, torch.Tensor)])
+
+
+def _setup_dense(ctx, inputs, output):
+    x, weight, bias, A, B, s, mask = inputs
+    ctx.dense = True
+    _save(ctx, x, A, B, s, mask, bias, output[1], (weight,))
+
+
+def _setup_quant(ctx, inputs, output):
+    x, data, absmax, absmax2, code8, offset, qt, bs, _n, bias, A, B, s, mask = inputs
+    ctx.dense = False
+    _save(ctx, x, A, B, s, mask, bias, output[1], (data, absmax, absmax2, code8, offset, qt, bs))
+
+
+def _backward(ctx, dy, _dxa):
+    x, A, B, mask, xa = ctx.saved_tensors[:5]
+    s = ctx.scaling
+    dyb = dy @ B
+    needs = ctx.needs_input_grad
+    dx = None
+    if needs[0]:
+        if ctx.dense:
+            dx = lora_linear_dx(dy, ctx.saved_tensors[5], A, dyb, s, mask)
+        else:
+            data, absmax, absmax2, code8, offset, qt, bs = ctx.weight_args
+            dx = qlora_linear_dx(dy, data, absmax, absmax2, code8, offset, qt, bs, x.shape[1], A,
+                                 dyb, s, mask)
+    dA = s * (dyb.t() @ _dropped(x, mask))
+    dB = s * (dy.t() @ xa)
+    dbias = dy.sum(0) if ctx.has_bias else None
+    if ctx.dense:
+        return dx, None, dbias, dA, dB, None, None
+    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None)
+
+
+lora_linear_fwd.register_autograd(_backward, setup_context=_setup_dense)
+qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_quant)
+
+
+# ---- public functions: validate once, flatten leading dims, draw the dropout mask ---------------
+
+
+def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p):
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must have in_features={K} as its last dimension, got shape {tuple(x.shape)}")
+    check_tensor("lora_A", lora_A, ndim=2, dtypes=(x.dtype,), device=x.device)
+    check_tensor("lora_B", lora_B, ndim=2, dtypes=(x.dtype,), device=x.device)
+    r = lora_A.shape[0]
+    if r < 1 or lora_A.shape[1] != K:
+        raise ValueError(f"lora_A must be [r, in_features={K}] with r >= 1, got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (N, r):
+        raise ValueError(f"lora_B must be [out_features={N}, r={r}] to match lora_A, got "
+                         f"{tuple(lora_B.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x.device)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have out_features={N} elements, got {bias.shape[0]}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def _mask(x2, dropout_p, dropout_mask):
+    if dropout_mask is not None:
+        if dropout_mask.shape[-1] != x2.shape[1] or dropout_mask.numel() != x2.numel():
+            raise ValueError(f"dropout_mask must have the shape of x, got {tuple(dropout_mask.shape)}")
+        return dropout_mask.reshape(x2.shape).to(x2.dtype)
+    if dropout_p == 0.0:
+        return None  # p = 0 costs nothing: no mask, no extra launch
+    keep = 1.0 - dropout_p
+    return torch.empty_like(x2).bernoulli_(keep).div_(keep)
+
+
+def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
+                dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ` for `x [..., K]`, `W [N, K]`, `A [r, K]`, `B [N, r]`.
+
+    Dropout (PEFT semantics) applies to the LoRA input only; `dropout_mask` (already scaled by
+    1/(1-p)) replaces the random draw when given.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    N, K = weight.shape
+    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p)
+    x2 = x.reshape(-1, K)
+    y, _ = lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling),
+                           _mask(x2, dropout_p, dropout_mask))
+    return y.reshape(*x.shape[:-1], N)
+
+
+def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
+                 dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`lora_linear` over a 4-bit `peftkern.QuantizedWeight` (decoded in-kernel, never stored)."""
+    from ..format import QuantizedWeight
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    N, K = qweight.shape
+    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p)
+    if qweight.device != x.device:
+        raise ValueError(f"qweight is on {qweight.device}, expected {x.device} like x")
+    x2 = x.reshape(-1, K)
+    q = qweight
+    y, _ = qlora_linear_fwd(x2, q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type,
+                            q.blocksize, N, bias, lora_A, lora_B, float(scaling),
+                            _mask(x2, dropout_p, dropout_mask))
+    return y.reshape(*x.shape[:-1], N)
