@@ -10,13 +10,11 @@ Deterministic: every output tile is owned by one program, no atomics.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .quant_4bit import _INTERPRET, _empty
 
 
 @triton.jit
@@ -114,7 +112,7 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     """
     M, Q = inp.shape
     R = L.shape[1]
-    out = torch.empty(M, P, dtype=inp.dtype, device=inp.device)
+    out = _empty((M, P), inp.dtype, inp.device)
     if M == 0 or P == 0:
         return out
     quant = wq is not None

@@ -15,6 +15,15 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Dequantizing double-quantized absmax is `code8[q] * absmax2 + offset` with two roundings, as in
 # bitsandbytes; fusing them into an FMA would change the last bit of some weights.
 _NO_FMA = {} if _INTERPRET else {"enable_fp_fusion": False}
+# Tests set PEFTKERN_NAN_FILL=1 so that outputs start as NaN (or 0xAB bytes): unwritten elements fail.
+_NAN_FILL = os.environ.get("PEFTKERN_NAN_FILL") == "1"
+
+
+def _empty(shape, dtype, device):
+    if not _NAN_FILL:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else 0xAB, dtype=dtype,
+                      device=device)
 
 
 @triton.jit
@@ -77,8 +86,8 @@ def quantize_4bit(A: torch.Tensor, bounds: torch.Tensor, order: torch.Tensor, bl
     """Flat contiguous `A` -> `(packed uint8 [(n+1)//2], absmax fp32 [ceil(n/bs)])`."""
     n = A.numel()
     nblocks = triton.cdiv(n, blocksize)
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=A.device)
-    absmax = torch.empty(nblocks, dtype=torch.float32, device=A.device)
+    packed = _empty((n + 1) // 2, torch.uint8, A.device)
+    absmax = _empty(nblocks, torch.float32, A.device)
     if n:
         _quantize_4bit_kernel[(nblocks,)](A, packed, absmax, bounds, order, n,
                                           BLOCKSIZE=blocksize, IS_FP4=is_fp4)
@@ -91,7 +100,7 @@ def dequantize_4bit(packed, absmax, absmax2, code8, offset, table, blocksize: in
     # Interpreter-only shim: the Triton interpreter truncates fp32 -> bf16 where GPUs round to
     # nearest even, so under TRITON_INTERPRET=1 bf16 output is written as fp32 and rounded by torch.
     shim = _INTERPRET and dtype == torch.bfloat16
-    out = torch.empty(numel, dtype=torch.float32 if shim else dtype, device=packed.device)
+    out = _empty(numel, torch.float32 if shim else dtype, packed.device)
     nested = absmax2 is not None
     if not nested:  # unused pointers still need a tensor
         absmax2 = code8 = offset = absmax

@@ -1,9 +1,10 @@
 """peftkern: fused kernels for parameter-efficient fine-tuning (LoRA, QLoRA, AdaLoRA).
 
-Public API so far: the bitsandbytes-compatible 4-bit format and the ops behind it.
+Public API: the bitsandbytes-compatible 4-bit format, the fused (Q)LoRA ops (`peftkern.ops`)
+and the drop-in modules `peftkern.nn.LoRALinear` / `peftkern.nn.QLoRALinear`.
 """
-from . import codes, ops, reference
+from . import codes, nn, ops, reference
 from .format import QuantizedWeight, dequantize_4bit, quantize_4bit
 
 __version__ = "0.1.0"
-__all__ = ["QuantizedWeight", "quantize_4bit", "dequantize_4bit", "ops", "reference", "codes"]
+__all__ = ["QuantizedWeight", "quantize_4bit", "dequantize_4bit", "ops", "nn", "reference", "codes"]

@@ -10,6 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PEFTKERN_NAN_FILL", "1")  # kernel outputs start as NaN: unwritten ones fail
 
 from peftkern import ops  # noqa: E402
 

@@ -1,0 +1,223 @@
+"""Drop-in `nn.Linear` replacements: `LoRALinear` (dense base) and `QLoRALinear` (4-bit base).
+
+They own parameters and call `peftkern.ops`; they do no math of their own. Parameter names and
+init follow PEFT (`lora_A.weight` kaiming-uniform(a=√5), `lora_B.weight` zeros); only the LoRA
+parameters require grad.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops
+from .format import QuantizedWeight, dequantize_4bit, quantize_4bit
+from .reference import lora_scaling
+from .validation import FLOAT_DTYPES, check_choice, check_tensor
+
+_QUANT_BUFFERS = ("absmax", "absmax2", "code8", "offset")
+
+
+class _LoRAMixin:
+    """The LoRA branch shared by both modules: parameters, scaling, dropout, repr."""
+
+    def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, device, dtype):
+        N, K = self.out_features, self.in_features
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(N, K):
+            raise ValueError(f"r must be an int in [1, min(out_features, in_features)={min(N, K)}], "
+                             f"got {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_dropout = float(lora_dropout)
+        self.lora_A = nn.Linear(K, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, N, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout if self.training else 0.0
+
+    def _delta_weight(self) -> torch.Tensor:
+        """`s·B·A` in fp32."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"lora_dropout={self.lora_dropout}, merged={self.merged}")
+
+
+class LoRALinear(_LoRAMixin, nn.Module):
+    """`y = x·Wᵀ + b + s·B·A·drop(x)` with a frozen dense `W`, for inputs `[..., in_features]`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                 requires_grad=False) if bias else None
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, device, self.weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16,
+                    lora_dropout: float = 0.0, use_rslora: bool = False) -> "LoRALinear":
+        """Wrap `linear`, sharing (not copying) its weight and bias, which become frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.weight.requires_grad_(False)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, linear.weight.device,
+                        linear.weight.dtype)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
+                               self.scaling, self._dropout_p())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """`W += s·B·A` (exact up to the rounding of W's dtype); forward then skips the LoRA branch."""
+        if not self.merged:
+            self.weight.copy_(self.weight.float() + self._delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_(self.weight.float() - self._delta_weight())
+            self.merged = False
+
+
+class QLoRALinear(_LoRAMixin, nn.Module):
+    """LoRA over a frozen 4-bit (NF4/FP4, bitsandbytes format) base weight.
+
+    The input is cast to `compute_dtype` and the output back to the input's dtype, as
+    bitsandbytes' `Linear4bit` does. The state dict holds the weight under bnb's `Linear4bit` keys.
+    """
+
+    def __init__(self, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
+        check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = compute_dtype
+        self._set_qweight(qweight)
+        if bias is not None:
+            check_tensor("bias", bias, ndim=1)
+            bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.bias = bias
+        self._init_lora(r, lora_alpha, lora_dropout, use_rslora, qweight.device, compute_dtype)
+        self._unmerged_qweight = None
+
+    def _set_qweight(self, q: QuantizedWeight) -> None:
+        # Buffers so .to()/.cuda() move them; only "weight" is in the state dict directly, the rest
+        # is written under bnb's "weight.*" keys by _save_to_state_dict.
+        self.register_buffer("weight", q.data)
+        for name in _QUANT_BUFFERS:
+            self.register_buffer(f"weight_{name}", getattr(q, name), persistent=False)
+        self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(data=self.weight, shape=torch.Size((self.out_features, self.in_features)),
+                               dtype=self.weight_dtype, blocksize=self.blocksize,
+                               quant_type=self.quant_type,
+                               **{n: getattr(self, f"weight_{n}") for n in _QUANT_BUFFERS})
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16,
+                    lora_dropout: float = 0.0, use_rslora: bool = False, quant_type: str = "nf4",
+                    double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
+                    blocksize: int = 64) -> "QLoRALinear":
+        """Quantize `linear`'s weight (bnb format) and add a LoRA branch."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        q = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant)
+        return cls(q, linear.bias, r, lora_alpha, lora_dropout, use_rslora, compute_dtype)
+
+    @classmethod
+    def from_bnb(cls, bnb_linear4bit, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                 use_rslora: bool = False) -> "QLoRALinear":
+        """Wrap a quantized `bnb.nn.Linear4bit`, sharing its bytes (no re-quantization)."""
+        q = QuantizedWeight.from_bnb(bnb_linear4bit)
+        compute_dtype = getattr(bnb_linear4bit, "compute_dtype", None) or q.dtype
+        return cls(q, bnb_linear4bit.bias, r, lora_alpha, lora_dropout, use_rslora, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        xc = x.to(self.compute_dtype)
+        if self.merged:
+            w = dequantize_4bit(self.qweight, self.compute_dtype)
+            y = nn.functional.linear(xc, w, self.bias)
+        else:
+            y = ops.qlora_linear(xc, self.qweight, self.bias, self.lora_A.weight,
+                                 self.lora_B.weight, self.scaling, self._dropout_p())
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> float:
+        """Fold `s·B·A` into the 4-bit weight: dequantize, add, requantize (same settings).
+
+        Lossy: returns (and stores in `merge_error`) the max |W_merged_4bit − (W + s·B·A)|.
+        `unmerge()` restores the original bytes exactly (they are kept while merged).
+        """
+        if self.merged:
+            return self.merge_error
+        q = self.qweight
+        target = dequantize_4bit(q, torch.float32) + self._delta_weight()
+        merged = quantize_4bit(target.to(q.dtype), q.quant_type, q.blocksize, q.nested,
+                               q.quant_storage)
+        self.merge_error = float((dequantize_4bit(merged, torch.float32) - target).abs().max())
+        self._unmerged_qweight = q
+        self._set_qweight(merged)
+        self.merged = True
+        return self.merge_error
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self._set_qweight(self._unmerged_qweight.to(self.weight.device))
+            self._unmerged_qweight = None
+            self.merged = False
+
+    # ---- state dict: the 4-bit weight under bnb Linear4bit's keys --------------------------------
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.qweight.state_dict(prefix + "weight").items():
+            destination[k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        mine = {k: v for k, v in state_dict.items()
+                if k == prefix + "weight" or k.startswith(prefix + "weight.")}
+        if prefix + "weight" in mine:
+            q = QuantizedWeight.from_state_dict(mine, prefix + "weight", device=self.weight.device)
+            if tuple(q.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix}weight: checkpoint shape {tuple(q.shape)} does not match "
+                                  f"this layer's ({self.out_features}, {self.in_features})")
+                return
+            self._set_qweight(q)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in mine]  # consumed above
