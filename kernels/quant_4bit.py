@@ -22,6 +22,7 @@ _NAN_FILL = os.environ.get("PEFTKERN_NAN_FILL") == "1"
 def _empty(shape, dtype, device):
     if not _NAN_FILL:
         return torch.empty(shape, dtype=dtype, device=device)
+    shape = shape if isinstance(shape, tuple) else (shape,)
     return torch.full(shape, float("nan") if dtype.is_floating_point else 0xAB, dtype=dtype,
                       device=device)
 

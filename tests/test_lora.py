@@ -1,0 +1,288 @@
+"""Fused (Q)LoRA linear: forward and every gradient vs the float64 reference (DESIGN.md rule),
+on every CPU backend (Triton runs interpreted), plus the modules, PEFT parity and compile."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import peftkern
+from peftkern import ops
+from peftkern import reference as R
+from peftkern.nn import LoRALinear, QLoRALinear
+
+from conftest import assert_error_rule
+
+BACKENDS = [b for b in ops.available(torch.device("cpu")) if b in ("triton", "reference")]
+WEIGHTS = ["dense", "nf4", "nf4-dq", "fp4", "fp4-dq"]
+# Each case: (M, rank, N, K, bias, dropout, layout). N, K are not multiples of the 64-wide tiles
+# nor (K) of the quantization block; the list rotates across weights x dtypes so that every value
+# of every axis meets every weight kind and dtype.
+VARIANTS = [
+    (1, 1, 45, 100, True, 0.0, "2d"),
+    (7, 8, 33, 70, False, 0.1, "3d"),
+    (129, 16, 45, 100, True, 0.1, "transposed"),
+    (7, 64, 70, 100, False, 0.0, "3d"),
+    (0, 8, 33, 70, True, 0.0, "2d"),  # empty batch
+]
+CASES = [(w, dt, v) for (w, dt), v in zip(itertools.product(WEIGHTS, ["fp16", "fp32"]),
+                                          itertools.cycle(VARIANTS))]
+CASES += [(w, dt, VARIANTS[i]) for i, (w, dt) in enumerate(itertools.product(WEIGHTS[:3], ["fp16", "fp32"]))
+          if i % 2 == 0]  # a few more combinations, kept small for the interpreter
+DT = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def _inputs(gen, weight_kind, dtype, M, r, N, K, bias, dropout, layout):
+    W32 = torch.randn(N, K, generator=gen) / math.sqrt(K)
+    q = None
+    if weight_kind != "dense":
+        qt, dq = weight_kind.split("-")[0], weight_kind.endswith("-dq")
+        q = peftkern.quantize_4bit(W32, qt, 32, double_quant=dq)
+        W32 = peftkern.dequantize_4bit(q, torch.float32)  # the exact decoded weight
+    if layout == "3d":
+        x = torch.randn(3, M, K, generator=gen)
+    elif layout == "transposed":
+        x = torch.randn(K, M, generator=gen).t()  # non-contiguous
+    else:
+        x = torch.randn(M, K, generator=gen)
+    A = torch.randn(r, K, generator=gen) / math.sqrt(K)
+    B = torch.randn(N, r, generator=gen) / math.sqrt(r)
+    b = torch.randn(N, generator=gen) if bias else None
+    mask = None
+    if dropout:
+        mask = (torch.rand(x.shape, generator=gen) >= dropout).float() / (1 - dropout)
+    dy = torch.randn(*x.shape[:-1], N, generator=gen)
+    return W32, q, x, A, B, b, mask, dy
+
+
+def _run(fn, x, A, B, b, dy):
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, A, B, b)]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y] + [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_kind, dt, variant", CASES,
+                         ids=[f"{w}-{d}-M{v[0]}-r{v[1]}-{v[6]}{'-drop' if v[5] else ''}" for w, d, v in CASES])
+def test_forward_and_gradients_follow_error_rule(backend, weight_kind, dt, variant, gen):
+    M, r, N, K, bias, dropout, layout = variant
+    dtype = DT[dt]
+    W32, q, x, A, B, b, mask, dy = _inputs(gen, weight_kind, dtype, M, r, N, K, bias, dropout, layout)
+    s = 0.75
+
+    def ours(x_, A_, B_, b_):
+        m = None if mask is None else mask.to(dtype)
+        if q is None:
+            return ops.lora_linear(x_, W32.to(dtype), b_, A_, B_, s, dropout_mask=m)
+        return ops.qlora_linear(x_, q, b_, A_, B_, s, dropout_mask=m)
+
+    def ref(dtype_):
+        def f(x_, A_, B_, b_):
+            return R.lora_linear(x_, W32.to(dtype_), b_, A_, B_, s,
+                                 None if mask is None else mask.to(dtype_))
+        cast = [t.to(dtype_) if t is not None else None for t in (x, A, B, b)]
+        return _run(f, *cast, dy.to(dtype_))
+
+    with ops.use_backend(backend):
+        got = _run(ours, *[t.to(dtype) if t is not None else None for t in (x, A, B, b)], dy.to(dtype))
+    oracle, baseline = ref(torch.float64), ref(dtype)
+    for name, g, o, t in zip(["y", "dx", "dA", "dB", "dbias"], got, oracle, baseline):
+        if o is not None:
+            assert g.dtype == dtype, name
+            assert_error_rule(name, g, o, t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_is_random_on_lora_branch_only(backend, gen):
+    lin = torch.nn.Linear(40, 24)
+    m = LoRALinear.from_linear(lin, r=4, lora_dropout=0.5)
+    torch.nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(6, 40, generator=gen)
+    with ops.use_backend(backend):
+        m.eval()
+        y_eval = m(x)
+        m.train()
+        y1, y2 = m(x), m(x)
+        m.lora_dropout = 0.0
+        y0 = m(x)
+        m.lora_dropout = 0.5
+        torch.nn.init.zeros_(m.lora_B.weight)
+        y_base = m(x)  # training mode, dropout on, LoRA branch zero
+    assert torch.equal(y0, y_eval)  # p = 0 and eval mode: identical, no mask
+    assert not torch.allclose(y1, y2)  # fresh mask per call
+    torch.testing.assert_close(y_base, lin(x))  # the base path is never dropped
+
+
+# ---- modules ---------------------------------------------------------------------------------------
+
+
+def test_lora_linear_module_is_a_drop_in(gen):
+    lin = torch.nn.Linear(48, 20)
+    m = LoRALinear.from_linear(lin, r=8, lora_alpha=16)
+    assert m.weight is lin.weight and m.bias is lin.bias  # shared, not copied
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    assert torch.count_nonzero(m.lora_B.weight) == 0 and m.scaling == 2.0
+    x = torch.randn(2, 5, 48, generator=gen)
+    torch.testing.assert_close(m(x), lin(x))  # B = 0 at init: the layer is unchanged
+    assert (m.in_features, m.out_features) == (48, 20)
+    assert LoRALinear.from_linear(lin, r=4, use_rslora=True, lora_alpha=8).scaling == 4.0
+
+
+def test_lora_merge_unmerge(gen):
+    m = LoRALinear.from_linear(torch.nn.Linear(48, 20), r=8)
+    torch.nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(5, 48, generator=gen)
+    y = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_merge_is_lossy_measured_and_unmerge_exact(gen):
+    lin = torch.nn.Linear(128, 24)
+    m = QLoRALinear.from_linear(lin, r=8, compute_dtype=torch.float32)
+    torch.nn.init.normal_(m.lora_B.weight, std=0.01)
+    before = m.state_dict()
+    x = torch.randn(5, 128, generator=gen)
+    y = m(x)
+    err = m.merge()
+    # requantizing W + sBA costs at most half a code step: <= absmax/2 per block (NF4 gaps < 1)
+    assert 0 < err <= float(peftkern.dequantize_4bit(m.qweight, torch.float32).abs().max())
+    assert (m(x) - y).abs().max() < 0.5
+    m.unmerge()
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    torch.testing.assert_close(m(x), y)
+
+
+def test_qlora_state_dict_round_trip_and_shape_check(gen):
+    m = QLoRALinear.from_linear(torch.nn.Linear(64, 16), r=4, quant_type="fp4", compute_dtype=torch.float32)
+    torch.nn.init.normal_(m.lora_B.weight)
+    m2 = QLoRALinear.from_linear(torch.nn.Linear(64, 16), r=4, compute_dtype=torch.float32)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(3, 64, generator=gen)
+    assert torch.equal(m2(x), m(x)) and m2.quant_type == "fp4"
+    other = QLoRALinear.from_linear(torch.nn.Linear(64, 32), r=4, compute_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="checkpoint shape"):
+        other.load_state_dict(m.state_dict())
+
+
+# ---- parity with PEFT (CPU) ----------------------------------------------------------------------
+
+peft = pytest.importorskip("peft")
+
+
+def _peft_model(base, **cfg):
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(torch.nn.Sequential(base), LoraConfig(target_modules=["0"], **cfg))
+    layer = model.base_model.model[0]
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    return model, layer
+
+
+def _copy_lora(ours, layer):
+    with torch.no_grad():
+        ours.lora_A.weight.copy_(layer.lora_A["default"].weight)
+        ours.lora_B.weight.copy_(layer.lora_B["default"].weight)
+
+
+def _compare_step(ours, theirs, ours_layer, their_layer, x, rtol, atol):
+    xo, xt = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yo, yt = ours(xo), theirs(xt)
+    torch.testing.assert_close(yo, yt, rtol=rtol, atol=atol)
+    yo.square().sum().backward()
+    yt.square().sum().backward()
+    torch.testing.assert_close(xo.grad, xt.grad, rtol=rtol, atol=atol)
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(getattr(ours_layer, name).weight.grad,
+                                   getattr(their_layer, name)["default"].weight.grad, rtol=rtol, atol=atol)
+
+
+def test_parity_with_peft_lora_over_linear(gen):
+    base = torch.nn.Linear(96, 40)
+    ours = LoRALinear.from_linear(torch.nn.Linear(96, 40), r=8, lora_alpha=16)
+    ours.load_state_dict({**base.state_dict(), **{k: v for k, v in ours.state_dict().items() if "lora" in k}})
+    _, layer = _peft_model(base, r=8, lora_alpha=16)
+    _copy_lora(ours, layer)
+    _compare_step(ours, layer, ours, layer, torch.randn(2, 7, 96, generator=gen), 1e-5, 1e-5)
+
+
+def test_parity_with_peft_lora_over_bnb_linear4bit(gen):
+    bnb = pytest.importorskip("bitsandbytes")
+    base = bnb.nn.Linear4bit(128, 40, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(40, 128, generator=gen) * 0.05, requires_grad=False,
+                                    quant_type="nf4")
+    base.bias = torch.nn.Parameter(torch.randn(40, generator=gen), requires_grad=False)
+    base = base.to("cpu")
+    ours = QLoRALinear.from_bnb(base, r=8, lora_alpha=16)
+    assert ours.weight.data_ptr() == base.weight.data_ptr()  # bytes shared, not re-quantized
+    _, layer = _peft_model(base, r=8, lora_alpha=16)
+    _copy_lora(ours, layer)
+    _compare_step(ours, layer, ours, layer, torch.randn(3, 128, generator=gen), 1e-5, 1e-5)
+
+
+# ---- torch.compile -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph_matches_eager(backend, gen):
+    lin1, lin2 = torch.nn.Linear(64, 48), torch.nn.Linear(48, 16)
+    net = torch.nn.Sequential(LoRALinear.from_linear(lin1, r=4), torch.nn.GELU(),
+                              QLoRALinear.from_linear(lin2, r=4, compute_dtype=torch.float32))
+    for m in (net[0], net[2]):
+        torch.nn.init.normal_(m.lora_B.weight)
+    x = torch.randn(5, 64, generator=gen)
+    torch._dynamo.reset()
+    with ops.use_backend(backend):
+        eager = net(x)
+        eager.sum().backward()
+        g_eager = [p.grad.clone() for p in net.parameters() if p.requires_grad]
+        net.zero_grad()
+        out = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+        out.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for g, p in zip(g_eager, [p for p in net.parameters() if p.requires_grad]):
+        torch.testing.assert_close(p.grad, g)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors():
+    W, A, B = torch.randn(8, 16), torch.randn(4, 16), torch.randn(8, 4)
+    x = torch.randn(3, 16)
+    with pytest.raises(ValueError, match="in_features=16 as its last dimension"):
+        ops.lora_linear(torch.randn(3, 15), W, None, A, B, 1.0)
+    with pytest.raises(TypeError, match="lora_A must have dtype in \\(float32\\)"):
+        ops.lora_linear(x, W, None, A.half(), B, 1.0)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        ops.lora_linear(x, W.double(), None, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_B must be \\[out_features=8, r=4\\]"):
+        ops.lora_linear(x, W, None, A, torch.randn(8, 3), 1.0)
+    with pytest.raises(ValueError, match="lora_A is on meta"):
+        ops.lora_linear(x, W, None, A.to("meta"), B, 1.0)
+    with pytest.raises(ValueError, match="bias must have out_features=8"):
+        ops.lora_linear(x, W, torch.randn(7), A, B, 1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        ops.lora_linear(x, W, None, A, B, 1.0, dropout_p=1.0)
+    with pytest.raises(TypeError, match="qweight must be a peftkern.QuantizedWeight"):
+        ops.qlora_linear(x, W, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="r must be an int in \\[1, min"):
+        LoRALinear.from_linear(torch.nn.Linear(16, 8), r=9)
+    with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
+        QLoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
+
+
+def test_any_k_tiles_no_restriction(gen):
+    """The fused kernel masks partial tiles and decodes by flat index: K = 1 or odd is fine."""
+    for K in (1, 3, 33):
+        for backend in BACKENDS:
+            W = torch.randn(5, K, generator=gen)
+            q = peftkern.quantize_4bit(W, blocksize=32)
+            x, A, B = torch.randn(2, K, generator=gen), torch.randn(1, K, generator=gen), torch.randn(5, 1, generator=gen)
+            with ops.use_backend(backend):
+                y = ops.qlora_linear(x, q, None, A, B, 1.0)
+            want = R.lora_linear(x.double(), peftkern.dequantize_4bit(q, torch.float32).double(), None,
+                                 A.double(), B.double(), 1.0)
+            assert_error_rule(f"K={K}", y, want, R.lora_linear(x, peftkern.dequantize_4bit(q), None, A, B, 1.0))
