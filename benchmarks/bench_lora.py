@@ -155,7 +155,9 @@ def metadata(device, roof) -> dict:
         driver = None
     return {"device": name, "driver": driver, "date": datetime.date.today().isoformat(),
             "torch": torch.__version__, "triton": version("triton"), "bitsandbytes": version("bitsandbytes"),
-            "peft": version("peft"), "peftkern_commit": commit, "backend": ops.backends.pick(torch.device(device)),
+            "peft": version("peft"), "peftkern_commit": commit,
+            "backend": f"lora {ops.backends.pick(torch.device(device), ('triton', 'reference'))}, "
+                       f"dequantize {ops.backends.pick(torch.device(device))}",
             "roofline": roof}
 
 

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_4bit import _INTERPRET, _empty
+from .quant_4bit import _INTERPRET, _empty, decode_4bit
 
 
 @triton.jit
@@ -25,16 +25,8 @@ def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
     valid = (offs_q[:, None] < Q) & (offs_p[None, :] < P)
     idx = offs_q[:, None].to(tl.int64) * stride_wq + offs_p[None, :].to(tl.int64) * stride_wp
     if QUANT:
-        byte = tl.load(w_ptr + idx // 2, mask=valid, other=0).to(tl.int32)
-        code = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
-        blk = idx // blocksize
-        if NESTED:
-            q8 = tl.load(absmax_ptr + blk, mask=valid, other=0).to(tl.int32)
-            scale = tl.load(code8_ptr + q8) * tl.load(absmax2_ptr + blk // 256, mask=valid, other=0.0)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=valid, other=0.0)
-        w = tl.load(table_ptr + code) * scale
+        w = decode_4bit(w_ptr, idx, valid, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                        table_ptr, blocksize, NESTED)
         return tl.where(valid, w, 0.0)
     return tl.load(w_ptr + idx, mask=valid, other=0.0).to(tl.float32)
 

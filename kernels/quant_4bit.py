@@ -62,24 +62,32 @@ def _quantize_4bit_kernel(a_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr, 
 
 
 @triton.jit
-def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                            out_ptr, n, blocksize, NESTED: tl.constexpr, BLOCK: tl.constexpr):
-    # One program per BLOCK packed bytes; both nibbles of a byte share a quantization block.
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    live = 2 * j < n
-    byte = tl.load(packed_ptr + j, mask=live, other=0).to(tl.int32)
-    blk = (2 * j) // blocksize
+def decode_4bit(packed_ptr, idx, live, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                blocksize, NESTED: tl.constexpr):
+    """fp32 weights at flat indices `idx` (int64): `table[code] * absmax[idx // blocksize]`.
+
+    The one 4-bit decoder, shared by the dequantize kernel and the fused LoRA GEMM.
+    """
+    byte = tl.load(packed_ptr + idx // 2, mask=live, other=0).to(tl.int32)
+    code = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
+    blk = idx // blocksize
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=live, other=0).to(tl.int32)
         scale = tl.load(code8_ptr + q) * tl.load(absmax2_ptr + blk // 256, mask=live, other=0.0)
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + blk, mask=live, other=0.0)
-    hi = tl.load(table_ptr + (byte >> 4)) * scale
-    lo = tl.load(table_ptr + (byte & 15)) * scale
-    ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + 2 * j, hi.to(ty), mask=live)
-    tl.store(out_ptr + 2 * j + 1, lo.to(ty), mask=2 * j + 1 < n)
+    return tl.load(table_ptr + code) * scale
+
+
+@triton.jit
+def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                            out_ptr, n, blocksize, NESTED: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    live = idx < n
+    w = decode_4bit(packed_ptr, idx, live, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                    table_ptr, blocksize, NESTED)
+    tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=live)
 
 
 def quantize_4bit(A: torch.Tensor, bounds: torch.Tensor, order: torch.Tensor, blocksize: int,
@@ -96,7 +104,7 @@ def quantize_4bit(A: torch.Tensor, bounds: torch.Tensor, order: torch.Tensor, bl
 
 
 def dequantize_4bit(packed, absmax, absmax2, code8, offset, table, blocksize: int, numel: int,
-                    dtype: torch.dtype, block: int = 1024):
+                    dtype: torch.dtype, block: int = 2048):
     """Packed bytes -> flat `[numel]` tensor of `dtype`; `absmax2 is None` means plain absmax."""
     # Interpreter-only shim: the Triton interpreter truncates fp32 -> bf16 where GPUs round to
     # nearest even, so under TRITON_INTERPRET=1 bf16 output is written as fp32 and rounded by torch.
@@ -105,7 +113,7 @@ def dequantize_4bit(packed, absmax, absmax2, code8, offset, table, blocksize: in
     nested = absmax2 is not None
     if not nested:  # unused pointers still need a tensor
         absmax2 = code8 = offset = absmax
-    grid = (triton.cdiv((numel + 1) // 2, block),)
+    grid = (triton.cdiv(numel, block),)
     if numel:
         _dequantize_4bit_kernel[grid](packed, absmax, absmax2, code8, offset, table, out, numel,
                                       blocksize, NESTED=nested, BLOCK=block, **_NO_FMA)

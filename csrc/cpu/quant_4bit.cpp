@@ -1,6 +1,7 @@
-// CPU 4-bit blockwise quantize/dequantize, bit-identical to bitsandbytes (see peftkern/reference.py).
-// OpenMP across quantization blocks. Compiled with -ffp-contract=off: the arithmetic must round
-// exactly as the reference does.
+// CPU 4-bit blockwise quantize/dequantize, bit-identical to bitsandbytes 0.50's CPU path (its
+// default torch implementation; the spec is written out in tests/test_csrc.py). OpenMP across
+// quantization blocks. Compiled with -ffp-contract=off: every operation must round exactly as
+// the reference rounds it.
 #include <algorithm>
 #include <cmath>
 
@@ -13,36 +14,77 @@
 namespace peftkern::cpu {
 
 namespace {
-inline int bucket_of(float s, const float* bounds) {
+
+constexpr int64_t kChunk = 4096;  // elements bucketed per pass (even)
+
+struct Buckets {
+  float bounds[15];
+  uint8_t code[16];  // code of each sorted bucket
+  explicit Buckets(int quant_type) {
+    for (int j = 0; j < 15; ++j) bounds[j] = bucket_bound(quant_type, j);
+    for (int j = 0; j < 16; ++j) code[j] = (uint8_t)bucket_code(quant_type, j);
+  }
+};
+
+// torch.bucketize(s, bounds, right=False): the number of bounds strictly below s. Written as
+// !(bound >= s) so that NaN lands in the last bucket, as torch's binary search puts it.
+inline uint8_t bucket_of(float s, const float* bounds) {
   int b = 0;
-  for (int i = 0; i < 15; ++i) b += bounds[i] < s;  // torch.bucketize(right=False)
-  return b;
+  for (int j = 0; j < 15; ++j) b += !(bounds[j] >= s);
+  return (uint8_t)b;
 }
+
+// torch.clamp(s, -1, 1), NaN propagating.
+inline float clamp1(float s) {
+  s = s < -1.0f ? -1.0f : s;
+  return s > 1.0f ? 1.0f : s;
+}
+
+// max |x| with torch's NaN propagation (a NaN anywhere makes the max NaN).
+template <typename T>
+inline float abs_max(const T* x, int64_t len) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = std::fabs(static_cast<float>(x[i]));
+    m = (v > m || v != v) && m == m ? v : m;
+  }
+  return m;
+}
+
 }  // namespace
 
 template <typename T>
 void quantize_4bit(const T* A, int64_t n, int quant_type, int64_t blocksize, uint8_t* packed,
                    float* absmax) {
-  float bounds[15];
-  for (int i = 0; i < 15; ++i) bounds[i] = bucket_bound(quant_type, i);
-  const int zero_code = sorted_code(quant_type, bucket_of(0.0f, bounds));  // pad of odd n
+  const Buckets bk(quant_type);
+  const uint8_t zero_code = bk.code[bucket_of(0.0f, bk.bounds)];  // pads the last byte of odd n
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
-    const int64_t start = b * blocksize, end = std::min(start + blocksize, n);
-    float amax = 0.0f;
-    for (int64_t i = start; i < end; ++i) amax = std::max(amax, std::fabs(static_cast<float>(A[i])));
-    // bnb multiplies full blocks by the reciprocal and divides the partial tail block.
-    const bool full = end - start == blocksize;
-    const float safe = std::max(amax, 1e-38f), recip = 1.0f / safe;
+    const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
+    const bool full = len == blocksize;
+    const float amax = abs_max(A + start, len);
+    const float safe = std::max(amax, 1e-38f);  // a NaN amax stays NaN (std::max keeps the first)
+    // Full blocks multiply by the reciprocal and store the unclamped max; the last, partial
+    // block divides and stores the clamped max (as bnb does).
     absmax[b] = full ? amax : safe;
-    auto code = [&](int64_t i) {
-      const float x = static_cast<float>(A[i]);
-      const float s = std::min(std::max(full ? x * recip : x / safe, -1.0f), 1.0f);
-      return sorted_code(quant_type, bucket_of(s, bounds));
-    };
-    for (int64_t i = start; i < end; i += 2)
-      packed[i / 2] = pack_codes(code(i), i + 1 < end ? code(i + 1) : zero_code);
+    const float r = 1.0f / safe;
+    uint8_t bucket[kChunk];
+    for (int64_t c = start; c < start + len; c += kChunk) {  // blocks start at even indices
+      const T* x = A + c;
+      const int64_t m = std::min(kChunk, start + len - c);
+      if (full) {
+        for (int64_t i = 0; i < m; ++i)
+          bucket[i] = bucket_of(clamp1(static_cast<float>(x[i]) * r), bk.bounds);
+      } else {
+        for (int64_t i = 0; i < m; ++i)
+          bucket[i] = bucket_of(clamp1(static_cast<float>(x[i]) / safe), bk.bounds);
+      }
+      uint8_t* p = packed + c / 2;
+      for (int64_t i = 0; i + 1 < m; i += 2)
+        p[i / 2] = pack_codes(bk.code[bucket[i]], bk.code[bucket[i + 1]]);
+      if (m & 1) p[m / 2] = pack_codes(bk.code[bucket[m - 1]], zero_code);  // only at the very end
+    }
   }
 }
 
@@ -56,18 +98,24 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* 
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < nblocks; ++b) {
     const float scale = absmax_q ? decode_absmax(absmax_q, absmax2, code8, offset, b) : absmax[b];
-    const int64_t start = b * blocksize, end = std::min(start + blocksize, n);
-    for (int64_t i = start; i < end; ++i)
-      out[i] = static_cast<T>(table[unpack_code(packed[i / 2], i & 1)] * scale);
+    const int64_t len = std::min(blocksize, n - b * blocksize);
+    const uint8_t* p = packed + b * blocksize / 2;
+    T* o = out + b * blocksize;
+    for (int64_t j = 0; j < len / 2; ++j) {
+      const uint8_t byte = p[j];
+      o[2 * j] = static_cast<T>(table[high_code(byte)] * scale);
+      o[2 * j + 1] = static_cast<T>(table[low_code(byte)] * scale);
+    }
+    if (len & 1) o[len - 1] = static_cast<T>(table[high_code(p[len / 2])] * scale);
   }
 }
 
-#define PK_INSTANTIATE(T)                                                                        \
-  template void quantize_4bit<T>(const T*, int64_t, int, int64_t, uint8_t*, float*);             \
-  template void dequantize_4bit<T>(const uint8_t*, const float*, const uint8_t*, const float*,   \
+#define PEFTKERN_INSTANTIATE(T)                                                                \
+  template void quantize_4bit<T>(const T*, int64_t, int, int64_t, uint8_t*, float*);           \
+  template void dequantize_4bit<T>(const uint8_t*, const float*, const uint8_t*, const float*, \
                                    const float*, float, int, int64_t, int64_t, T*);
-PK_INSTANTIATE(float)
-PK_INSTANTIATE(c10::Half)
-PK_INSTANTIATE(c10::BFloat16)
+PEFTKERN_INSTANTIATE(float)
+PEFTKERN_INSTANTIATE(c10::Half)
+PEFTKERN_INSTANTIATE(c10::BFloat16)
 
 }  // namespace peftkern::cpu
