@@ -111,8 +111,12 @@ class QuantizedWeight:
     # ---- bitsandbytes interop (bytes are shared, never copied) -----------------------------
 
     @classmethod
-    def from_bnb(cls, param) -> "QuantizedWeight":
-        """View a `bnb.nn.Params4bit` (or a `bnb.nn.Linear4bit`) without copying its bytes."""
+    def from_bnb(cls, param, check: bool = True) -> "QuantizedWeight":
+        """View a `bnb.nn.Params4bit` (or a `bnb.nn.Linear4bit`) without copying its bytes.
+
+        `check=False` skips the consistency checks (which read the data: a host sync), for
+        per-call use on a weight that was checked once.
+        """
         param = getattr(param, "weight", param)
         qs = getattr(param, "quant_state", None)
         if qs is None:
@@ -125,7 +129,7 @@ class QuantizedWeight:
                 raise ValueError(f"nested blocksize must be {codes.NESTED_BLOCKSIZE}, "
                                  f"got {qs.state2.blocksize}")
             fields.update(absmax2=qs.state2.absmax, code8=qs.state2.code, offset=qs.offset)
-        return _checked(cls(**fields))
+        return _checked(cls(**fields)) if check else cls(**fields)
 
     def to_bnb(self):
         """A `bnb.nn.Params4bit` sharing this weight's bytes (needs bitsandbytes)."""

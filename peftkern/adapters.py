@@ -1,0 +1,163 @@
+"""One-call LoRA/QLoRA for plain PyTorch models, with adapters in PEFT's on-disk format.
+
+`inject` swaps matching `nn.Linear` modules for `LoRALinear` / `QLoRALinear`; `save_adapter` writes
+`adapter_config.json` + `adapter_model.safetensors` exactly as PEFT names them
+(`base_model.model.<module>.lora_A.weight`), so plain PEFT loads a peftkern adapter and
+`load_adapter` loads a PEFT one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Iterable, Optional, Union
+
+import torch
+from torch import nn
+
+from .nn import LoRALinear, QLoRALinear
+from .reference import lora_scaling
+from .validation import check_choice
+
+_PREFIX = "base_model.model."
+_LORA_TYPES = (LoRALinear, QLoRALinear)
+
+
+def _matches(name: str, target_modules) -> bool:
+    # PEFT's rule: a string is a regex that must match the whole name; a list matches a name equal
+    # to an entry or ending with "." + entry.
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def inject(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int = 8,
+           lora_alpha: float = 16, lora_dropout: float = 0.0, quantize: Optional[str] = None,
+           use_rslora: bool = False, double_quant: bool = True, blocksize: int = 64,
+           compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Swap every `nn.Linear` whose name matches `target_modules` for a LoRA layer, in place.
+
+    `quantize="nf4"|"fp4"` makes the base weights 4-bit (`QLoRALinear`). Afterwards only the LoRA
+    parameters require grad. Nothing changes if any argument is bad or nothing matches.
+    """
+    if quantize is not None:
+        check_choice("quantize", quantize, (None, "nf4", "fp4"))
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules or not all(isinstance(t, str) for t in target_modules):
+            raise ValueError(f"target_modules must be a regex string or a non-empty list of names, "
+                             f"got {target_modules!r}")
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) is nn.Linear and _matches(n, target_modules)]
+    if not targets:
+        linears = [n for n, m in model.named_modules() if type(m) is nn.Linear][:10]
+        raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear in the model "
+                         f"(some of its Linear layers: {linears})")
+    new = {}
+    for name, lin in targets:  # build everything first: a bad argument leaves the model untouched
+        if quantize is None:
+            new[name] = LoRALinear.from_linear(lin, r, lora_alpha, lora_dropout, use_rslora)
+        else:
+            new[name] = QLoRALinear.from_linear(lin, r, lora_alpha, lora_dropout, use_rslora, quantize,
+                                                double_quant, compute_dtype or lin.weight.dtype,
+                                                blocksize)
+    for name, module in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    for pname, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in f".{pname}" or ".lora_B." in f".{pname}")
+    model._peftkern_config = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                  use_rslora=use_rslora, target_modules=sorted(new))
+    return model
+
+
+def _lora_modules(model: nn.Module) -> dict:
+    found = {n: m for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)}
+    if not found:
+        raise ValueError("model has no peftkern LoRA layers (call peftkern.inject first)")
+    return found
+
+
+def merge(model: nn.Module) -> None:
+    """Merge every LoRA layer's update into its base weight (4-bit merges are lossy)."""
+    for m in _lora_modules(model).values():
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    for m in _lora_modules(model).values():
+        m.unmerge()
+
+
+def trainable_parameters(model: nn.Module) -> list:
+    """`(name, parameter)` for every parameter that requires grad (the LoRA ones after inject)."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_adapter(model: nn.Module, path: str) -> None:
+    """Write the LoRA weights and config in PEFT's format (loadable by `PeftModel.from_pretrained`)."""
+    mods = _lora_modules(model)
+    first = next(iter(mods.values()))
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name, m in mods.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
+    import safetensors.torch
+    safetensors.torch.save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
+                                metadata={"format": "pt"})
+    config = dict(peft_type="LORA", r=first.r, lora_alpha=first.lora_alpha,
+                  lora_dropout=first.lora_dropout, use_rslora=first.use_rslora,
+                  target_modules=sorted(mods), bias="none", fan_in_fan_out=False,
+                  task_type=None, inference_mode=True, base_model_name_or_path=None)
+    if any(m.r != first.r or m.lora_alpha != first.lora_alpha for m in mods.values()):
+        raise ValueError("save_adapter needs one r and lora_alpha for all layers (PEFT's format)")
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model: nn.Module, path: str) -> None:
+    """Load a PEFT LoRA adapter (or one from `save_adapter`) into `model`'s peftkern LoRA layers.
+
+    Every tensor is checked (names, shapes, dtypes) before any is copied, so a mismatching or
+    damaged adapter raises and leaves the model as it was. Safetensors only.
+    """
+    mods = _lora_modules(model)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}/adapter_config.json is not valid JSON: {e}") from e
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"adapter peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    import safetensors.torch
+    file = os.path.join(path, "adapter_model.safetensors")
+    try:
+        tensors = safetensors.torch.load_file(file)
+    except Exception as e:  # safetensors raises its own types for damaged files
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+    plan = []
+    for key, t in tensors.items():
+        m = re.fullmatch(re.escape(_PREFIX) + r"(.+)\.(lora_[AB])(?:\.[^.]+)?\.weight", key)
+        if m is None or m.group(1) not in mods:
+            raise ValueError(f"adapter tensor {key!r} matches no peftkern LoRA layer of the model")
+        param = getattr(mods[m.group(1)], m.group(2)).weight
+        if t.shape != param.shape:
+            raise ValueError(f"adapter tensor {key!r} has shape {tuple(t.shape)}, but the model's "
+                             f"layer expects {tuple(param.shape)} (adapter for another base shape "
+                             f"or rank?)")
+        if not t.is_floating_point():
+            raise ValueError(f"adapter tensor {key!r} has dtype {t.dtype}, expected a float dtype")
+        plan.append((param, t))
+    loaded = {id(p) for p, _ in plan}
+    missing = [n for n, m in mods.items() if id(m.lora_A.weight) not in loaded
+               or id(m.lora_B.weight) not in loaded]
+    if missing:
+        raise ValueError(f"adapter has no weights for LoRA layer(s) {missing[:5]}")
+    with torch.no_grad():
+        for param, t in plan:
+            param.copy_(t)
+    for m in mods.values():  # the adapter's scaling, as PEFT would apply it
+        m.lora_alpha = config.get("lora_alpha", m.lora_alpha)
+        m.use_rslora = bool(config.get("use_rslora", False))
+        m.scaling = lora_scaling(m.r, m.lora_alpha, m.use_rslora)
