@@ -122,6 +122,12 @@ class QuantizedWeight:
         if qs is None:
             raise ValueError("param must be a quantized bitsandbytes Params4bit (its quant_state is "
                              "None: bnb quantizes when the module is moved to a device)")
+        if getattr(qs, "packing_format_for_cpu", False):
+            # bnb >= 0.50 repacks weights in place for its AVX512-BF16 CPU inference path (absmax
+            # rounded to bf16). Restore its standard layout the way bnb does before saving.
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            param.data, param.quant_state = _convert_weight_packed_for_cpu_inverse(param.data, qs)
+            qs = param.quant_state
         fields = dict(data=param.data, absmax=qs.absmax, shape=torch.Size(qs.shape), dtype=qs.dtype,
                       blocksize=qs.blocksize, quant_type=qs.quant_type)
         if qs.nested:

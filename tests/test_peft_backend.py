@@ -217,3 +217,55 @@ def test_load_adapter_refuses_other_shapes_and_tampered_files(tmp_path):
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in snapshot.items())
     with pytest.raises(ValueError, match="no peftkern LoRA layers"):
         peftkern.save_adapter(_llama(), str(tmp_path / "none"))
+
+
+# ---- 4-bit: a model loaded by transformers with BitsAndBytesConfig(load_in_4bit=True) ---------------
+
+
+@pytest.fixture(scope="module")
+def llama_4bit_dir(tmp_path_factory):
+    pytest.importorskip("bitsandbytes")
+    d = tmp_path_factory.mktemp("llama")
+    # intermediate_size 128: bnb 0.50.2's native CPU dequantize is wrong when in_features is not a
+    # multiple of the blocksize (see README), which would corrupt the PEFT+bnb baseline itself.
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return str(d)
+
+
+def _load_4bit(path):
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_use_double_quant=True,
+                                        bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
+                                                          dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(target_modules=LINEARS, r=4, lora_alpha=8))
+    _randomize_lora(model)
+    return model.train()  # eval mode would let bnb repack weights into its bf16 CPU layout
+
+
+def test_enable_on_transformers_4bit_model_matches_peft_and_shares_bytes(llama_4bit_dir):
+    model = _load_4bit(llama_4bit_dir)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    ptr = q_proj.base_layer.weight.data_ptr()
+    ids = _tokens()
+    want_logits, _, want_grads = _loss_and_grads(model, ids)
+    assert pk.enable(model) == 2 * len(LINEARS)
+    logits, _, grads = _loss_and_grads(model, ids)
+    assert q_proj.base_layer.weight.data_ptr() == ptr  # the bnb bytes are used in place
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    for n in want_grads:
+        torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-3, atol=1e-5)
+
+
+def test_from_bnb_undoes_bnb_cpu_repacking(llama_4bit_dir):
+    model = _load_4bit(llama_4bit_dir).eval()
+    layer = model.base_model.model.model.layers[0].mlp.up_proj.base_layer
+    with torch.no_grad():
+        layer(torch.randn(2, 64))  # bnb repacks in place on AVX512-BF16 CPUs (not on others)
+    q = peftkern.QuantizedWeight.from_bnb(layer.weight)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert q.shape == (128, 64) and q.data.numel() == 128 * 64 // 2
