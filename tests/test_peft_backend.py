@@ -269,3 +269,14 @@ def test_from_bnb_undoes_bnb_cpu_repacking(llama_4bit_dir):
     q = peftkern.QuantizedWeight.from_bnb(layer.weight)
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
     assert q.shape == (128, 64) and q.data.numel() == 128 * 64 // 2
+
+
+def test_compile_fullgraph_of_enabled_4bit_model(llama_4bit_dir):
+    """torch.compile breaks on bnb 4-bit layers today; through peftkern it traces in one graph."""
+    model = _load_4bit(llama_4bit_dir)
+    pk.enable(model)
+    ids = _tokens()
+    want = model(input_ids=ids).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
