@@ -1,8 +1,11 @@
-"""Build peftkern and its extension peftkern._C.
+"""Build peftkern and its C++/CUDA extension peftkern._C.
 
-C++ CPU kernels are always built; CUDA kernels (csrc/cuda) only when torch is a CUDA build and
-nvcc is found. PEFTKERN_NO_EXT=1 skips the extension (pure Python + Triton then).
-Install with `pip install --no-build-isolation -e .` so the extension builds against your torch.
+    pip install --no-build-isolation -e .      # builds against the torch already installed
+
+The C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp) are always built. The CUDA kernels
+(csrc/cuda/*.cu) are added when torch is a CUDA build and nvcc is found. PEFTKERN_NO_EXT=1 skips
+the extension: peftkern then runs on Triton and its pure-PyTorch reference.
+The Triton kernels live in the top-level folder kernels/ and install as peftkern.kernels.
 """
 import glob
 import os
@@ -10,31 +13,56 @@ import shutil
 
 from setuptools import find_packages, setup
 
-CUDA_ARCHS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+NVCC_FLAGS = [
+    "-O3", "-std=c++17",
+    "-gencode", "arch=compute_80,code=sm_80",
+    "-gencode", "arch=compute_90a,code=sm_90a",
+]
+
+
+def _find_nvcc(cuda_home):
+    if cuda_home:
+        nvcc = os.path.join(cuda_home, "bin", "nvcc")
+        if os.path.exists(nvcc):
+            return nvcc
+    return shutil.which("nvcc")
 
 
 def _extensions():
+    """(ext_modules, cmdclass) for setup(); empty when PEFTKERN_NO_EXT=1."""
     if os.environ.get("PEFTKERN_NO_EXT") == "1":
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    root = os.path.dirname(os.path.abspath(__file__))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
-    kw = dict(
+    # Relative source paths: setuptools wants them relative to setup.py.
+    sources = ["csrc/bindings.cpp"] + sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(
+        os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+    common = dict(
         name="peftkern._C",
-        sources=["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
-        include_dirs=[os.path.join(root, "csrc", "include"), os.path.join(root, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")],
         extra_link_args=["-fopenmp"],
+        py_limited_api=False,
     )
-    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
-    if torch.version.cuda and nvcc and os.path.exists(nvcc):
-        kw["sources"] += sorted(glob.glob("csrc/cuda/*.cu"))
-        ext = CUDAExtension(**kw, define_macros=[("PEFTKERN_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"] + CUDA_ARCHS})
+    if torch.version.cuda and cuda_sources and _find_nvcc(CUDA_HOME):
+        ext = CUDAExtension(
+            sources=sources + cuda_sources,
+            define_macros=[("PEFTKERN_WITH_CUDA", None)],
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
+            **common,
+        )
     else:
-        ext = CppExtension(**kw, extra_compile_args=cxx)
-    return [ext], {"build_ext": BuildExtension}
+        ext = CppExtension(sources=sources, extra_compile_args={"cxx": CXX_FLAGS}, **common)
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+def _packages():
+    found = find_packages(where=ROOT, include=["peftkern*"])
+    return ["peftkern"] + [p for p in found if p != "peftkern"] + ["peftkern.kernels"]
 
 
 ext_modules, cmdclass = _extensions()
@@ -43,7 +71,7 @@ setup(
     name="peftkern",
     version="0.1.0",
     description="Fused Triton and C++/CUDA kernels for LoRA, QLoRA and AdaLoRA",
-    packages=find_packages(include=["peftkern", "peftkern.*"]) + ["peftkern.kernels"],
+    packages=_packages(),
     package_dir={"peftkern.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "safetensors"],

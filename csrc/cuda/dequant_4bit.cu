@@ -52,7 +52,7 @@ template <> struct Out<__nv_bfloat16> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2048 / kThreads)
 dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const Absmax am, const int quant_type,
                        const int log2_blocksize, const int64_t n, const bool packed_aligned,
                        const bool out_aligned, T* __restrict__ out) {
@@ -96,8 +96,9 @@ dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const Absmax am, cons
     for (int step = 0; step < kSteps; ++step) {
       const int e = (step * kThreads + t) * kVec;  // first element, relative to the tile
       const float scale = s_scale[e >> log2_blocksize];  // kVec <= 32 <= blocksize: one block
-      const uint32_t word = kBytes == 4 ? *reinterpret_cast<const uint32_t*>(s_bytes + e / 2)
-                                        : *reinterpret_cast<const uint16_t*>(s_bytes + e / 2);
+      uint32_t word;
+      if constexpr (kBytes == 4) word = *reinterpret_cast<const uint32_t*>(s_bytes + e / 2);
+      else word = *reinterpret_cast<const uint16_t*>(s_bytes + e / 2);
       T v[kVec];
 #pragma unroll
       for (int k = 0; k < kBytes; ++k) {
@@ -110,9 +111,10 @@ dequantize_4bit_kernel(const uint8_t* __restrict__ packed, const Absmax am, cons
         uint4 w;
         uint32_t* wp = reinterpret_cast<uint32_t*>(&w);
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-          wp[k] = kVec == 4 ? Out<T>::bits(v[k])
-                            : (Out<T>::bits(v[2 * k]) | (Out<T>::bits(v[2 * k + 1]) << 16));
+        for (int k = 0; k < 4; ++k) {
+          if constexpr (kVec == 4) wp[k] = Out<T>::bits(v[k]);
+          else wp[k] = Out<T>::bits(v[2 * k]) | (Out<T>::bits(v[2 * k + 1]) << 16);
+        }
         *reinterpret_cast<uint4*>(o) = w;
       } else {
 #pragma unroll

@@ -18,10 +18,13 @@ _warned: set[str] = set()
 
 
 def _load_ext():
+    import importlib.util
+    if importlib.util.find_spec("peftkern._C") is None:
+        return None, "peftkern._C is not built (installed with PEFTKERN_NO_EXT=1, or not installed)"
     try:
         from .. import _C  # noqa: F401  (importing registers torch.ops.peftkern_C)
-    except ImportError as e:
-        return None, str(e)
+    except ImportError as e:  # built against another torch, for example
+        return None, f"peftkern._C failed to load: {e}"
     return torch.ops.peftkern_C, None
 
 
