@@ -34,7 +34,8 @@ def _matches(name: str, target_modules) -> bool:
 def inject(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int = 8,
            lora_alpha: float = 16, lora_dropout: float = 0.0, quantize: Optional[str] = None,
            use_rslora: bool = False, double_quant: bool = True, blocksize: int = 64,
-           compute_dtype: Optional[torch.dtype] = None) -> nn.Module:
+           compute_dtype: Optional[torch.dtype] = None,
+           quant_storage: torch.dtype = torch.uint8) -> nn.Module:
     """Swap every `nn.Linear` whose name matches `target_modules` for a LoRA layer, in place.
 
     `quantize="nf4"|"fp4"` makes the base weights 4-bit (`QLoRALinear`). Afterwards only the LoRA
@@ -60,7 +61,7 @@ def inject(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int =
         else:
             new[name] = QLoRALinear.from_linear(lin, r, lora_alpha, lora_dropout, use_rslora, quantize,
                                                 double_quant, compute_dtype or lin.weight.dtype,
-                                                blocksize)
+                                                blocksize, quant_storage)
     for name, module in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -148,11 +148,15 @@ class QLoRALinear(_LoRAMixin, nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16,
                     lora_dropout: float = 0.0, use_rslora: bool = False, quant_type: str = "nf4",
                     double_quant: bool = True, compute_dtype: torch.dtype = torch.bfloat16,
-                    blocksize: int = 64) -> "QLoRALinear":
-        """Quantize `linear`'s weight (bnb format) and add a LoRA branch."""
+                    blocksize: int = 64, quant_storage: torch.dtype = torch.uint8) -> "QLoRALinear":
+        """Quantize `linear`'s weight (bnb format) and add a LoRA branch.
+
+        `quant_storage` (e.g. torch.bfloat16) views the packed bytes as that dtype, so that FSDP
+        can shard them together with bf16 parameters.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        q = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant)
+        q = quantize_4bit(linear.weight.detach(), quant_type, blocksize, double_quant, quant_storage)
         return cls(q, linear.bias, r, lora_alpha, lora_dropout, use_rslora, compute_dtype)
 
     @classmethod

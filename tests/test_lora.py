@@ -156,6 +156,19 @@ def test_qlora_merge_is_lossy_measured_and_unmerge_exact(gen):
     torch.testing.assert_close(m(x), y)
 
 
+def test_qlora_quant_storage_bf16_for_fsdp(gen):
+    lin = torch.nn.Linear(64, 16)
+    m = QLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32, quant_storage=torch.bfloat16)
+    ref = QLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32)
+    assert m.weight.dtype == torch.bfloat16 and m.weight.shape == (256, 1)
+    with torch.no_grad():
+        torch.nn.init.normal_(m.lora_B.weight)
+        ref.lora_A.weight.copy_(m.lora_A.weight)
+        ref.lora_B.weight.copy_(m.lora_B.weight)
+    x = torch.randn(3, 64, generator=gen)
+    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)  # same bytes, other storage dtype
+
+
 def test_qlora_state_dict_round_trip_and_shape_check(gen):
     m = QLoRALinear.from_linear(torch.nn.Linear(64, 16), r=4, quant_type="fp4", compute_dtype=torch.float32)
     torch.nn.init.normal_(m.lora_B.weight)

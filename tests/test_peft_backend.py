@@ -145,14 +145,17 @@ def test_enable_refuses_a_model_that_is_not_a_peft_model():
         pk.enable(_llama())
 
 
-def test_compile_of_enabled_model_has_no_graph_break():
-    model = _peft_llama()
+def _assert_compiles_fullgraph(model):
     pk.enable(model)
     ids = _tokens()
     want = model(input_ids=ids).logits
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_of_enabled_model_has_no_graph_break():
+    _assert_compiles_fullgraph(_peft_llama())
 
 
 # ---- peftkern.inject ------------------------------------------------------------------------------
@@ -273,10 +276,4 @@ def test_from_bnb_undoes_bnb_cpu_repacking(llama_4bit_dir):
 
 def test_compile_fullgraph_of_enabled_4bit_model(llama_4bit_dir):
     """torch.compile breaks on bnb 4-bit layers today; through peftkern it traces in one graph."""
-    model = _load_4bit(llama_4bit_dir)
-    pk.enable(model)
-    ids = _tokens()
-    want = model(input_ids=ids).logits
-    torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    _assert_compiles_fullgraph(_load_4bit(llama_4bit_dir))
