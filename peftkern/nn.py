@@ -105,7 +105,47 @@ class LoRALinear(_LoRAMixin, nn.Module):
             self.merged = False
 
 
-class QLoRALinear(_LoRAMixin, nn.Module):
+class Quantized4bitBase:
+    """A frozen 4-bit base weight held as buffers (so .to()/.cuda() move it) and saved under the
+    keys of a bnb `Linear4bit` checkpoint. Shared by QLoRALinear and QAdaLoRALinear."""
+
+    def _set_qweight(self, q: QuantizedWeight) -> None:
+        # Buffers so .to()/.cuda() move them; only "weight" is in the state dict directly, the rest
+        # is written under bnb's "weight.*" keys by _save_to_state_dict.
+        self.register_buffer("weight", q.data)
+        for name in _QUANT_BUFFERS:
+            self.register_buffer(f"weight_{name}", getattr(q, name), persistent=False)
+        self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
+
+    @property
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(data=self.weight, shape=torch.Size((self.out_features, self.in_features)),
+                               dtype=self.weight_dtype, blocksize=self.blocksize,
+                               quant_type=self.quant_type,
+                               **{n: getattr(self, f"weight_{n}") for n in _QUANT_BUFFERS})
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for k, v in self.qweight.state_dict(prefix + "weight").items():
+            destination[k] = v if keep_vars else v.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        mine = {k: v for k, v in state_dict.items()
+                if k == prefix + "weight" or k.startswith(prefix + "weight.")}
+        if prefix + "weight" in mine:
+            q = QuantizedWeight.from_state_dict(mine, prefix + "weight", device=self.weight.device)
+            if tuple(q.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"{prefix}weight: checkpoint shape {tuple(q.shape)} does not match "
+                                  f"this layer's ({self.out_features}, {self.in_features})")
+                return
+            self._set_qweight(q)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        unexpected_keys[:] = [k for k in unexpected_keys if k not in mine]  # consumed above
+
+
+class QLoRALinear(Quantized4bitBase, _LoRAMixin, nn.Module):
     """LoRA over a frozen 4-bit (NF4/FP4, bitsandbytes format) base weight.
 
     The input is cast to `compute_dtype` and the output back to the input's dtype, as
@@ -128,21 +168,6 @@ class QLoRALinear(_LoRAMixin, nn.Module):
         self.bias = bias
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, qweight.device, compute_dtype)
         self._unmerged_qweight = None
-
-    def _set_qweight(self, q: QuantizedWeight) -> None:
-        # Buffers so .to()/.cuda() move them; only "weight" is in the state dict directly, the rest
-        # is written under bnb's "weight.*" keys by _save_to_state_dict.
-        self.register_buffer("weight", q.data)
-        for name in _QUANT_BUFFERS:
-            self.register_buffer(f"weight_{name}", getattr(q, name), persistent=False)
-        self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
-
-    @property
-    def qweight(self) -> QuantizedWeight:
-        return QuantizedWeight(data=self.weight, shape=torch.Size((self.out_features, self.in_features)),
-                               dtype=self.weight_dtype, blocksize=self.blocksize,
-                               quant_type=self.quant_type,
-                               **{n: getattr(self, f"weight_{n}") for n in _QUANT_BUFFERS})
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16,
@@ -203,25 +228,3 @@ class QLoRALinear(_LoRAMixin, nn.Module):
             self._set_qweight(self._unmerged_qweight.to(self.weight.device))
             self._unmerged_qweight = None
             self.merged = False
-
-    # ---- state dict: the 4-bit weight under bnb Linear4bit's keys --------------------------------
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for k, v in self.qweight.state_dict(prefix + "weight").items():
-            destination[k] = v if keep_vars else v.detach()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        mine = {k: v for k, v in state_dict.items()
-                if k == prefix + "weight" or k.startswith(prefix + "weight.")}
-        if prefix + "weight" in mine:
-            q = QuantizedWeight.from_state_dict(mine, prefix + "weight", device=self.weight.device)
-            if tuple(q.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"{prefix}weight: checkpoint shape {tuple(q.shape)} does not match "
-                                  f"this layer's ({self.out_features}, {self.in_features})")
-                return
-            self._set_qweight(q)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        unexpected_keys[:] = [k for k in unexpected_keys if k not in mine]  # consumed above

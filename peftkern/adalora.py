@@ -1,0 +1,242 @@
+"""AdaLoRA: SVD-form LoRA layers and a rank allocator that runs itself.
+
+`AdaLoRALinear` / `QAdaLoRALinear` compute `y = base(x) + drop(x)·(A⊙E)ᵀ·Bᵀ·s/(ranknum+1e-5)` through
+the fused (Q)LoRA ops, with PEFT's parameter names (`lora_A [r,K]`, `lora_E [r,1]`, `lora_B [N,r]`,
+`ranknum`). `RankAllocator` is PEFT's allocator (sensitivity EMA, cubic budget, global threshold);
+`attach(optimizer)` runs it after every optimizer step, so plain loops and HF Trainer need no call.
+
+Masked ranks: in training every rank is computed, because PEFT gives masked singular values a
+gradient (E=0 but dL/dE≠0), the optimizer moves them, and that feeds the next importance scores;
+skipping them would change which ranks PEFT keeps. Without grad (eval, inference) only the active
+ranks are computed, and `compact()` shrinks a finished model to its kept ranks.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import ops, reference
+from .format import QuantizedWeight, quantize_4bit
+from .nn import Quantized4bitBase
+from .validation import FLOAT_DTYPES, check_choice
+
+
+class _SVDMixin:
+    def _init_svd(self, r, lora_alpha, lora_dropout, device, dtype):
+        N, K = self.out_features, self.in_features
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(N, K):
+            raise ValueError(f"r must be an int in [1, min(out_features, in_features)={min(N, K)}], "
+                             f"got {r!r}")
+        if not 0.0 <= float(lora_dropout) < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.scaling = reference.adalora_scaling(lora_alpha, r)
+        kw = dict(device=device, dtype=dtype)
+        # PEFT's init: E zeros, A and B normal(0, 0.02)
+        self.lora_A = nn.Parameter(torch.randn(r, K, **kw) * 0.02)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))
+        self.lora_B = nn.Parameter(torch.randn(N, r, **kw) * 0.02)
+        self.ranknum = nn.Parameter(torch.full((1,), float(r), **kw), requires_grad=False)
+        self._ranknum = float(r)  # constant; kept as a float to avoid a device read per forward
+
+    def _factors(self, dtype):
+        """`(A⊙E, B, scaling)` for the fused op: every rank in training, active ranks otherwise."""
+        A, B = self.lora_A * self.lora_E, self.lora_B
+        if not (self.training and torch.is_grad_enabled()):
+            keep = self.lora_E.reshape(-1) != 0
+            if not bool(keep.all()):
+                A, B = A[keep], B[:, keep]
+        return A.to(dtype), B.to(dtype), self.scaling / (self._ranknum + 1e-5)
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout if self.training else 0.0
+
+    @torch.no_grad()
+    def _keep_ranks(self, keep: torch.Tensor) -> None:
+        """Shrink to the ranks in `keep` (bool [r]); the scaling (ranknum) is unchanged."""
+        self.lora_A = nn.Parameter(self.lora_A[keep].clone())
+        self.lora_E = nn.Parameter(self.lora_E[keep].clone())
+        self.lora_B = nn.Parameter(self.lora_B[:, keep].clone())
+        self.r = int(keep.sum())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"active={int((self.lora_E != 0).sum())}, lora_alpha={self.lora_alpha}")
+
+
+class AdaLoRALinear(_SVDMixin, nn.Module):
+    """AdaLoRA over a frozen dense `nn.Linear` weight (shared, not copied)."""
+
+    def __init__(self, linear: nn.Linear, r: int = 12, lora_alpha: float = 0,
+                 lora_dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+        self._init_svd(r, lora_alpha, lora_dropout, linear.weight.device, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B, s = self._factors(x.dtype)
+        if A.shape[0] == 0:  # every rank pruned
+            return nn.functional.linear(x, self.weight, self.bias)
+        return ops.lora_linear(x, self.weight, self.bias, A, B, s, self._dropout_p())
+
+
+class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, nn.Module):
+    """AdaLoRA over a frozen 4-bit (bnb-format) weight, computed in `compute_dtype`."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None, r: int = 12,
+                 lora_alpha: float = 0, lora_dropout: float = 0.0,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
+        check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = compute_dtype
+        self._set_qweight(qweight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype),
+                                                          requires_grad=False)
+        self._init_svd(r, lora_alpha, lora_dropout, qweight.device, compute_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 12, lora_alpha: float = 0,
+                    lora_dropout: float = 0.0, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.bfloat16) -> "QAdaLoRALinear":
+        q = quantize_4bit(linear.weight.detach(), quant_type, 64, double_quant)
+        return cls(q, linear.bias, r, lora_alpha, lora_dropout, compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype)
+        A, B, s = self._factors(self.compute_dtype)
+        if A.shape[0] == 0:
+            w = self.qweight.dequantize(self.compute_dtype)
+            return nn.functional.linear(xc, w, self.bias).to(x.dtype)
+        return ops.qlora_linear(xc, self.qweight, self.bias, A, B, s, self._dropout_p()).to(x.dtype)
+
+
+_SVD_TYPES = (AdaLoRALinear, QAdaLoRALinear)
+
+
+class RankAllocator:
+    """PEFT's AdaLoRA rank allocator over the `AdaLoRALinear`/`QAdaLoRALinear` layers of `model`.
+
+    Call `update_and_allocate(step)` after each optimizer step, or `attach(optimizer)` once.
+    """
+
+    def __init__(self, model: nn.Module, init_r: int, target_r: int, total_step: int, tinit: int = 0,
+                 tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
+                 orth_reg_weight: float = 0.5):
+        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, _SVD_TYPES)}
+        if not self.layers:
+            raise ValueError("model has no AdaLoRA layers (AdaLoRALinear / QAdaLoRALinear)")
+        if not 0 <= target_r <= init_r:
+            raise ValueError(f"target_r must be in [0, init_r={init_r}], got {target_r}")
+        if total_step <= tinit + tfinal:
+            raise ValueError(f"total_step ({total_step}) must be greater than tinit + tfinal "
+                             f"({tinit} + {tfinal}): the budget schedule needs at least one step")
+        if deltaT < 1 or not (0 <= beta1 < 1 and 0 <= beta2 < 1) or orth_reg_weight < 0:
+            raise ValueError("deltaT must be >= 1, beta1/beta2 in [0, 1), orth_reg_weight >= 0")
+        self.init_r, self.target_r, self.total_step = init_r, target_r, total_step
+        self.tinit, self.tfinal, self.deltaT = tinit, tfinal, deltaT
+        self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
+        self.init_bgt = sum(m.lora_A.shape[0] for m in self.layers.values())
+        self.target_bgt = target_r * len(self.layers)
+        self._pattern = None
+        self._step = 0
+        self.reset_ipt()
+
+    def reset_ipt(self) -> None:
+        self.ema = {}  # id(param) -> (exp_avg_ipt, exp_avg_unc)
+
+    def _params(self, m):
+        return (m.lora_A, m.lora_E, m.lora_B)
+
+    @torch.no_grad()
+    def update_ipt(self) -> None:
+        for m in self.layers.values():
+            for p in self._params(m):
+                if p.grad is None:
+                    continue
+                prev = self.ema.get(id(p)) or (torch.zeros_like(p), torch.zeros_like(p))
+                self.ema[id(p)] = reference.adalora_update_ipt(p, p.grad, *prev, self.beta1, self.beta2)
+
+    def _scores(self) -> dict:
+        out = {}
+        for n, m in self.layers.items():
+            s = [self.ema[id(p)][0] * self.ema[id(p)][1] if id(p) in self.ema else torch.zeros_like(p)
+                 for p in self._params(m)]
+            out[n] = reference.adalora_triplet_score(*s)
+        return out
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> dict:
+        scores = self._scores()
+        thr = reference.adalora_threshold(torch.cat(list(scores.values())), self.init_bgt, budget)
+        pattern = {}
+        for n, m in self.layers.items():
+            pruned = torch.zeros_like(scores[n], dtype=torch.bool) if thr is None else scores[n] <= thr
+            m.lora_E.masked_fill_(pruned.view(-1, 1), 0.0)
+            pattern[n] = (~pruned).tolist()
+        self._pattern = pattern
+        return pattern
+
+    @torch.no_grad()
+    def _mask_with_pattern(self) -> None:
+        for n, m in self.layers.items():
+            keep = torch.tensor(self._pattern[n], device=m.lora_E.device)
+            m.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+
+    def budget(self, step: int):
+        return reference.adalora_budget(step, self.init_bgt, self.target_bgt, self.tinit,
+                                        self.tfinal, self.total_step, self.deltaT)
+
+    def update_and_allocate(self, step: int):
+        """PEFT's step logic: update sensitivities, then mask to the scheduled budget.
+
+        Returns the current budget. After `total_step - tfinal` the final mask is frozen.
+        """
+        final = self.total_step - self.tfinal
+        budget, mask_now = self.budget(step)
+        if step < final:
+            self.update_ipt()
+            if mask_now:
+                self.mask_to_budget(budget)
+        elif step == final:
+            self.mask_to_budget(budget)
+            self.reset_ipt()
+        elif self._pattern is not None:
+            self._mask_with_pattern()
+        return budget
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Run `update_and_allocate` after every `optimizer.step()`, counting steps from 0."""
+        def hook(opt, args, kwargs):
+            self.update_and_allocate(self._step)
+            self._step += 1
+        return optimizer.register_step_post_hook(hook)
+
+    def rank_pattern(self) -> dict:
+        """`{layer name: [kept?] * r}` from the latest mask (all True before the first mask)."""
+        if self._pattern is None:
+            return {n: [True] * m.lora_E.shape[0] for n, m in self.layers.items()}
+        return dict(self._pattern)
+
+    def orth_reg(self) -> torch.Tensor:
+        """PEFT's orthogonal regularizer (add it to the loss), already weighted."""
+        return reference.adalora_orth_reg([(m.lora_A, m.lora_B) for m in self.layers.values()],
+                                          self.orth_reg_weight)
+
+    def compact(self) -> dict:
+        """Resize every layer to its kept ranks (same outputs, fewer parameters); returns ranks."""
+        for n, m in self.layers.items():
+            m._keep_ranks(m.lora_E.reshape(-1) != 0)
+        self.reset_ipt()
+        self._pattern = None
+        return {n: m.r for n, m in self.layers.items()}
