@@ -175,3 +175,23 @@ def test_bad_allocator_arguments():
         RankAllocator(ours, init_r=6, target_r=2, total_step=10, tinit=5, tfinal=5)
     with pytest.raises(ValueError, match="no AdaLoRA layers"):
         RankAllocator(torch.nn.Linear(3, 3), init_r=6, target_r=2, total_step=10)
+
+
+def test_peft_backend_covers_peft_adalora_models(gen):
+    """enable() switches PEFT's SVDLinear layers in place: same outputs, grads and allocator."""
+    import peftkern.integrations.peft as pk
+    theirs, _, _ = _twin_models(tinit=1, tfinal=2, total_step=10)
+    with torch.no_grad():
+        for n, p in theirs.named_parameters():
+            if "lora_E" in n:
+                p.normal_(generator=gen)
+    ref = copy.deepcopy(theirs)
+    assert pk.enable(theirs) == 2
+    x = torch.randn(5, 16, generator=gen)
+    for model in (theirs, ref):
+        model(x).square().sum().backward()
+    torch.testing.assert_close(theirs(x), ref(x), rtol=1e-5, atol=1e-6)
+    for (n, p), (_, q) in zip(theirs.named_parameters(), ref.named_parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    theirs.base_model.update_and_allocate(3)  # PEFT's own allocator still works on the same params

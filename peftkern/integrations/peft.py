@@ -1,8 +1,8 @@
 """Hugging Face PEFT backend: PEFT's LoRA layers compute through peftkern's fused ops.
 
 Two routes, same math:
-- `enable(model)` switches the LoRA layers of an existing `PeftModel` (over `nn.Linear` and
-  `bnb.nn.Linear4bit`) in place: modules, parameters, names and checkpoints stay PEFT's;
+- `enable(model)` switches the LoRA layers, and AdaLoRA's SVD layers, of an existing `PeftModel`
+  (over `nn.Linear` and `bnb.nn.Linear4bit`) in place: modules, parameters, names and checkpoints stay PEFT's;
   `disable(model)` undoes it. Use it for models you already have (loaded adapters, QLoRA models).
 - `custom_modules()` is a mapping for `LoraConfig._register_custom_module`, so that
   `get_peft_model` builds peftkern-backed layers directly. PEFT marks that hook experimental.
@@ -63,7 +63,7 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, **kwargs) -> torc
     name = next(a for a in layer.active_adapters if a in layer.lora_A)
     drop = layer.lora_dropout[name]
     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    A, B, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    A, B, s = _low_rank_factors(layer, name)
     base = layer.get_base_layer()
     if type(base) is nn.Linear:
         if x.dtype != base.weight.dtype:  # PEFT would fail or autocast here: let it decide
@@ -76,8 +76,21 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, **kwargs) -> torc
     return ops.qlora_linear(x.to(cd), q, bias, A.to(cd), B.to(cd), s, p).to(x.dtype)
 
 
+def _low_rank_factors(layer, name):
+    """`(A, B, scaling)` with `y += s·(x·Aᵀ)·Bᵀ`: LoRA's weights, or AdaLoRA's `A⊙E` and
+    `s / (ranknum + 1e-5)` (PEFT's SVDLinear)."""
+    if hasattr(layer, "lora_E"):
+        ranknum = float(layer.ranknum[name])
+        return (layer.lora_A[name] * layer.lora_E[name], layer.lora_B[name],
+                layer.scaling[name] / (ranknum + 1e-5))
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+
+
 def _is_lora_layer(m) -> bool:
-    return isinstance(m, lora_layer.LoraLayer) and isinstance(m, nn.Module) and hasattr(m, "lora_A")
+    # PEFT's LoRA layers and AdaLoRA's SVD layers (which AdaLoRA's custom-module hook ignores)
+    from peft.tuners.adalora.layer import AdaLoraLayer
+    return (isinstance(m, (lora_layer.LoraLayer, AdaLoraLayer)) and isinstance(m, nn.Module)
+            and hasattr(m, "lora_A"))
 
 
 def _check_peft_model(model) -> None:
