@@ -154,25 +154,30 @@ class RankAllocator:
 
     def reset_ipt(self) -> None:
         self.ema = {}  # id(param) -> (exp_avg_ipt, exp_avg_unc)
+        self.rank_scores = {}  # id(param) -> fp32 per-rank mean element score
 
     def _params(self, m):
-        return (m.lora_A, m.lora_E, m.lora_B)
+        return ((m.lora_A, 0), (m.lora_E, 0), (m.lora_B, 1))  # (parameter, its rank dimension)
 
     @torch.no_grad()
     def update_ipt(self) -> None:
+        """One fused pass per parameter: EMAs updated in place, per-rank scores produced."""
         for m in self.layers.values():
-            for p in self._params(m):
+            for p, rank_dim in self._params(m):
                 if p.grad is None:
                     continue
-                prev = self.ema.get(id(p)) or (torch.zeros_like(p), torch.zeros_like(p))
-                self.ema[id(p)] = reference.adalora_update_ipt(p, p.grad, *prev, self.beta1, self.beta2)
+                if id(p) not in self.ema:
+                    self.ema[id(p)] = (torch.zeros_like(p), torch.zeros_like(p))
+                self.rank_scores[id(p)] = ops.adalora_update_ipt(
+                    p, p.grad, *self.ema[id(p)], self.beta1, self.beta2, rank_dim)
 
     def _scores(self) -> dict:
+        """Triplet score per rank: score_E[i] + mean(score_A[i, :]) + mean(score_B[:, i])."""
         out = {}
         for n, m in self.layers.items():
-            s = [self.ema[id(p)][0] * self.ema[id(p)][1] if id(p) in self.ema else torch.zeros_like(p)
-                 for p in self._params(m)]
-            out[n] = reference.adalora_triplet_score(*s)
+            r = m.lora_E.shape[0]
+            out[n] = sum(self.rank_scores.get(id(p), torch.zeros(r, device=p.device))
+                         for p, _ in self._params(m))
         return out
 
     @torch.no_grad()
@@ -230,8 +235,8 @@ class RankAllocator:
 
     def orth_reg(self) -> torch.Tensor:
         """PEFT's orthogonal regularizer (add it to the loss), already weighted."""
-        return reference.adalora_orth_reg([(m.lora_A, m.lora_B) for m in self.layers.values()],
-                                          self.orth_reg_weight)
+        return ops.adalora_orth_reg([(m.lora_A, m.lora_B) for m in self.layers.values()],
+                                    self.orth_reg_weight)
 
     def compact(self) -> dict:
         """Resize every layer to its kept ranks (same outputs, fewer parameters); returns ranks."""

@@ -195,3 +195,30 @@ def test_peft_backend_covers_peft_adalora_models(gen):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
     theirs.base_model.update_and_allocate(3)  # PEFT's own allocator still works on the same params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape, rank_dim", [((12, 70), 0), ((12, 1), 0), ((33, 12), 1), ((1, 1), 0)])
+def test_fused_sensitivity_update_matches_reference(backend, shape, rank_dim, gen):
+    p, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    ipt, unc = torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+    want_ipt, want_unc = R.adalora_update_ipt(p.double(), g.double(), ipt.double(), unc.double(), 0.85, 0.7)
+    want = (want_ipt * want_unc).mean(dim=1 - rank_dim)  # per-rank mean of the element score
+    with ops.use_backend(backend):
+        score = ops.adalora_update_ipt(p, g, ipt, unc, 0.85, 0.7, rank_dim)
+    torch.testing.assert_close(ipt.double(), want_ipt, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(unc.double(), want_unc, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(score.double(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_orth_reg_value_and_gradient(gen):
+    pairs = [(torch.randn(4, 9, generator=gen, dtype=torch.float64, requires_grad=True),
+              torch.randn(7, 4, generator=gen, dtype=torch.float64, requires_grad=True)) for _ in range(2)]
+    got = ops.adalora_orth_reg(pairs, 0.5)
+    want = R.adalora_orth_reg(pairs, 0.5)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(got, [t for ab in pairs for t in ab])
+    want_grads = torch.autograd.grad(want, [t for ab in pairs for t in ab])
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda A, B: ops.adalora_orth_reg([(A, B)]), pairs[0])

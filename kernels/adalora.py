@@ -1,0 +1,55 @@
+"""Triton kernel: AdaLoRA's sensitivity update, fused, one pass per parameter tensor.
+
+For a parameter `p` (lora_A [r, K], lora_E [r, 1] or lora_B [N, r]) and its gradient, in place:
+    ipt = |p · grad|;  exp_avg_ipt = b1·exp_avg_ipt + (1−b1)·ipt
+    exp_avg_unc = b2·exp_avg_unc + (1−b2)·|ipt − exp_avg_ipt|
+and returns the per-rank mean of the element score `exp_avg_ipt · exp_avg_unc` (over K for A,
+over N for B), so the triplet score needs no temporaries the size of the parameter.
+One program owns one rank and reduces over the other dimension: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant_4bit import _empty
+
+
+@triton.jit
+def _ipt_kernel(p_ptr, g_ptr, ipt_ptr, unc_ptr, score_ptr, L, stride_rank, stride_elem, beta1, beta2,
+                BLOCK: tl.constexpr):
+    rank = tl.program_id(0)
+    base = rank.to(tl.int64) * stride_rank
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, L, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        live = offs < L
+        idx = base + offs.to(tl.int64) * stride_elem
+        p = tl.load(p_ptr + idx, mask=live, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + idx, mask=live, other=0.0).to(tl.float32)
+        ema = tl.load(ipt_ptr + idx, mask=live, other=0.0).to(tl.float32)
+        unc = tl.load(unc_ptr + idx, mask=live, other=0.0).to(tl.float32)
+        ipt = tl.abs(p * g)
+        ema = beta1 * ema + (1 - beta1) * ipt
+        unc = beta2 * unc + (1 - beta2) * tl.abs(ipt - ema)
+        tl.store(ipt_ptr + idx, ema.to(ipt_ptr.dtype.element_ty), mask=live)
+        tl.store(unc_ptr + idx, unc.to(unc_ptr.dtype.element_ty), mask=live)
+        total += tl.where(live, ema * unc, 0.0)
+    tl.store(score_ptr + rank, tl.sum(total, axis=0) / L)
+
+
+def update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1: float, beta2: float, rank_dim: int,
+               block: int = 1024):
+    """Update the two EMAs in place; return the fp32 per-rank mean score `[r]`.
+
+    `rank_dim` is the dimension of `p` that indexes ranks (0 for lora_A/lora_E, 1 for lora_B).
+    All four tensors share one shape and strides.
+    """
+    r, L = p.shape[rank_dim], p.numel() // p.shape[rank_dim]
+    score = _empty(r, torch.float32, p.device)
+    other = 1 - rank_dim if p.dim() == 2 else 0
+    stride_elem = p.stride(other) if p.dim() == 2 else 1
+    _ipt_kernel[(r,)](p, grad, exp_avg_ipt, exp_avg_unc, score, L, p.stride(rank_dim), stride_elem,
+                      float(beta1), float(beta2), BLOCK=block)
+    return score
