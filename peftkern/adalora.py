@@ -20,7 +20,6 @@ from torch import nn
 from . import ops, reference
 from .format import QuantizedWeight, quantize_4bit
 from .nn import Quantized4bitBase
-from .validation import FLOAT_DTYPES, check_choice
 
 
 class _SVDMixin:
@@ -95,14 +94,7 @@ class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, nn.Module):
                  lora_alpha: float = 0, lora_dropout: float = 0.0,
                  compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        if not isinstance(qweight, QuantizedWeight):
-            raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
-        check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
-        self.out_features, self.in_features = qweight.shape
-        self.compute_dtype = compute_dtype
-        self._set_qweight(qweight)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype),
-                                                          requires_grad=False)
+        self._init_base(qweight, bias, compute_dtype)
         self._init_svd(r, lora_alpha, lora_dropout, qweight.device, compute_dtype)
 
     @classmethod

@@ -109,6 +109,18 @@ class Quantized4bitBase:
     """A frozen 4-bit base weight held as buffers (so .to()/.cuda() move it) and saved under the
     keys of a bnb `Linear4bit` checkpoint. Shared by QLoRALinear and QAdaLoRALinear."""
 
+    def _init_base(self, qweight, bias, compute_dtype) -> None:
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
+        check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype = compute_dtype
+        self._set_qweight(qweight)
+        if bias is not None:
+            check_tensor("bias", bias, ndim=1)
+            bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.bias = bias
+
     def _set_qweight(self, q: QuantizedWeight) -> None:
         # Buffers so .to()/.cuda() move them; only "weight" is in the state dict directly, the rest
         # is written under bnb's "weight.*" keys by _save_to_state_dict.
@@ -156,16 +168,7 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, nn.Module):
                  lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
                  compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
-        if not isinstance(qweight, QuantizedWeight):
-            raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
-        check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
-        self.out_features, self.in_features = qweight.shape
-        self.compute_dtype = compute_dtype
-        self._set_qweight(qweight)
-        if bias is not None:
-            check_tensor("bias", bias, ndim=1)
-            bias = nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
-        self.bias = bias
+        self._init_base(qweight, bias, compute_dtype)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, qweight.device, compute_dtype)
         self._unmerged_qweight = None
 
