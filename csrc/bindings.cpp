@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/qlora_gemv.h"
 #include "cpu/quant_4bit.h"
 #include "peftkern/codes.h"
 #ifdef PEFTKERN_WITH_CUDA
@@ -145,6 +146,48 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
 }
 #endif
 
+// y [M, N] = x·deq(W)ᵀ + bias + s·xa·Bᵀ for fp32 x [M <= 16, K] (CPU; see csrc/cpu/qlora_gemv.cpp).
+at::Tensor qlora_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                          const std::optional<at::Tensor>& absmax2,
+                          const std::optional<at::Tensor>& code8,
+                          const std::optional<at::Tensor>& offset, int64_t quant_type,
+                          int64_t blocksize, int64_t out_features,
+                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& xa,
+                          const std::optional<at::Tensor>& lora_B, double scaling,
+                          int64_t simd_level) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
+                  x.is_contiguous(), "peftkern_C: x must be a contiguous fp32 CPU matrix");
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  TORCH_CHECK(M <= peftkern::cpu::kMaxGemvRows, "peftkern_C: qlora_gemv takes at most ",
+              peftkern::cpu::kMaxGemvRows, " rows, got ", M);
+  TORCH_CHECK(K % blocksize == 0, "peftkern_C: in_features (", K, ") must be a multiple of blocksize (",
+              blocksize, ")");
+  const bool nested = check_dequant_args(packed, absmax, absmax2, code8, offset, quant_type,
+                                         blocksize, N * K, at::kFloat);
+  const at::Device dev = x.device();
+  if (bias) check_tensor(*bias, "bias", at::kFloat, N, dev);
+  TORCH_CHECK(xa.has_value() == lora_B.has_value(), "peftkern_C: xa and lora_B come together");
+  const int64_t R = xa ? xa->size(1) : 0;
+  if (xa) {
+    check_tensor(*xa, "xa", at::kFloat, M * R, dev);
+    check_tensor(*lora_B, "lora_B", at::kFloat, N * R, dev);
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  peftkern::cpu::GemvArgs a{x.const_data_ptr<float>(), M, K, N, packed.const_data_ptr<uint8_t>(),
+                            nested ? nullptr : absmax.const_data_ptr<float>(),
+                            nested ? absmax.const_data_ptr<uint8_t>() : nullptr,
+                            nested ? absmax2->const_data_ptr<float>() : nullptr,
+                            nested ? code8->const_data_ptr<float>() : nullptr,
+                            nested ? *offset->const_data_ptr<float>() : 0.0f, (int)quant_type,
+                            blocksize, bias ? bias->const_data_ptr<float>() : nullptr,
+                            xa ? xa->const_data_ptr<float>() : nullptr,
+                            lora_B ? lora_B->const_data_ptr<float>() : nullptr, R, (float)scaling,
+                            y.mutable_data_ptr<float>()};
+  peftkern::cpu::qlora_gemv(a, (int)simd_level);
+  return y;
+}
+
 at::Tensor code_table(int64_t quant_type) {
   TORCH_CHECK(quant_type == peftkern::kNF4 || quant_type == peftkern::kFP4,
               "peftkern_C: quant_type must be 0 (nf4) or 1 (fp4), got ", quant_type);
@@ -161,11 +204,15 @@ TORCH_LIBRARY(peftkern_C, m) {
   m.def("dequantize_4bit(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, "
         "Tensor? offset, int quant_type, int blocksize, int numel, ScalarType dtype) -> Tensor");
   m.def("code_table(int quant_type) -> Tensor");
+  m.def("qlora_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, "
+        "Tensor? offset, int quant_type, int blocksize, int out_features, Tensor? bias, Tensor? xa, "
+        "Tensor? lora_B, float scaling, int simd_level=2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(peftkern_C, CPU, m) {
   m.impl("quantize_4bit", &quantize_4bit_cpu);
   m.impl("dequantize_4bit", &dequantize_4bit_cpu);
+  m.impl("qlora_gemv", &qlora_gemv_cpu);
 }
 
 // code_table takes no tensor, so no backend key can be computed from its arguments: register it

@@ -299,3 +299,46 @@ def test_any_k_tiles_no_restriction(gen):
             want = R.lora_linear(x.double(), peftkern.dequantize_4bit(q, torch.float32).double(), None,
                                  A.double(), B.double(), 1.0)
             assert_error_rule(f"K={K}", y, want, R.lora_linear(x, peftkern.dequantize_4bit(q), None, A, B, 1.0))
+
+
+# ---- the C++ CPU decode GEMV (csrc/cpu/qlora_gemv.cpp) ----------------------------------------------
+
+HAS_CPP = "cpp" in ops.available(torch.device("cpu"))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("simd", [2, 1, 0], ids=["best", "avx2", "scalar"])
+@pytest.mark.parametrize("M, N, K, blocksize, qt, dq, bias", [
+    (1, 33, 64, 64, "nf4", True, True), (7, 45, 256, 32, "fp4", False, False),
+    (16, 70, 1024, 64, "nf4", True, True), (9, 5, 128, 128, "fp4", True, False),
+    (0, 8, 64, 64, "nf4", False, True), (12, 17, 4096, 4096, "nf4", False, True)])
+def test_cpu_decode_gemv_follows_error_rule(simd, M, N, K, blocksize, qt, dq, bias, gen):
+    W = torch.randn(N, K, generator=gen) / K ** 0.5
+    q = peftkern.quantize_4bit(W, qt, blocksize, dq)
+    x = torch.randn(M, K, generator=gen)
+    b = torch.randn(N, generator=gen) if bias else None
+    A, B = torch.randn(8, K, generator=gen) / K ** 0.5, torch.randn(N, 8, generator=gen) / 8 ** 0.5
+    Wd = q.dequantize(torch.float32)
+    want = R.lora_linear(x.double(), Wd.double(), None if b is None else b.double(), A.double(), B.double(), 0.5)
+    base = R.lora_linear(x, Wd, b, A, B, 0.5)
+    got = ops.backends.EXT.qlora_gemv(x, q.data.view(-1), q.absmax, q.absmax2, q.code8,
+                                      None if q.offset is None else q.offset.reshape(1),
+                                      0 if qt == "nf4" else 1, blocksize, N, b, x @ A.t(), B, 0.5, simd)
+    assert_error_rule("y", got, want, base)
+    if simd == 2:  # and through the public op, which dispatches here for fp32, M <= 16
+        with ops.use_backend("cpp"):
+            assert_error_rule("qlora_linear", ops.qlora_linear(x, q, b, A, B, 0.5), want, base)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_cpu_gemv_dispatch_falls_back_outside_its_range(gen):
+    """M > 16, fp16 x, or blocks spanning rows: plain torch, still correct."""
+    for M, K, dtype in [(17, 64, torch.float32), (3, 64, torch.float16), (3, 96, torch.float32)]:
+        q = peftkern.quantize_4bit(torch.randn(9, K, generator=gen), "nf4", 64)
+        x = torch.randn(M, K, generator=gen).to(dtype)
+        A, B = torch.randn(2, K, generator=gen).to(dtype), torch.randn(9, 2, generator=gen).to(dtype)
+        Wd = q.dequantize(torch.float32)
+        with ops.use_backend("cpp"):
+            y = ops.qlora_linear(x, q, None, A, B, 1.0)
+        want = R.lora_linear(x.double(), Wd.double(), None, A.double(), B.double(), 1.0)
+        assert_error_rule(f"M={M} K={K} {dtype}", y, want, R.lora_linear(x, Wd.to(dtype), None, A, B, 1.0))

@@ -2,8 +2,9 @@
 
 Forward: `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`. On CUDA (or CPU under TRITON_INTERPRET=1) one
 Triton kernel does the base GEMM with the 4-bit weight decoded in-kernel and the LoRA term in
-the epilogue, after the small `xA` product. Otherwise plain torch in the compute dtype runs
-(dequantizing through the C++ extension when present).
+the epilogue, after the small `xA` product. On CPU, a 4-bit forward with fp32 x, M <= 16 and
+in_features % blocksize == 0 runs the C++ fused GEMV (AVX-512/AVX2); anything else runs plain
+torch in the compute dtype (dequantizing through the C++ extension when present).
 Backward: `dX` by the same fused kernel; `dA = s·(dY·B)ᵀ·drop(x)`, `dB = s·dYᵀ·xA` reuse the saved
 `xA`; the base weight is frozen. The custom ops take 2-D `x`; the public functions reshape.
 """
@@ -16,10 +17,10 @@ import torch.nn.functional as F
 
 from .. import codes
 from ..validation import FLOAT_DTYPES, check_tensor
-from .backends import pick
+from .backends import EXT, pick
 from .quant import dequantize_4bit
 
-_BACKENDS = ("triton", "reference")  # CPU LoRA kernels in C++ are not written yet (issue 6)
+_BACKENDS = ("triton", "reference")  # C++ CPU: only the 4-bit decode-size forward so far
 
 
 def _kernels():
@@ -29,6 +30,10 @@ def _kernels():
 
 def _dropped(x, mask):
     return x if mask is None else x * mask
+
+
+def _cpu_gemv_fits(x, blocksize) -> bool:
+    return x.dtype == torch.float32 and x.shape[0] <= 16 and x.shape[1] % blocksize == 0
 
 
 def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
@@ -74,11 +79,19 @@ def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     xa = _dropped(x, mask) @ lora_A.t()
     K = x.shape[1]
-    if pick(x.device, _BACKENDS) == "triton":
+    backend = pick(x.device, ("triton", "cpp", "reference"))
+    packed = data.reshape(-1).view(torch.uint8)
+    if backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
-        y = _kernels().lora_matmul(x, data.reshape(-1).view(torch.uint8), q, xa, lora_B.t(),
-                                   scaling, None, bias, stride_wq=1, stride_wp=K, P=out_features)
-    else:
+        y = _kernels().lora_matmul(x, packed, q, xa, lora_B.t(), scaling, None, bias,
+                                   stride_wq=1, stride_wp=K, P=out_features)
+    elif backend == "cpp" and _cpu_gemv_fits(x, blocksize):
+        # C++ fused decode GEMV (csrc/cpu/qlora_gemv.cpp): fp32, M <= 16, blocks within rows
+        y = EXT.qlora_gemv(x.contiguous(), packed, absmax, absmax2, code8,
+                           None if offset is None else offset.reshape(1),
+                           codes.QUANT_TYPE_ID[quant_type], blocksize, out_features, bias,
+                           xa.contiguous(), lora_B.contiguous(), float(scaling))
+    else:  # plain torch: dequantize (C++ when built), then matmul
         w = dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
                             [out_features, K], x.dtype)
         y = F.linear(x, w, bias) + scaling * (xa @ lora_B.t())
