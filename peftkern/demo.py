@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     scale = y_ref.abs().max().item()
     err = (y.double() - y_ref).abs().max().item() / scale
     err_torch = (y_torch.double() - y_ref).abs().max().item() / scale
-    print(f"QLoRA layer (backend {ops.backends.pick(dev, ('triton', 'reference'))}) vs float64 "
+    print(f"QLoRA layer (backend {ops.backends.pick(dev, ('triton', 'cpp', 'reference'))}) vs float64 "
           f"reference: max rel err {err:.2e} (plain torch in {dtype}: {err_torch:.2e})")
 
     with torch.no_grad():

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu_features.h"
 #include "peftkern/codes.h"
 #include "qlora_gemv.h"
 
@@ -153,17 +154,7 @@ void gemv_avx512_all(const GemvArgs& a, const Scales& scale) {
     gemv_avx512_tile<kRowTile>(a, scale, m0, std::min<int64_t>(kRowTile, a.M - m0));
 }
 
-bool has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f");
-  return ok;
-}
-
 }  // namespace
-
-bool has_avx2() {
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-}
 
 void qlora_gemv(const GemvArgs& a, int simd_level) {
   const Scales scale{a.absmax, a.absmax_q, a.absmax2, a.code8, a.offset};

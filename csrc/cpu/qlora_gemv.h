@@ -25,7 +25,6 @@ struct GemvArgs {
   float* y;               // [M, N]
 };
 
-bool has_avx2();
 // simd_level: 2 = the best the CPU has (AVX-512, else AVX2), 1 = at most AVX2, 0 = scalar.
 // Lower levels exist so that tests cover every path on any machine.
 void qlora_gemv(const GemvArgs& args, int simd_level);
