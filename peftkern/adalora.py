@@ -20,16 +20,14 @@ from torch import nn
 from . import ops, reference
 from .format import QuantizedWeight, quantize_4bit
 from .nn import Quantized4bitBase
+from .validation import check_probability, check_rank
 
 
 class _SVDMixin:
     def _init_svd(self, r, lora_alpha, lora_dropout, device, dtype):
         N, K = self.out_features, self.in_features
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(N, K):
-            raise ValueError(f"r must be an int in [1, min(out_features, in_features)={min(N, K)}], "
-                             f"got {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        check_rank("r", r, N, K)
+        check_probability("lora_dropout", lora_dropout)
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
         self.scaling = reference.adalora_scaling(lora_alpha, r)
         kw = dict(device=device, dtype=dtype)

@@ -15,7 +15,7 @@ from torch import nn
 from . import ops
 from .format import QuantizedWeight, dequantize_4bit, quantize_4bit
 from .reference import lora_scaling
-from .validation import FLOAT_DTYPES, check_choice, check_tensor
+from .validation import FLOAT_DTYPES, check_choice, check_probability, check_rank, check_tensor
 
 _QUANT_BUFFERS = ("absmax", "absmax2", "code8", "offset")
 
@@ -25,11 +25,8 @@ class _LoRAMixin:
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, device, dtype):
         N, K = self.out_features, self.in_features
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(N, K):
-            raise ValueError(f"r must be an int in [1, min(out_features, in_features)={min(N, K)}], "
-                             f"got {r!r}")
-        if not 0.0 <= float(lora_dropout) < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout}")
+        check_rank("r", r, N, K)
+        check_probability("lora_dropout", lora_dropout)
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.lora_dropout = float(lora_dropout)

@@ -45,3 +45,15 @@ def check_blocksize(name: str, blocksize) -> None:
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) \
             or blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
         raise ValueError(f"{name} must be a power of two in [32, 4096], got {blocksize!r}")
+
+
+def check_rank(name: str, r, out_features: int, in_features: int) -> None:
+    limit = min(out_features, in_features)
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
+        raise ValueError(f"{name} must be an int in [1, min(out_features, in_features)={limit}], "
+                         f"got {r!r}")
+
+
+def check_probability(name: str, p) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1) (a float), got {p!r}")

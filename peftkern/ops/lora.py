@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import codes
-from ..validation import FLOAT_DTYPES, check_tensor
+from ..validation import FLOAT_DTYPES, check_probability, check_tensor
 from .backends import EXT, pick
 from .quant import dequantize_4bit
 
@@ -204,8 +204,7 @@ def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p):
         check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x.device)
         if bias.shape[0] != N:
             raise ValueError(f"bias must have out_features={N} elements, got {bias.shape[0]}")
-    if not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_probability("dropout_p", dropout_p)
 
 
 def _mask(x2, dropout_p, dropout_mask):
