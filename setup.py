@@ -78,7 +78,8 @@ setup(
     extras_require={
         "bnb": ["bitsandbytes>=0.46"],
         "peft": ["peft", "transformers"],
-        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.46", "peft", "transformers"],
+        "bench": ["matplotlib", "bitsandbytes>=0.46", "peft", "transformers"],
+        "test": ["pytest", "pytest-benchmark", "bitsandbytes>=0.46", "peft", "transformers", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

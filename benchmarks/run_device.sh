@@ -8,9 +8,9 @@ OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python -m pip install --quiet triton numpy pybind11 ninja safetensors pytest pytest-benchmark \
-      "bitsandbytes>=0.46" peft transformers
+      "bitsandbytes>=0.46" peft transformers matplotlib
   echo "== build (CUDA extension)"; time python -m pip install --quiet --no-build-isolation -e .
   echo "== GPU tests"; python -m pytest -q -m gpu tests/ 2>&1 | tail -20
   echo "== all tests on the GPU machine"; python -m pytest -q -x tests/ 2>&1 | tail -5
-  echo "== benchmark"; python benchmarks/bench_lora.py --device cuda --out "$OUT/results"
+  echo "== benchmark sweep"; python -m peftkern.bench --device cuda --out "$OUT/results"
 } 2>&1 | tee "$OUT/device_run.log"

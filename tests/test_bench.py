@@ -1,0 +1,89 @@
+"""The benchmark CLI: bad input exits non-zero with a message, and a tiny sweep writes its results."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peftkern.bench import cases, cli, sweep
+
+
+@pytest.fixture(autouse=True)
+def _compiled_paths_and_few_copies(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")   # time the compiled CPU paths, not the interpreter
+    monkeypatch.setattr(sweep.measure, "ROTATE_BYTES", 1 << 20)
+
+
+def _run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "peftkern.bench", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--ops", "gemm9"], "unknown op 'gemm9'"),
+    (["--shapes", "4096by4096"], "expected NxK"),
+    (["--M", "0"], "not a positive integer"),
+    (["--ranks", ","], "empty rank list"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, needle):
+    p = _run_cli(*args)
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu_is_a_clear_error():
+    p = _run_cli("--device", "cuda", "--quick")
+    assert p.returncode == 2 and "no CUDA device" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_plan_replaces_only_the_axes_given():
+    items = sweep.plan(["dequantize", "decode"], "cpu", quick=True, shapes=[(64, 128)], Ms=[3])
+    assert items == [("dequantize", 64, 128, 0, 0), ("decode", 64, 128, 3, 16)]
+
+
+def test_a_failing_baseline_is_reported_not_raised():
+    case = cases.dequantize(64, 128, 0, 0, torch.float32, "cpu")
+
+    def broken():
+        raise RuntimeError("baseline exploded")
+    case.impls.append(cases.Impl("broken", broken))
+    roof = {"memory_GBps": 1.0, "matmul_TFLOPs": 1.0}
+    rows = sweep.run_case(case, roof, 0.01)
+    bad = next(r for r in rows if r["impl"] == "broken")
+    assert "baseline exploded" in bad["error"] and bad["peftkern_speedup"] is None
+    assert next(r for r in rows if r["impl"] == "peftkern")["peftkern_speedup"] == 1.0
+
+
+def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):
+    rc = cli.main(["--ops", "dequantize,decode,qlora_fwd_bwd", "--shapes", "96x128", "--M", "1,3",
+                   "--out", str(tmp_path)])
+    assert rc == 0
+    folder = next(tmp_path.iterdir())
+    data = json.loads((folder / "bench.json").read_text())
+    meta, rows = data["meta"], data["rows"]
+    for key in ("device", "date", "torch", "triton", "peftkern_commit", "roofline", "command"):
+        assert key in meta
+    assert meta["roofline"]["memory_GBps"] > 0 and meta["roofline"]["matmul_TFLOPs"] > 0
+    assert {r["op"] for r in rows} == {"dequantize", "decode", "qlora_fwd_bwd"}
+    assert {(r["op"], r["M"]) for r in rows} >= {("decode", 1), ("decode", 3), ("dequantize", 0)}
+    for r in rows:
+        assert not r.get("error"), r
+        assert r["ms"] > 0 and math.isfinite(r["peftkern_speedup"])
+        if r["impl"] == "peftkern":
+            assert r["peftkern_speedup"] == 1.0
+    md = (folder / "bench.md").read_text()
+    assert "## decode" in md and "peftkern ×" in md
+    assert "== qlora_fwd_bwd" in capsys.readouterr().out
+    if _has_matplotlib():
+        assert (folder / "speedup_vs_M.png").stat().st_size > 0
+        assert (folder / "roofline.png").stat().st_size > 0
+
+
+def _has_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
