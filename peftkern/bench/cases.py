@@ -5,7 +5,8 @@ runs the op once and `bytes` is the memory that copy owns, used to rotate copies
 "peftkern" is the default dispatch; "peftkern[<backend>]" forces another backend; every other
 name is a baseline: "torch-ref" (peftkern's plain-torch reference backend), "peft+bnb" (PEFT LoRA
 over bitsandbytes `Linear4bit`), "dequant+mm" (dequantize into a buffer, matmul, addmm: the
-unsloth pattern), "dense-lora" (PEFT LoRA over a dense `nn.Linear` in the compute dtype), "bnb"
+unsloth pattern), "dense-lora" (PEFT LoRA over a dense `nn.Linear` in the compute dtype; on CPU
+decode also "dense-lora-bf16"), "bnb"
 (bitsandbytes' own dequantize), "peft-adalora" and "peftkern-lora" (the AdaLoRA step's yardsticks).
 """
 from __future__ import annotations
@@ -207,10 +208,17 @@ def _linear_case(op, N, K, M, r, dtype, device, mode, quantized) -> Case:
                 return _call(model, x, mode, N), nbytes
             case.impls.append(Impl("peft+bnb", peft_bnb))
     if has("peft"):
-        case.impls.append(Impl("dense-lora", lambda: (
-            _call(_peft_lora(nn.Sequential(_linear(N, K, dtype, device)), r, ["0"]), x, mode, N),
-            N * K * elt)))
+        case.impls.append(_dense_lora("dense-lora", N, K, r, x, mode))
+        if device == "cpu" and dtype == torch.float32 and op == "decode":
+            # on CPUs bf16 can be torch's faster dense path at decode sizes (half the bytes)
+            case.impls.append(_dense_lora("dense-lora-bf16", N, K, r, x.bfloat16(), mode))
     return case
+
+
+def _dense_lora(name, N, K, r, x, mode) -> Impl:
+    """PEFT LoRA over a dense `nn.Linear` in x's dtype: the speed a 4-bit layer should approach."""
+    return Impl(name, lambda: (_call(_peft_lora(nn.Sequential(_linear(N, K, x.dtype, x.device)), r,
+                                                ["0"]), x, mode, N), N * K * x.element_size()))
 
 
 def qlora_fwd(N, K, M, r, dtype, device):

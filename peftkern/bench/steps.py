@@ -32,15 +32,15 @@ class _Probe(nn.Module):
         return SimpleNamespace(loss=(self.proj(x) * gy).sum())
 
 
-def _zero_grads(module):
-    for p in module.parameters():
+def _zero_grads(module, *inputs):
+    for p in [*module.parameters(), *inputs]:
         p.grad = None
 
 
 def adalora_step(N, K, M, r, dtype, device) -> Case:
     case = Case("adalora_step", N, K, M, r, dtype, device,
                 flops=4 * M * N * K + 6 * M * r * (K + N), bytes=2 * N * K * torch.finfo(dtype).bits // 8)
-    x = torch.randn(M, K, dtype=dtype, device=device)
+    x = torch.randn(M, K, dtype=dtype, device=device).requires_grad_()  # a hidden layer: dX too
     gy = torch.randn(M, N, dtype=dtype, device=device)
 
     def ours(backend):
@@ -52,7 +52,7 @@ def adalora_step(N, K, M, r, dtype, device) -> Case:
             with forced(backend):
                 (probe(x, gy).loss + alloc.orth_reg()).backward()
                 alloc.update_and_allocate(next(steps))
-            _zero_grads(probe)
+            _zero_grads(probe, x)
         return step, 0
 
     def lora():
@@ -60,7 +60,7 @@ def adalora_step(N, K, M, r, dtype, device) -> Case:
 
         def step():
             probe(x, gy).loss.backward()
-            _zero_grads(probe)
+            _zero_grads(probe, x)
         return step, 0
 
     case.impls = [Impl("peftkern", lambda: ours(None)), Impl("peftkern-lora", lora),
@@ -80,7 +80,7 @@ def _peft_adalora_step(N, K, r, x, gy):
     def step():
         model.base_model(x, gy).loss.backward()   # AdaLoraModel.forward adds the orth reg
         model.base_model.update_and_allocate(next(steps))
-        _zero_grads(model)
+        _zero_grads(model, x)
     return step
 
 
