@@ -92,10 +92,14 @@ def _version(module: str):
 
 
 def _git_commit() -> str | None:
+    """The short commit, with "+dirty" when the working tree has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10)
-        return out.stdout.strip() or None
+        commit = git("rev-parse", "--short", "HEAD")
+        return (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+                ) or None
     except (OSError, subprocess.SubprocessError):
         return None
 
