@@ -342,3 +342,34 @@ def test_cpu_gemv_dispatch_falls_back_outside_its_range(gen):
             y = ops.qlora_linear(x, q, None, A, B, 1.0)
         want = R.lora_linear(x.double(), Wd.double(), None, A.double(), B.double(), 1.0)
         assert_error_rule(f"M={M} K={K} {dtype}", y, want, R.lora_linear(x, Wd.to(dtype), None, A, B, 1.0))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("N, K, blocksize, qt, dq, dtype", [
+    (300, 96, 32, "nf4", True, torch.float32), (33, 64, 64, "fp4", False, torch.float32),
+    (100, 256, 32, "nf4", True, torch.float16), (41, 200, 64, "nf4", False, torch.float16),
+    (1100, 80, 64, "fp4", True, torch.float32), (9, 40, 128, "nf4", False, torch.float32)])
+def test_cpu_panel_path_forward_and_dx_follow_error_rule(N, K, blocksize, qt, dq, dtype, gen,
+                                                         monkeypatch):
+    """M > 16 on CPU: the weight is dequantized panel by panel (tiny panels here, so there are many,
+    with blocks and nested blocks spanning rows and a short last panel)."""
+    monkeypatch.setattr(ops.lora, "PANEL_ELEMS", 64)
+    with ops.use_backend("cpp"):  # the interpreted Triton quantizer would only make this slow
+        q = peftkern.quantize_4bit(torch.randn(N, K, generator=gen) / K ** 0.5, qt, blocksize, dq)
+        Wd = q.dequantize(torch.float32)
+    x = torch.randn(2, 11, K, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    A = (torch.randn(4, K, generator=gen) / K ** 0.5).to(dtype)
+    B = (torch.randn(N, 4, generator=gen) / 2).to(dtype)
+    gy = torch.randn(2, 11, N, generator=gen).to(dtype)
+    got_x, ref_x = x.clone().requires_grad_(), x.double().requires_grad_()
+    with ops.use_backend("cpp"):
+        y = ops.qlora_linear(got_x, q, b, A, B, 0.5)
+        (dx,) = torch.autograd.grad(y, got_x, gy)
+    want = R.lora_linear(ref_x, Wd.double(), b.double(), A.double(), B.double(), 0.5)
+    (want_dx,) = torch.autograd.grad(want, ref_x, gy.double())
+    base_x = x.clone().requires_grad_()
+    base = R.lora_linear(base_x, Wd.to(dtype), b, A, B, 0.5)
+    (base_dx,) = torch.autograd.grad(base, base_x, gy)
+    assert_error_rule("y", y, want, base)
+    assert_error_rule("dx", dx, want_dx, base_dx)

@@ -3,13 +3,16 @@
 Forward: `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`. On CUDA (or CPU under TRITON_INTERPRET=1) one
 Triton kernel does the base GEMM with the 4-bit weight decoded in-kernel and the LoRA term in
 the epilogue, after the small `xA` product. On CPU, a 4-bit forward with fp32 x, M <= 16 and
-in_features % blocksize == 0 runs the C++ fused GEMV (AVX-512/AVX2); anything else runs plain
-torch in the compute dtype (dequantizing through the C++ extension when present).
+in_features % blocksize == 0 runs the C++ fused GEMV (AVX-512/AVX2); larger batches and the
+backward dequantize the weight in cache-sized panels of rows through the C++ extension and
+multiply each panel at once, so no full-size dequantized weight is written (`_weight_panels`).
+Without the extension, or with the reference backend forced, plain torch in the compute dtype.
 Backward: `dX` by the same fused kernel; `dA = s·(dY·B)ᵀ·drop(x)`, `dB = s·dYᵀ·xA` reuse the saved
 `xA`; the base weight is frozen. The custom ops take 2-D `x`; the public functions reshape.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,6 +37,30 @@ def _dropped(x, mask):
 
 def _cpu_gemv_fits(x, blocksize) -> bool:
     return x.dtype == torch.float32 and x.shape[0] <= 16 and x.shape[1] % blocksize == 0
+
+
+PANEL_ELEMS = 1 << 20  # CPU: dequantize ~4 MB of fp32 weight at a time, so it stays in cache
+
+
+def _weight_panels(data, absmax, absmax2, code8, offset, quant_type, blocksize, N, K, dtype):
+    """Yield `(n0, n1, W[n0:n1])` dequantized panel by panel (C++ on CPU).
+
+    Panels start at element multiples of the absmax block (and of the nested block of 256 absmax
+    when double-quantized), so each one is a valid 4-bit weight of its own; blocks may span rows.
+    """
+    align = blocksize * (codes.NESTED_BLOCKSIZE if absmax2 is not None else 1)
+    step = align // math.gcd(K, align)           # the fewest rows whose size is a multiple of align
+    rows = max(step, PANEL_ELEMS // K // step * step)
+    packed = data.reshape(-1).view(torch.uint8)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        e0, e1 = n0 * K, n1 * K
+        b0, b1 = e0 // blocksize, -(-e1 // blocksize)
+        a2 = None if absmax2 is None else absmax2[b0 // codes.NESTED_BLOCKSIZE:
+                                                 -(-b1 // codes.NESTED_BLOCKSIZE)]
+        w = dequantize_4bit(packed[e0 // 2:(e1 + 1) // 2], absmax[b0:b1], a2, code8, offset,
+                            quant_type, blocksize, [n1 - n0, K], dtype)
+        yield n0, n1, w
 
 
 def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
@@ -91,7 +118,14 @@ def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                            None if offset is None else offset.reshape(1),
                            codes.QUANT_TYPE_ID[quant_type], blocksize, out_features, bias,
                            xa.contiguous(), lora_B.contiguous(), float(scaling))
-    else:  # plain torch: dequantize (C++ when built), then matmul
+    elif backend == "cpp":  # larger batches: panel by panel, each panel dequantized in cache
+        x32 = x.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
+        y = torch.cat([F.linear(x32, w) for _, _, w in _weight_panels(
+            data, absmax, absmax2, code8, offset, quant_type, blocksize, out_features, K,
+            torch.float32)], dim=1).to(x.dtype)
+        y = y + scaling * (xa @ lora_B.t()) if bias is None else \
+            torch.addmm(bias, xa, lora_B.t(), alpha=scaling).add_(y)
+    else:  # plain torch: dequantize, then matmul
         w = dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
                             [out_features, K], x.dtype)
         y = F.linear(x, w, bias) + scaling * (xa @ lora_B.t())
@@ -105,11 +139,18 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                     in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
                     mask: Optional[torch.Tensor]) -> torch.Tensor:
     N = dy.shape[1]
-    if pick(dy.device, _BACKENDS) == "triton":
+    backend = pick(dy.device, ("triton", "cpp", "reference"))
+    if backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
         return _kernels().lora_matmul(dy, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,
                                       scaling, mask, None, stride_wq=in_features, stride_wp=1,
                                       P=in_features)
+    if backend == "cpp":  # dX = sum over panels of dY[:, panel]·W[panel], accumulated in fp32
+        dy32, dx = dy.float(), dy.new_zeros(dy.shape[0], in_features, dtype=torch.float32)
+        for n0, n1, w in _weight_panels(data, absmax, absmax2, code8, offset, quant_type, blocksize,
+                                        N, in_features, torch.float32):
+            dx.addmm_(dy32[:, n0:n1], w)
+        return dx.to(dy.dtype) + _dropped(scaling * (dyb @ lora_A), mask)
     w = dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
                         [N, in_features], dy.dtype)
     return dy @ w + _dropped(scaling * (dyb @ lora_A), mask)
