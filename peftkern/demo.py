@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     layer = QLoRALinear.from_linear(lin, r=16, lora_alpha=32, compute_dtype=dtype)
     torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
     q = layer.qweight
-    bits = (q.data.numel() * q.data.element_size() + q.absmax.numel() + q.absmax2.numel() * 4) * 8
-    print(f"quantized NF4 + double quant: {bits / W.numel():.3f} bits per weight")
+    print(f"quantized NF4 + double quant: {q.nbytes * 8 / W.numel():.3f} bits per weight")
 
     A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
     with torch.no_grad():

@@ -57,6 +57,11 @@ class QuantizedWeight:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight occupies: packed codes, absmax (and nested absmax, map, offset)."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
     def _tensors(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if isinstance(getattr(self, f.name), torch.Tensor)}

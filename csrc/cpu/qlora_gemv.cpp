@@ -3,16 +3,13 @@
 // Each packed byte is read once and decoded by table lookups in registers (vpshufb on AVX2, vpermps
 // on AVX-512); every decoded vector is used for a tile of rows of x. The block scale (plain or
 // double-quantized absmax) is applied once per block to the partial sums. OpenMP across output
-// features. AVX-512 or AVX2/FMA is chosen at run time; the scalar loop is the fallback. Requires in_features % blocksize == 0 (blocks never span rows).
+// features. AVX-512 or AVX2/FMA is chosen at run time; the scalar loop is the fallback.
+// Requires in_features % blocksize == 0 (blocks never span rows).
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "cpu_features.h"
 #include "peftkern/codes.h"
@@ -69,12 +66,12 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-// The SIMD paths: OpenMP threads own ranges of output features and stream W row by row (walking K
+// The SIMD paths: OpenMP threads split the output features and stream W row by row (walking K
 // in chunks across all rows instead measured 2-3x slower here: 128-byte reads at a 2 KB stride defeat
 // the prefetcher). Rows of x go in tiles of M (a template parameter) so that the accumulators stay
 // in registers; each decoded weight vector serves the whole tile, and block scales fold in with
-// one FMA per block (per kSegment for larger blocks).
-constexpr int64_t kSegment = 512;
+// one FMA per block. The two ISA structs repeat the loop skeleton because each needs its own
+// target attribute: GCC will not inline AVX intrinsics into a shared un-attributed template.
 
 // AVX2 decodes 32 codes (16 bytes) with 4 vpshufb table lookups, one per byte of the fp32 table
 // values, and 8 unpacks that reassemble the floats. The floats come out in the lane order
@@ -111,18 +108,18 @@ struct Avx2 {
     w[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(lo_b, hi_b));
   }
 
-  // y[m0..m0+M, n] += x[m0..m0+M, k0:k1] . W[n, k0:k1] (segments of min(blocksize, kSegment))
+  // y[m0..m0+M, n] = x[m0..m0+M, :] . W[n, :]
   template <int M>
   __attribute__((target("avx2,fma"))) void run(const GemvArgs& a, const Scales& scale, int64_t m0,
-                                               int64_t n, int64_t k0, int64_t k1) const {
-    const int64_t K = a.K, bs = a.blocksize, seg = std::min(bs, kSegment);
+                                               int64_t n) const {
+    const int64_t K = a.K, bs = a.blocksize;
     const uint8_t* row = a.packed + n * K / 2;
     __m256 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-    for (int64_t kb = k0; kb < k1; kb += seg) {
+    for (int64_t kb = 0; kb < K; kb += bs) {
       __m256 part[M];
       for (int m = 0; m < M; ++m) part[m] = _mm256_setzero_ps();
-      for (int64_t k = kb; k < kb + seg; k += 32) {
+      for (int64_t k = kb; k < kb + bs; k += 32) {
         __m256 w[4];
         decode32(row + k / 2, w);
         for (int m = 0; m < M; ++m) {
@@ -134,7 +131,7 @@ struct Avx2 {
       const __m256 s = _mm256_set1_ps(scale((n * K + kb) / bs));
       for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(part[m], s, acc[m]);
     }
-    for (int m = 0; m < M; ++m) a.y[(m0 + m) * a.N + n] += hsum(acc[m]);
+    for (int m = 0; m < M; ++m) a.y[(m0 + m) * a.N + n] = hsum(acc[m]);
   }
 
   // x in decode32's lane order: within each 8 values, [0,2,4,6,1,3,5,7] (K % 32 == 0 here)
@@ -158,17 +155,17 @@ struct Avx512 {
 
   template <int M>
   __attribute__((target("avx512f"))) void run(const GemvArgs& a, const Scales& scale, int64_t m0,
-                                              int64_t n, int64_t k0, int64_t k1) const {
+                                              int64_t n) const {
     const __m512 lut = _mm512_loadu_ps(table);
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    const int64_t K = a.K, bs = a.blocksize, seg = std::min(bs, kSegment);
+    const int64_t K = a.K, bs = a.blocksize;
     const uint8_t* row = a.packed + n * K / 2;
     __m512 acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    for (int64_t kb = k0; kb < k1; kb += seg) {
+    for (int64_t kb = 0; kb < K; kb += bs) {
       __m512 part[M];
       for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
-      for (int64_t k = kb; k < kb + seg; k += 16) {
+      for (int64_t k = kb; k < kb + bs; k += 16) {
         const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
         const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low4),
                                                 _mm_and_si128(raw, low4));
@@ -179,37 +176,27 @@ struct Avx512 {
       const __m512 s = _mm512_set1_ps(scale((n * K + kb) / bs));
       for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
     }
-    for (int m = 0; m < M; ++m) a.y[(m0 + m) * a.N + n] += _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < M; ++m) a.y[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(acc[m]);
   }
 };
 
 template <class Isa, int M>
 void run_tile(const Isa& isa, const GemvArgs& a, const Scales& scale, int64_t m0, int64_t rows,
-              int64_t n, int64_t k0, int64_t k1) {
+              int64_t n) {
   if constexpr (M > 1) {
-    if (rows < M) return run_tile<Isa, M - 1>(isa, a, scale, m0, rows, n, k0, k1);  // runtime height
+    if (rows < M) return run_tile<Isa, M - 1>(isa, a, scale, m0, rows, n);  // runtime height
   }
-  isa.template run<M>(a, scale, m0, n, k0, k1);
+  isa.template run<M>(a, scale, m0, n);
 }
 
 template <class Isa>
 void run_rows(const GemvArgs& a, const Scales& scale) {
-  std::fill(a.y, a.y + a.M * a.N, 0.0f);
-#pragma omp parallel
-  {
-    const Isa isa(a.quant_type);
-    int threads = 1, t = 0;
-#ifdef _OPENMP
-    threads = omp_get_num_threads();
-    t = omp_get_thread_num();
-#endif
-    const int64_t n0 = a.N * t / threads, n1 = a.N * (t + 1) / threads;
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t m0 = 0; m0 < a.M; m0 += Isa::kTile)
-        run_tile<Isa, Isa::kTile>(isa, a, scale, m0, std::min<int64_t>(Isa::kTile, a.M - m0), n,
-                                  0, a.K);
-      for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] = epilogue(a, m, n, a.y[m * a.N + n]);
-    }
+  const Isa isa(a.quant_type);  // read-only tables, shared by the threads
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < a.N; ++n) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += Isa::kTile)
+      run_tile<Isa, Isa::kTile>(isa, a, scale, m0, std::min<int64_t>(Isa::kTile, a.M - m0), n);
+    for (int64_t m = 0; m < a.M; ++m) a.y[m * a.N + n] = epilogue(a, m, n, a.y[m * a.N + n]);
   }
 }
 

@@ -80,10 +80,6 @@ def _qlora(N, K, r, dtype, device):
     return _randomize_B(layer)
 
 
-def _weight_bytes(q) -> int:
-    return sum(t.numel() * t.element_size() for t in (q.data, q.absmax, q.absmax2) if t is not None)
-
-
 def _peft(base: nn.Module, config):
     from peft import get_peft_model
     return get_peft_model(base, config)
@@ -100,7 +96,7 @@ def _peft_bnb_layer(N, K, r, dtype, device):
     q = quantize_4bit(torch.randn(N, K, dtype=dtype, device=device), "nf4", BLOCKSIZE, True)
     b4 = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4", device=device)
     b4.weight = q.to_bnb()
-    return _peft_lora(nn.Sequential(b4), r, ["0"]), _weight_bytes(q)
+    return _peft_lora(nn.Sequential(b4), r, ["0"]), q.nbytes
 
 
 def forced(backend):
@@ -151,7 +147,7 @@ def dequantize(N, K, M, r, dtype, device) -> Case:
         def call():
             with forced(backend):
                 return dequantize_4bit(q, dtype)
-        return call, _weight_bytes(q)
+        return call, q.nbytes
 
     case.impls = _peftkern_impls(ours, ("triton", "cuda", "cpp"), device)
     if has("bitsandbytes"):
@@ -194,7 +190,7 @@ def _linear_case(op, N, K, M, r, dtype, device, mode, quantized) -> Case:
     def ours(backend):
         if quantized:
             layer = _qlora(N, K, r, dtype, device)
-            return _call(layer, x, mode, N, backend), _weight_bytes(layer.qweight)
+            return _call(layer, x, mode, N, backend), layer.qweight.nbytes
         layer = _randomize_B(LoRALinear.from_linear(_linear(N, K, dtype, device), r=r, lora_alpha=2 * r))
         return _call(layer, x, mode, N, backend), N * K * elt
 

@@ -23,7 +23,8 @@ from ..validation import FLOAT_DTYPES, check_probability, check_tensor
 from .backends import EXT, pick
 from .quant import dequantize_4bit
 
-_BACKENDS = ("triton", "reference")  # C++ CPU: only the 4-bit decode-size forward so far
+_BACKENDS = ("triton", "reference")  # dense base weight: no C++ CPU path (plain torch is BLAS)
+_QUANT_BACKENDS = ("triton", "cpp", "reference")
 
 
 def _kernels():
@@ -106,7 +107,7 @@ def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     xa = _dropped(x, mask) @ lora_A.t()
     K = x.shape[1]
-    backend = pick(x.device, ("triton", "cpp", "reference"))
+    backend = pick(x.device, _QUANT_BACKENDS)
     packed = data.reshape(-1).view(torch.uint8)
     if backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
@@ -139,7 +140,7 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                     in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
                     mask: Optional[torch.Tensor]) -> torch.Tensor:
     N = dy.shape[1]
-    backend = pick(dy.device, ("triton", "cpp", "reference"))
+    backend = pick(dy.device, _QUANT_BACKENDS)
     if backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
         return _kernels().lora_matmul(dy, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,
