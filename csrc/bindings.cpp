@@ -2,6 +2,8 @@
 // loads this library, which registers them: torch.ops.peftkern_C.{quantize_4bit, dequantize_4bit,
 // code_table}. The Python layer (peftkern/ops) validates user input; the TORCH_CHECKs here are a
 // safety net for direct callers.
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include <ATen/ATen.h>
@@ -13,7 +15,7 @@
 #include "cpu/quant_4bit.h"
 #include "peftkern/codes.h"
 #ifdef PEFTKERN_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include "cuda/launchers.h"
 #endif
@@ -48,6 +50,18 @@ void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype, i
               " elements, expected ", numel);
 }
 
+// A kernel output. With PEFTKERN_NAN_FILL=1 (the test suite sets it) it starts as NaN (0xAB for
+// bytes), so that an element a kernel fails to write cannot pass a test by chance.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool fill = [] {
+    const char* v = std::getenv("PEFTKERN_NAN_FILL");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  if (!fill) return at::empty(sizes, options);
+  const at::Scalar fill_value = options.dtype() == at::kByte ? at::Scalar(0xAB) : at::Scalar(NAN);
+  return at::full(sizes, fill_value, options);
+}
+
 int64_t num_blocks(int64_t n, int64_t blocksize) { return (n + blocksize - 1) / blocksize; }
 
 std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_t quant_type,
@@ -59,8 +73,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit_cpu(const at::Tensor& A, int64_
               A.device());
   TORCH_CHECK(A.is_contiguous(), "peftkern_C: A must be contiguous");
   const int64_t n = A.numel();
-  at::Tensor packed = at::empty({(n + 1) / 2}, A.options().dtype(at::kByte));
-  at::Tensor absmax = at::empty({num_blocks(n, blocksize)}, A.options().dtype(at::kFloat));
+  at::Tensor packed = new_output({(n + 1) / 2}, A.options().dtype(at::kByte));
+  at::Tensor absmax = new_output({num_blocks(n, blocksize)}, A.options().dtype(at::kFloat));
   if (n == 0) return {packed, absmax};
   PEFTKERN_DISPATCH_FLOAT(A.scalar_type(), "peftkern_C::quantize_4bit", [&] {
     peftkern::cpu::quantize_4bit<scalar_t>(A.const_data_ptr<scalar_t>(), n, (int)quant_type,
@@ -100,11 +114,12 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& absmax2,
                                const std::optional<at::Tensor>& code8,
                                const std::optional<at::Tensor>& offset, int64_t quant_type,
-                               int64_t blocksize, int64_t numel, at::ScalarType dtype) {
+                               int64_t blocksize, int64_t numel, at::ScalarType dtype,
+                               int64_t simd_level) {
   TORCH_CHECK(packed.device().is_cpu(), "peftkern_C: packed must be a CPU tensor here");
   const bool nested = check_dequant_args(packed, absmax, absmax2, code8, offset, quant_type,
                                          blocksize, numel, dtype);
-  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  at::Tensor out = new_output({numel}, packed.options().dtype(dtype));
   if (numel == 0) return out;
   PEFTKERN_DISPATCH_FLOAT(dtype, "peftkern_C::dequantize_4bit", [&] {
     peftkern::cpu::dequantize_4bit<scalar_t>(
@@ -113,38 +128,76 @@ at::Tensor dequantize_4bit_cpu(const at::Tensor& packed, const at::Tensor& absma
         nested ? absmax2->const_data_ptr<float>() : nullptr,
         nested ? code8->const_data_ptr<float>() : nullptr,
         nested ? *offset->const_data_ptr<float>() : 0.0f, (int)quant_type, blocksize, numel,
-        out.mutable_data_ptr<scalar_t>());
+        out.mutable_data_ptr<scalar_t>(), (int)simd_level);
   });
   return out;
 }
 
 #ifdef PEFTKERN_WITH_CUDA
+int cuda_dtype(at::ScalarType t) {
+  return t == at::kFloat ? peftkern::cuda::kFloat32
+         : t == at::kHalf ? peftkern::cuda::kFloat16
+                          : peftkern::cuda::kBFloat16;
+}
+
 at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                 const std::optional<at::Tensor>& absmax2,
                                 const std::optional<at::Tensor>& code8,
                                 const std::optional<at::Tensor>& offset, int64_t quant_type,
-                                int64_t blocksize, int64_t numel, at::ScalarType dtype) {
+                                int64_t blocksize, int64_t numel, at::ScalarType dtype,
+                                int64_t /*simd_level: CPU only*/) {
   TORCH_CHECK(packed.device().is_cuda(), "peftkern_C: packed must be a CUDA tensor here");
   const bool nested = check_dequant_args(packed, absmax, absmax2, code8, offset, quant_type,
                                          blocksize, numel, dtype);
   const c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  at::Tensor out = new_output({numel}, packed.options().dtype(dtype));
   if (numel == 0) return out;
-  const int out_dtype = dtype == at::kFloat  ? peftkern::cuda::kFloat32
-                        : dtype == at::kHalf ? peftkern::cuda::kFloat16
-                                             : peftkern::cuda::kBFloat16;
   const cudaError_t err = peftkern::cuda::dequantize_4bit(
       packed.const_data_ptr<uint8_t>(), nested ? nullptr : absmax.const_data_ptr<float>(),
       nested ? absmax.const_data_ptr<uint8_t>() : nullptr,
       nested ? absmax2->const_data_ptr<float>() : nullptr,
       nested ? code8->const_data_ptr<float>() : nullptr,
       nested ? offset->const_data_ptr<float>() : nullptr, (int)quant_type, blocksize, numel,
-      out_dtype, out.data_ptr(), at::cuda::getCurrentCUDAStream());
+      cuda_dtype(dtype), out.data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "peftkern_C: dequantize_4bit launch failed: ",
               cudaGetErrorString(err));
   return out;
 }
 #endif
+
+// The GEMV arguments (CPU and CUDA): x [M <= 16, K] contiguous, blocks within rows, bias/xa/lora_B
+// in x's dtype on x's device. Returns {nested absmax, R}.
+std::pair<bool, int64_t> check_gemv_args(const at::Tensor& x, const at::Tensor& packed,
+                                         const at::Tensor& absmax,
+                                         const std::optional<at::Tensor>& absmax2,
+                                         const std::optional<at::Tensor>& code8,
+                                         const std::optional<at::Tensor>& offset,
+                                         int64_t quant_type, int64_t blocksize, int64_t N,
+                                         const std::optional<at::Tensor>& bias,
+                                         const std::optional<at::Tensor>& xa,
+                                         const std::optional<at::Tensor>& lora_B) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "peftkern_C: x must be a contiguous matrix");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M <= peftkern::cpu::kMaxGemvRows, "peftkern_C: qlora_gemv takes at most ",
+              peftkern::cpu::kMaxGemvRows, " rows, got ", M);
+  check_args(quant_type, blocksize);
+  TORCH_CHECK(K % blocksize == 0, "peftkern_C: in_features (", K,
+              ") must be a multiple of blocksize (", blocksize, ")");
+  TORCH_CHECK(packed.device() == x.device(), "peftkern_C: packed is on ", packed.device(),
+              ", expected ", x.device());
+  const bool nested = check_dequant_args(packed, absmax, absmax2, code8, offset, quant_type,
+                                         blocksize, N * K, x.scalar_type());
+  const at::ScalarType dt = x.scalar_type();
+  if (bias) check_tensor(*bias, "bias", dt, N, x.device());
+  TORCH_CHECK(xa.has_value() == lora_B.has_value(), "peftkern_C: xa and lora_B come together");
+  const int64_t R = xa ? (xa->dim() == 2 ? xa->size(1) : -1) : 0;
+  if (xa) {
+    TORCH_CHECK(R >= 1, "peftkern_C: xa must be [M, R] with R >= 1");
+    check_tensor(*xa, "xa", dt, M * R, x.device());
+    check_tensor(*lora_B, "lora_B", dt, N * R, x.device());
+  }
+  return {nested, R};
+}
 
 // y [M, N] = x·deq(W)ᵀ + bias + s·xa·Bᵀ for fp32 x [M <= 16, K] (CPU; see csrc/cpu/qlora_gemv.cpp).
 at::Tensor qlora_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -155,24 +208,12 @@ at::Tensor qlora_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& xa,
                           const std::optional<at::Tensor>& lora_B, double scaling,
                           int64_t simd_level) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kFloat &&
-                  x.is_contiguous(), "peftkern_C: x must be a contiguous fp32 CPU matrix");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
+              "peftkern_C: x must be an fp32 CPU tensor here");
+  const auto [nested, R] = check_gemv_args(x, packed, absmax, absmax2, code8, offset, quant_type,
+                                           blocksize, out_features, bias, xa, lora_B);
   const int64_t M = x.size(0), K = x.size(1), N = out_features;
-  TORCH_CHECK(M <= peftkern::cpu::kMaxGemvRows, "peftkern_C: qlora_gemv takes at most ",
-              peftkern::cpu::kMaxGemvRows, " rows, got ", M);
-  TORCH_CHECK(K % blocksize == 0, "peftkern_C: in_features (", K, ") must be a multiple of blocksize (",
-              blocksize, ")");
-  const bool nested = check_dequant_args(packed, absmax, absmax2, code8, offset, quant_type,
-                                         blocksize, N * K, at::kFloat);
-  const at::Device dev = x.device();
-  if (bias) check_tensor(*bias, "bias", at::kFloat, N, dev);
-  TORCH_CHECK(xa.has_value() == lora_B.has_value(), "peftkern_C: xa and lora_B come together");
-  const int64_t R = xa ? xa->size(1) : 0;
-  if (xa) {
-    check_tensor(*xa, "xa", at::kFloat, M * R, dev);
-    check_tensor(*lora_B, "lora_B", at::kFloat, N * R, dev);
-  }
-  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor y = new_output({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   peftkern::cpu::GemvArgs a{x.const_data_ptr<float>(), M, K, N, packed.const_data_ptr<uint8_t>(),
                             nested ? nullptr : absmax.const_data_ptr<float>(),
@@ -188,6 +229,42 @@ at::Tensor qlora_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   return y;
 }
 
+#ifdef PEFTKERN_WITH_CUDA
+// The same op on CUDA (csrc/cuda/qlora_gemv.cu): x, bias, xa, lora_B and y in fp32/fp16/bf16.
+at::Tensor qlora_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                           const std::optional<at::Tensor>& absmax2,
+                           const std::optional<at::Tensor>& code8,
+                           const std::optional<at::Tensor>& offset, int64_t quant_type,
+                           int64_t blocksize, int64_t out_features,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& xa,
+                           const std::optional<at::Tensor>& lora_B, double scaling,
+                           int64_t /*simd_level: CPU only*/) {
+  TORCH_CHECK(x.device().is_cuda() && is_float_type(x.scalar_type()),
+              "peftkern_C: x must be a float32/float16/bfloat16 CUDA tensor here");
+  const auto [nested, R] = check_gemv_args(x, packed, absmax, absmax2, code8, offset, quant_type,
+                                           blocksize, out_features, bias, xa, lora_B);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), N = out_features;
+  at::Tensor y = new_output({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const peftkern::cuda::QloraGemvArgs a{
+      x.const_data_ptr(), M, K, N, packed.const_data_ptr<uint8_t>(),
+      nested ? nullptr : absmax.const_data_ptr<float>(),
+      nested ? absmax.const_data_ptr<uint8_t>() : nullptr,
+      nested ? absmax2->const_data_ptr<float>() : nullptr,
+      nested ? code8->const_data_ptr<float>() : nullptr,
+      nested ? offset->const_data_ptr<float>() : nullptr, (int)quant_type, blocksize,
+      bias ? bias->const_data_ptr() : nullptr, xa ? xa->const_data_ptr() : nullptr,
+      lora_B ? lora_B->const_data_ptr() : nullptr, R, (float)scaling, y.mutable_data_ptr(),
+      cuda_dtype(x.scalar_type())};
+  const cudaError_t err = peftkern::cuda::qlora_gemv(a, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "peftkern_C: qlora_gemv launch failed: ",
+              cudaGetErrorString(err));
+  return y;
+}
+#endif
+
 at::Tensor code_table(int64_t quant_type) {
   TORCH_CHECK(quant_type == peftkern::kNF4 || quant_type == peftkern::kFP4,
               "peftkern_C: quant_type must be 0 (nf4) or 1 (fp4), got ", quant_type);
@@ -202,7 +279,8 @@ at::Tensor code_table(int64_t quant_type) {
 TORCH_LIBRARY(peftkern_C, m) {
   m.def("quantize_4bit(Tensor A, int quant_type, int blocksize) -> (Tensor packed, Tensor absmax)");
   m.def("dequantize_4bit(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, "
-        "Tensor? offset, int quant_type, int blocksize, int numel, ScalarType dtype) -> Tensor");
+        "Tensor? offset, int quant_type, int blocksize, int numel, ScalarType dtype, "
+        "int simd_level=2) -> Tensor");
   m.def("code_table(int quant_type) -> Tensor");
   m.def("qlora_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, "
         "Tensor? offset, int quant_type, int blocksize, int out_features, Tensor? bias, Tensor? xa, "
@@ -220,7 +298,10 @@ TORCH_LIBRARY_IMPL(peftkern_C, CPU, m) {
 TORCH_LIBRARY_IMPL(peftkern_C, CompositeExplicitAutograd, m) { m.impl("code_table", &code_table); }
 
 #ifdef PEFTKERN_WITH_CUDA
-TORCH_LIBRARY_IMPL(peftkern_C, CUDA, m) { m.impl("dequantize_4bit", &dequantize_4bit_cuda); }
+TORCH_LIBRARY_IMPL(peftkern_C, CUDA, m) {
+  m.impl("dequantize_4bit", &dequantize_4bit_cuda);
+  m.impl("qlora_gemv", &qlora_gemv_cuda);
+}
 #endif
 
 // A Python module, so that `import peftkern._C` loads this library (which registers the ops).

@@ -87,3 +87,34 @@ def _has_matplotlib():
     except ImportError:
         return False
     return True
+
+
+def test_crossover_from_bench_rows(tmp_path, monkeypatch):
+    """The CUDA/Triton crossover is the largest M up to which CUDA won at every measured M; adopt()
+    merges it into the package table, which then answers for the nearest measured weight size."""
+    from peftkern.ops import crossover
+
+    def row(N, M, impl, ms):
+        return {"op": "decode", "N": N, "K": 4096, "M": M, "impl": impl, "ms": ms}
+    rows = [row(4096, 1, "peftkern[cuda]", 1.0), row(4096, 1, "peftkern[triton]", 2.0),
+            row(4096, 4, "peftkern[cuda]", 1.5), row(4096, 4, "peftkern[triton]", 2.0),
+            row(4096, 16, "peftkern[cuda]", 3.0), row(4096, 16, "peftkern[triton]", 2.0),
+            row(1024, 1, "peftkern[cuda]", 2.0), row(1024, 1, "peftkern[triton]", 1.0),
+            row(1024, 4, "peftkern[cuda]", 0.5), row(1024, 4, "peftkern[triton]", 1.0),
+            {"op": "qlora_fwd", "N": 4096, "K": 4096, "M": 128, "impl": "peftkern", "ms": 1.0}]
+    assert crossover.measured(rows) == [{"N": 1024, "K": 4096, "max_M": 0},
+                                        {"N": 4096, "K": 4096, "max_M": 4}]
+    table = tmp_path / "crossover.json"
+    table.write_text('{"devices": {}}')
+    monkeypatch.setattr(crossover, "TABLE", str(table))
+    crossover._devices.cache_clear()
+    found = tmp_path / "found.json"
+    found.write_text(json.dumps({"device": "GPU X", "entries": crossover.measured(rows)}))
+    crossover.adopt(str(found))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    assert crossover.cuda_gemv_max_m("cuda", 4096, 4096) == 4
+    assert crossover.cuda_gemv_max_m("cuda", 14336, 4096) == 4   # nearest: 4096 x 4096
+    assert crossover.cuda_gemv_max_m("cuda", 1024, 2048) == 0    # nearest: 1024 x 4096
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
+    assert crossover.cuda_gemv_max_m("cuda", 4096, 4096) == 0    # not measured: Triton
+    crossover._devices.cache_clear()

@@ -92,7 +92,7 @@ def test_schemas():
     assert str(OPS.dequantize_4bit.default._schema) == (
         "peftkern_C::dequantize_4bit(Tensor packed, Tensor absmax, Tensor? absmax2, "
         "Tensor? code8, Tensor? offset, int quant_type, int blocksize, int numel, "
-        "ScalarType dtype) -> Tensor")
+        "ScalarType dtype, int simd_level=2) -> Tensor")
     assert str(OPS.code_table.default._schema) == (
         "peftkern_C::code_table(int quant_type) -> Tensor")
 
@@ -203,14 +203,21 @@ def random_packed(n, blocksize, *key):
     return packed, absmax
 
 
+SIMD_LEVELS = (2, 1, 0)  # the best the CPU has, at most AVX2, scalar: every path on any machine
+
+
 def check_dequantize(packed, absmax, quant_type, blocksize, n, dtype, nested=None):
     absmax2, code8, offset = nested if nested is not None else (None, None, None)
-    out = OPS.dequantize_4bit(packed, absmax, absmax2, code8, offset,
-                              codes.QUANT_TYPE_ID[quant_type], blocksize, n, dtype)
     ref = spec_dequantize(packed, absmax, quant_type, blocksize, n, dtype, absmax2, code8, offset)
-    assert out.dtype == dtype and out.shape == (n,)
     bits = torch.int32 if dtype == torch.float32 else torch.int16
-    assert torch.equal(out.view(bits), ref.view(bits)), (quant_type, blocksize, n, dtype)
+    nan = ref.isnan()  # bit for bit, except that NaN payloads may differ (torch's own paths do)
+    for simd in SIMD_LEVELS:
+        out = OPS.dequantize_4bit(packed, absmax, absmax2, code8, offset,
+                                  codes.QUANT_TYPE_ID[quant_type], blocksize, n, dtype, simd)
+        key = (quant_type, blocksize, n, dtype, simd)
+        assert out.dtype == dtype and out.shape == (n,)
+        assert torch.equal(out.isnan(), nan), key
+        assert torch.equal(out.view(bits)[~nan], ref.view(bits)[~nan]), key
 
 
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -229,6 +236,18 @@ def test_dequantize_nested_absmax_equals_spec(quant_type, blocksize):
         packed, absmax = random_packed(n, blocksize, quant_type, "nested")
         q, absmax2, code8, offset = nest_absmax(absmax)
         check_dequantize(packed, q, quant_type, blocksize, n, dtype, (absmax2, code8, offset))
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_dequantize_nonfinite_absmax(quant_type):
+    """A NaN or infinite absmax (a corrupt checkpoint) decodes as torch rounds it: NaN stays NaN
+    in every dtype (a NaN payload carried into bf16's sign bit by the rounding add gave -0.0)."""
+    n, blocksize = 4 * 64, 64
+    packed = torch.randint(0, 256, (n // 2,), generator=_gen("nonfinite"), dtype=torch.uint8)
+    nan_payload = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    absmax = torch.cat([torch.tensor([float("nan"), float("inf"), 1.5]), nan_payload])
+    for dtype in FLOAT_DTYPES:
+        check_dequantize(packed, absmax, quant_type, blocksize, n, dtype)
 
 
 def test_dequantize_nested_is_not_fused():
@@ -330,3 +349,28 @@ def test_cuda_sources_compile_without_spills():
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "sm_80" in run.stdout and "sm_90a" in run.stdout
+
+
+CUDA_INCLUDE = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or
+                    not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_runtime.h")),
+                    reason="g++ or the CUDA headers not installed")
+def test_cuda_bindings_compile(tmp_path):
+    """csrc/bindings.cpp as the GPU build compiles it (PEFTKERN_WITH_CUDA), syntax only, so that a
+    CPU machine catches a broken binding of the CUDA kernels before a GPU session does. The CPU
+    torch wheel ships the c10/cuda headers but not the generated cuda_cmake_macros.h: an empty one
+    stands in."""
+    import sysconfig
+    from torch.utils.cpp_extension import include_paths
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("")
+    includes = [str(tmp_path), *include_paths(), CUDA_INCLUDE, os.path.join(ROOT, "csrc"),
+                os.path.join(ROOT, "csrc", "include"), sysconfig.get_paths()["include"]]
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-w", "-DPEFTKERN_WITH_CUDA",
+           "-DTORCH_EXTENSION_NAME=_C", *[f"-I{p}" for p in includes],
+           os.path.join(ROOT, "csrc", "bindings.cpp")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]

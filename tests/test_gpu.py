@@ -1,9 +1,15 @@
-"""CUDA: every GPU backend (Triton, CUDA extension) against the CPU backends, bit for bit."""
+"""CUDA: every GPU backend (Triton, CUDA extension) against the CPU backends, bit for bit, and the
+CUDA decode GEMV against the float64 reference."""
+import dataclasses
+
 import pytest
 import torch
 
 import peftkern
 from peftkern import codes, ops
+from peftkern import reference as R
+
+from conftest import assert_error_rule
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ops.available(torch.device("cuda")) if torch.cuda.is_available() else ()
@@ -26,3 +32,77 @@ def test_cuda_backends_match_cpu(quant_type, blocksize, shape, dtype, gen):
                 assert torch.equal(got.absmax.cpu(), want.absmax), backend
             deq = peftkern.dequantize_4bit(want.to("cuda"))
             assert torch.equal(deq.cpu(), want_deq), backend
+
+
+# ---- the CUDA decode GEMV (csrc/cuda/qlora_gemv.cu), through the public op ------------------------
+
+needs_cuda_ext = pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="CUDA extension not built")
+
+
+def _quantized(N, K, quant_type, blocksize, dq, gen):
+    W = torch.randn(N, K, generator=gen) / K ** 0.5
+    with ops.use_backend("reference"):
+        q = peftkern.quantize_4bit(W, quant_type, blocksize, dq)
+        return q, q.dequantize(torch.float32)
+
+
+@needs_cuda_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, N, K, blocksize, qt, dq, bias, r", [
+    (1, 4096, 4096, 64, "nf4", True, False, 16), (7, 333, 640, 32, "fp4", False, True, 1),
+    (16, 1024, 14336, 64, "nf4", True, True, 64), (3, 5, 64, 64, "nf4", False, False, 8),
+    (16, 4097, 4096, 4096, "fp4", True, True, 16), (1, 14336, 4096, 128, "nf4", True, True, 16)])
+def test_cuda_decode_gemv_follows_error_rule(M, N, K, blocksize, qt, dq, bias, r, dtype, gen):
+    q, Wd = _quantized(N, K, qt, blocksize, dq, gen)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    A = (torch.randn(r, K, generator=gen) / K ** 0.5).to(dtype)
+    B = (torch.randn(N, r, generator=gen) / r ** 0.5).to(dtype)
+    cuda = [t if t is None else t.cuda() for t in (x, b, A, B)]
+    with ops.use_backend("cuda"):
+        y = ops.qlora_linear(cuda[0], q.to("cuda"), *cuda[1:], 0.5)
+        again = ops.qlora_linear(cuda[0], q.to("cuda"), *cuda[1:], 0.5)
+    assert torch.equal(y, again), "not deterministic"
+    want = R.lora_linear(x.double(), Wd.double(), None if b is None else b.double(), A.double(),
+                         B.double(), 0.5)
+    base = R.lora_linear(cuda[0], Wd.to(dtype).cuda(), *cuda[1:], 0.5)  # torch in dtype, on GPU
+    assert_error_rule("y", y.cpu(), want, base.cpu())
+
+
+@needs_cuda_ext
+def test_cuda_decode_gemv_misaligned_inputs(gen):
+    """x, lora_B and the packed bytes starting off a 16-byte boundary (views into larger buffers)."""
+    M, N, K, r = 5, 300, 512, 8
+    q, Wd = _quantized(N, K, "nf4", 64, False, gen)
+    qc = q.to("cuda")
+    shifted = torch.empty(qc.data.numel() + 1, dtype=torch.uint8, device="cuda")
+    shifted[1:] = qc.data.reshape(-1)
+    qc = dataclasses.replace(qc, data=shifted[1:].view(qc.data.shape))
+    x = torch.randn(M * K + 1, generator=gen).half()[1:].view(M, K)
+    B = torch.randn(N * r + 1, generator=gen).half()[1:].view(N, r)
+    A = (torch.randn(r, K, generator=gen) / K ** 0.5).half()
+    with ops.use_backend("cuda"):
+        y = ops.qlora_linear(x.cuda(), qc, None, A.cuda(), B.cuda(), 1.0)
+    want = R.lora_linear(x.double(), Wd.double(), None, A.double(), B.double(), 1.0)
+    base = R.lora_linear(x.cuda(), Wd.half().cuda(), None, A.cuda(), B.cuda(), 1.0)
+    assert_error_rule("y", y.cpu(), want, base.cpu())
+
+
+@needs_cuda_ext
+def test_default_dispatch_follows_the_measured_crossover(gen, monkeypatch):
+    """Triton by default; the CUDA GEMV only where crossover.json says it won (M <= max_M)."""
+    from peftkern.ops import crossover, lora
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(ops.backends.EXT, name)
+            return (lambda *a: calls.append(a[0].shape[0]) or op(*a)) if name == "qlora_gemv" else op
+
+    monkeypatch.setattr(lora, "EXT", Spy())
+    monkeypatch.setattr(crossover, "cuda_gemv_max_m", lambda device, N, K: 4)
+    q, _ = _quantized(64, 256, "nf4", 64, True, gen)
+    A, B = torch.randn(4, 256, device="cuda"), torch.randn(64, 4, device="cuda")
+    for M in (1, 4, 5, 16, 17):
+        ops.qlora_linear(torch.randn(M, 256, device="cuda"), q.to("cuda"), None, A, B, 1.0)
+    assert calls == [1, 4]

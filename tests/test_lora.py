@@ -306,19 +306,29 @@ def test_any_k_tiles_no_restriction(gen):
 HAS_CPP = "cpp" in ops.available(torch.device("cpu"))
 
 
+def quantized(W, *args):
+    """A 4-bit weight and its exact fp32 dequantization, made by the torch reference (under the
+    interpreter the default backend is interpreted Triton: slow, and not what is tested here)."""
+    with ops.use_backend("reference"):
+        q = peftkern.quantize_4bit(W, *args)
+        return q, q.dequantize(torch.float32)
+
+
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 @pytest.mark.parametrize("simd", [2, 1, 0], ids=["best", "avx2", "scalar"])
 @pytest.mark.parametrize("M, N, K, blocksize, qt, dq, bias", [
     (1, 33, 64, 64, "nf4", True, True), (7, 45, 256, 32, "fp4", False, False),
     (16, 70, 1024, 64, "nf4", True, True), (9, 5, 128, 128, "fp4", True, False),
-    (0, 8, 64, 64, "nf4", False, True), (12, 17, 4096, 4096, "nf4", False, True)])
+    (0, 8, 64, 64, "nf4", False, True), (12, 17, 4096, 4096, "nf4", False, True),
+    # AVX2 from M=5 on decodes 4 rows x 256 codes into L1: a partial chunk and row tail (K=320,
+    # N=6), every x-row tail (M=13: 3+3+3+3+1, M=5: 3+2), a chunk shorter than 256 (K=96)
+    (13, 6, 320, 32, "nf4", True, False), (5, 9, 96, 32, "fp4", False, True)])
 def test_cpu_decode_gemv_follows_error_rule(simd, M, N, K, blocksize, qt, dq, bias, gen):
     W = torch.randn(N, K, generator=gen) / K ** 0.5
-    q = peftkern.quantize_4bit(W, qt, blocksize, dq)
+    q, Wd = quantized(W, qt, blocksize, dq)
     x = torch.randn(M, K, generator=gen)
     b = torch.randn(N, generator=gen) if bias else None
     A, B = torch.randn(8, K, generator=gen) / K ** 0.5, torch.randn(N, 8, generator=gen) / 8 ** 0.5
-    Wd = q.dequantize(torch.float32)
     want = R.lora_linear(x.double(), Wd.double(), None if b is None else b.double(), A.double(), B.double(), 0.5)
     base = R.lora_linear(x, Wd, b, A, B, 0.5)
     got = ops.backends.EXT.qlora_gemv(x, q.data.view(-1), q.absmax, q.absmax2, q.code8,
@@ -331,13 +341,37 @@ def test_cpu_decode_gemv_follows_error_rule(simd, M, N, K, blocksize, qt, dq, bi
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 9])
+def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, monkeypatch):
+    """bf16/fp16 x on CPU runs the fused GEMV (fp32 inside, one rounding) and follows the rule."""
+    calls = []
+
+    class Spy:  # counts calls of the GEMV, forwards everything to the extension
+        def __getattr__(self, name):
+            op = getattr(ops.backends.EXT, name)
+            return (lambda *a: calls.append(name) or op(*a)) if name == "qlora_gemv" else op
+
+    monkeypatch.setattr(ops.lora, "EXT", Spy())
+    N, K = 37, 192
+    q, Wd = quantized(torch.randn(N, K, generator=gen) / K ** 0.5, "nf4", 64, True)
+    x = torch.randn(M, 2 * K, generator=gen).to(dtype)[:, ::2]  # non-contiguous
+    b = torch.randn(N, generator=gen).to(dtype)
+    A, B = torch.randn(4, K, generator=gen).to(dtype), torch.randn(N, 4, generator=gen).to(dtype)
+    with ops.use_backend("cpp"):
+        y = ops.qlora_linear(x, q, b, A, B, 0.5)
+    assert calls == ["qlora_gemv"] and y.dtype == dtype
+    want = R.lora_linear(x.double(), Wd.double(), b.double(), A.double(), B.double(), 0.5)
+    assert_error_rule("y", y, want, R.lora_linear(x, Wd.to(dtype), b, A, B, 0.5))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 def test_cpu_gemv_dispatch_falls_back_outside_its_range(gen):
-    """M > 16, fp16 x, or blocks spanning rows: plain torch, still correct."""
-    for M, K, dtype in [(17, 64, torch.float32), (3, 64, torch.float16), (3, 96, torch.float32)]:
-        q = peftkern.quantize_4bit(torch.randn(9, K, generator=gen), "nf4", 64)
+    """M > 16 or blocks spanning rows: the panel path, still correct."""
+    for M, K, dtype in [(17, 64, torch.float32), (17, 64, torch.float16), (3, 96, torch.float32)]:
+        q, Wd = quantized(torch.randn(9, K, generator=gen), "nf4", 64)
         x = torch.randn(M, K, generator=gen).to(dtype)
         A, B = torch.randn(2, K, generator=gen).to(dtype), torch.randn(9, 2, generator=gen).to(dtype)
-        Wd = q.dequantize(torch.float32)
         with ops.use_backend("cpp"):
             y = ops.qlora_linear(x, q, None, A, B, 1.0)
         want = R.lora_linear(x.double(), Wd.double(), None, A.double(), B.double(), 1.0)
@@ -355,8 +389,7 @@ def test_cpu_panel_path_forward_and_dx_follow_error_rule(N, K, blocksize, qt, dq
     with blocks and nested blocks spanning rows and a short last panel)."""
     monkeypatch.setattr(ops.lora, "PANEL_ELEMS", 64)
     with ops.use_backend("cpp"):  # the interpreted Triton quantizer would only make this slow
-        q = peftkern.quantize_4bit(torch.randn(N, K, generator=gen) / K ** 0.5, qt, blocksize, dq)
-        Wd = q.dequantize(torch.float32)
+        q, Wd = quantized(torch.randn(N, K, generator=gen) / K ** 0.5, qt, blocksize, dq)
     x = torch.randn(2, 11, K, generator=gen).to(dtype)
     b = torch.randn(N, generator=gen).to(dtype)
     A = (torch.randn(4, K, generator=gen) / K ** 0.5).to(dtype)

@@ -125,9 +125,10 @@ def _peftkern_impls(build, supported: tuple[str, ...], device: str) -> list[Impl
     """"peftkern" (default dispatch), each other supported backend forced, and "torch-ref"."""
     avail = ops.available(torch.device(device))
     default = next((b for b in ("triton", "cuda", "cpp") if b in avail and b in supported), None)
+    others = [b for b in avail if b in supported and b != "reference"]
     impls = [Impl("peftkern", lambda: build(None))]
-    for b in avail:
-        if b in supported and b not in (default, "reference"):
+    for b in others:  # the default too when there are two (its forced time is the crossover's)
+        if b != default or len(others) > 1:
             impls.append(Impl(f"peftkern[{b}]", lambda b=b: build(b)))
     impls.append(Impl("torch-ref", lambda: build("reference")))
     return impls
@@ -194,7 +195,8 @@ def _linear_case(op, N, K, M, r, dtype, device, mode, quantized) -> Case:
         layer = _randomize_B(LoRALinear.from_linear(_linear(N, K, dtype, device), r=r, lora_alpha=2 * r))
         return _call(layer, x, mode, N, backend), N * K * elt
 
-    case.impls = _peftkern_impls(ours, ("triton", "cpp") if quantized else ("triton",), device)
+    backends = ("triton", "cuda", "cpp") if op == "decode" else ("triton", "cpp")  # cuda: M <= 16
+    case.impls = _peftkern_impls(ours, backends if quantized else ("triton",), device)
     if quantized:
         case.impls.append(Impl("dequant+mm", lambda: (_call(_DequantMM(N, K, r, dtype, device), x,
                                                             mode, N), w_bytes)))

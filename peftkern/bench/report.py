@@ -6,6 +6,8 @@ import math
 import os
 import re
 
+from ..ops import crossover
+
 COLUMNS = ["shape", "M", "r", "impl", "ms", "TFLOP/s", "GB/s", "% roofline", "peak extra MiB",
            "peftkern ×"]
 
@@ -121,6 +123,10 @@ def write(out, meta, rows, make_plots=True) -> str:
              for r in rows]   # strict JSON: no NaN
     with open(os.path.join(folder, "bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": clean}, f, indent=1)
+    entries = crossover.measured(rows)  # CUDA GEMV vs Triton, when both were timed on decode
+    if entries:
+        with open(os.path.join(folder, "crossover.json"), "w") as f:
+            json.dump({"device": meta["device"], "entries": entries}, f, indent=1)
     names = plots(folder, rows) if make_plots else []
     with open(os.path.join(folder, "bench.md"), "w") as f:
         f.write(markdown(meta, rows, names))

@@ -69,6 +69,11 @@ def use_backend(name: str | None):
         _state.forced = prev
 
 
+def forced() -> str | None:
+    """The backend forced by the innermost `use_backend` block, or None."""
+    return getattr(_state, "forced", None)
+
+
 def _warn_once(key: str, msg: str) -> None:
     if key not in _warned:
         _warned.add(key)
@@ -78,12 +83,12 @@ def _warn_once(key: str, msg: str) -> None:
 def pick(device: torch.device, supported=BACKENDS) -> str:
     """The backend for an op on `device`; `supported` lists the backends that implement it."""
     have = [b for b in available(device) if b in supported]
-    forced = getattr(_state, "forced", None)
-    if forced is not None:
-        if forced not in have:
-            raise RuntimeError(f"backend {forced!r} is not available for this op on {device.type} "
+    name = forced()
+    if name is not None:
+        if name not in have:
+            raise RuntimeError(f"backend {name!r} is not available for this op on {device.type} "
                                f"(available: {', '.join(have)})")
-        return forced
+        return name
     order = ("triton", "cuda") if device.type == "cuda" else \
         (("triton", "cpp") if interpreting() else ("cpp",))
     for name in order:

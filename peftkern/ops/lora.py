@@ -2,10 +2,11 @@
 
 Forward: `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`. On CUDA (or CPU under TRITON_INTERPRET=1) one
 Triton kernel does the base GEMM with the 4-bit weight decoded in-kernel and the LoRA term in
-the epilogue, after the small `xA` product. On CPU, a 4-bit forward with fp32 x, M <= 16 and
-in_features % blocksize == 0 runs the C++ fused GEMV (AVX-512/AVX2); larger batches and the
-backward dequantize the weight in cache-sized panels of rows through the C++ extension and
-multiply each panel at once, so no full-size dequantized weight is written (`_weight_panels`).
+the epilogue, after the small `xA` product. On CPU, a 4-bit forward with M <= 16 and
+in_features % blocksize == 0 runs the C++ fused GEMV (AVX-512/AVX2, fp32 inside, any float x);
+larger batches and the backward dequantize the weight in cache-sized panels of rows through the
+C++ extension and multiply each panel at once, so no full-size dequantized weight is written
+(`_weight_panels`).
 Without the extension, or with the reference backend forced, plain torch in the compute dtype.
 Backward: `dX` by the same fused kernel; `dA = s·(dY·B)ᵀ·drop(x)`, `dB = s·dYᵀ·xA` reuse the saved
 `xA`; the base weight is frozen. The custom ops take 2-D `x`; the public functions reshape.
@@ -20,11 +21,13 @@ import torch.nn.functional as F
 
 from .. import codes
 from ..validation import FLOAT_DTYPES, check_probability, check_tensor
-from .backends import EXT, pick
+from . import crossover
+from .backends import EXT, available, forced, pick
 from .quant import dequantize_4bit
 
 _BACKENDS = ("triton", "reference")  # dense base weight: no C++ CPU path (plain torch is BLAS)
-_QUANT_BACKENDS = ("triton", "cpp", "reference")
+# 4-bit weight. "cuda" is the CUDA decode GEMV (M <= 16); beyond it a forced "cuda" runs Triton.
+_QUANT_BACKENDS = ("triton", "cuda", "cpp", "reference")
 
 
 def _kernels():
@@ -36,8 +39,31 @@ def _dropped(x, mask):
     return x if mask is None else x * mask
 
 
-def _cpu_gemv_fits(x, blocksize) -> bool:
-    return x.dtype == torch.float32 and x.shape[0] <= 16 and x.shape[1] % blocksize == 0
+def _gemv_fits(x, blocksize) -> bool:
+    """The C++/CUDA decode GEMV's range: M <= 16, quantization blocks within rows."""
+    return x.shape[0] <= 16 and x.shape[1] % blocksize == 0
+
+
+def _without_cuda_kernel(device) -> str:
+    """What runs where the CUDA extension has no kernel (dX, M > 16): Triton, else the reference."""
+    return "triton" if "triton" in available(device) else "reference"
+
+
+def _quant_backend(x, blocksize, N) -> str:
+    """pick(), then the CUDA GEMV where it applies: forced, or by default where it was measured
+    faster than Triton on this GPU and shape (crossover.json)."""
+    backend = pick(x.device, _QUANT_BACKENDS)
+    fits = x.device.type == "cuda" and _gemv_fits(x, blocksize)
+    if backend == "cuda" and not fits:
+        return _without_cuda_kernel(x.device)
+    if backend == "triton" and fits and forced() is None and "cuda" in available(x.device) and \
+            0 < x.shape[0] <= crossover.cuda_gemv_max_m(x.device, N, x.shape[1]):
+        return "cuda"
+    return backend
+
+
+def _f32(t):
+    return None if t is None else t.float().contiguous()
 
 
 PANEL_ELEMS = 1 << 20  # CPU: dequantize ~4 MB of fp32 weight at a time, so it stays in cache
@@ -107,18 +133,24 @@ def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     xa = _dropped(x, mask) @ lora_A.t()
     K = x.shape[1]
-    backend = pick(x.device, _QUANT_BACKENDS)
+    backend = _quant_backend(x, blocksize, out_features)
     packed = data.reshape(-1).view(torch.uint8)
-    if backend == "triton":
-        q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
-        y = _kernels().lora_matmul(x, packed, q, xa, lora_B.t(), scaling, None, bias,
-                                   stride_wq=1, stride_wp=K, P=out_features)
-    elif backend == "cpp" and _cpu_gemv_fits(x, blocksize):
-        # C++ fused decode GEMV (csrc/cpu/qlora_gemv.cpp): fp32, M <= 16, blocks within rows
+    if backend == "cuda":  # CUDA decode GEMV (csrc/cuda/qlora_gemv.cu), x's dtype throughout
         y = EXT.qlora_gemv(x.contiguous(), packed, absmax, absmax2, code8,
                            None if offset is None else offset.reshape(1),
                            codes.QUANT_TYPE_ID[quant_type], blocksize, out_features, bias,
                            xa.contiguous(), lora_B.contiguous(), float(scaling))
+    elif backend == "triton":
+        q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
+        y = _kernels().lora_matmul(x, packed, q, xa, lora_B.t(), scaling, None, bias,
+                                   stride_wq=1, stride_wp=K, P=out_features)
+    elif backend == "cpp" and _gemv_fits(x, blocksize):
+        # C++ fused decode GEMV (csrc/cpu/qlora_gemv.cpp): M <= 16, blocks within rows. It
+        # computes in fp32; 16-bit activations are converted (small: M rows) and y rounded once.
+        y = EXT.qlora_gemv(_f32(x), packed, absmax, absmax2, code8,
+                           None if offset is None else offset.reshape(1),
+                           codes.QUANT_TYPE_ID[quant_type], blocksize, out_features, _f32(bias),
+                           _f32(xa), _f32(lora_B), float(scaling)).to(x.dtype)
     elif backend == "cpp":  # larger batches: panel by panel, each panel dequantized in cache
         x32 = x.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
         y = torch.cat([F.linear(x32, w) for _, _, w in _weight_panels(
@@ -141,6 +173,8 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                     mask: Optional[torch.Tensor]) -> torch.Tensor:
     N = dy.shape[1]
     backend = pick(dy.device, _QUANT_BACKENDS)
+    if backend == "cuda":
+        backend = _without_cuda_kernel(dy.device)
     if backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
         return _kernels().lora_matmul(dy, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,
