@@ -73,7 +73,7 @@ setup(
     description="Fused Triton and C++/CUDA kernels for LoRA, QLoRA and AdaLoRA",
     packages=_packages(),
     package_dir={"peftkern.kernels": "kernels"},
-    package_data={"peftkern.ops": ["crossover.json"]},  # measured CUDA/Triton crossovers
+    package_data={"peftkern.ops": ["tuning.json"]},  # choices measured per GPU
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "numpy", "safetensors"],
     extras_require={

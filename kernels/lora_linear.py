@@ -80,27 +80,42 @@ def _lora_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-def _config(M: int, P: int, Q: int, R: int) -> dict:
-    """Tile sizes: a small-M (decode, M <= 16) shape and a large-M shape.
+# Tile configurations a GPU tuning run chooses from (`python -m peftkern.bench.tune`), per batch
+# regime. Small M (decode): narrow N tiles, so that a 4096-wide layer still gives a few hundred
+# programs, and long K steps. The tuned choice per GPU and shape lives in peftkern/ops/tuning.json;
+# one fixed config per shape keeps results the same from run to run.
+SMALL_M = 16
+CANDIDATES = {
+    "small": [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
+              for n, k, w, st in [(64, 128, 4, 3), (32, 128, 2, 3), (32, 256, 4, 3), (64, 256, 4, 4),
+                                  (128, 64, 4, 3), (128, 128, 8, 3), (16, 256, 2, 4), (32, 512, 4, 2)]],
+    "large": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
+              for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+                                        (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+                                        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
+                                        (256, 128, 64, 8, 3), (64, 256, 32, 4, 4)]],
+}
 
-    Chosen by rule, not yet by autotuning on a GPU (no GPU was available to measure them).
-    """
-    block_r = max(16, triton.next_power_of_2(R))
+
+def regime(M: int) -> str:
+    return "small" if M <= SMALL_M else "large"
+
+
+def _config(M: int) -> dict:
+    """Tile sizes when no tuned entry exists: the first candidate of the regime (a rule, unmeasured)."""
     if _INTERPRET:  # the interpreter's cost is per program: few, larger tiles
-        return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64,
-                    BLOCK_R=block_r)
-    if M <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, BLOCK_R=block_r, num_warps=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, BLOCK_R=block_r, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64)
+    return CANDIDATES[regime(M)][0]
 
 
 def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=None, *,
-                stride_wq: int, stride_wp: int, P: int):
+                stride_wq: int, stride_wp: int, P: int, config: dict | None = None):
     """Launch the fused kernel; see the module docstring.
 
     `weight` is the dense weight, or the packed uint8 codes when `wq` holds the 4-bit state
     `(absmax, absmax2, code8, offset, table, blocksize)`; `wq` is None for a dense weight.
-    `L` is [M, R] and `R2` is [R, P]; both in the activation dtype.
+    `L` is [M, R] and `R2` is [R, P]; both in the activation dtype. `config` (tile sizes, warps,
+    stages) overrides the rule-based choice; the interpreter ignores warps and stages.
     """
     M, Q = inp.shape
     R = L.shape[1]
@@ -112,7 +127,9 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     nested = quant and absmax2 is not None
     if not nested:
         absmax2 = code8 = offset = absmax
-    cfg = _config(M, P, Q, R)
+    cfg = dict(config or _config(M), BLOCK_R=max(16, triton.next_power_of_2(R)))
+    if _INTERPRET:
+        cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_N"]))
     m = mask if mask is not None else out
     _lora_matmul_kernel[grid](

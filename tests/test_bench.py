@@ -89,10 +89,10 @@ def _has_matplotlib():
     return True
 
 
-def test_crossover_from_bench_rows(tmp_path, monkeypatch):
+def test_tuning_table_from_measurements(tmp_path, monkeypatch):
     """The CUDA/Triton crossover is the largest M up to which CUDA won at every measured M; adopt()
-    merges it into the package table, which then answers for the nearest measured weight size."""
-    from peftkern.ops import crossover
+    merges measured sections into the package table, which answers for the nearest measured size."""
+    from peftkern.ops import tuning
 
     def row(N, M, impl, ms):
         return {"op": "decode", "N": N, "K": 4096, "M": M, "impl": impl, "ms": ms}
@@ -102,19 +102,34 @@ def test_crossover_from_bench_rows(tmp_path, monkeypatch):
             row(1024, 1, "peftkern[cuda]", 2.0), row(1024, 1, "peftkern[triton]", 1.0),
             row(1024, 4, "peftkern[cuda]", 0.5), row(1024, 4, "peftkern[triton]", 1.0),
             {"op": "qlora_fwd", "N": 4096, "K": 4096, "M": 128, "impl": "peftkern", "ms": 1.0}]
-    assert crossover.measured(rows) == [{"N": 1024, "K": 4096, "max_M": 0},
-                                        {"N": 4096, "K": 4096, "max_M": 4}]
-    table = tmp_path / "crossover.json"
+    gemv = tuning.cuda_gemv_entries(rows)
+    assert gemv == [{"N": 1024, "K": 4096, "max_M": 0}, {"N": 4096, "K": 4096, "max_M": 4}]
+    table = tmp_path / "tuning.json"
     table.write_text('{"devices": {}}')
-    monkeypatch.setattr(crossover, "TABLE", str(table))
-    crossover._devices.cache_clear()
-    found = tmp_path / "found.json"
-    found.write_text(json.dumps({"device": "GPU X", "entries": crossover.measured(rows)}))
-    crossover.adopt(str(found))
+    monkeypatch.setattr(tuning, "TABLE", str(table))
+    tuning._devices.cache_clear()
+    tuning.write(str(tmp_path / "a.json"), "GPU X", "cuda_gemv", gemv)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
+    tuning.write(str(tmp_path / "b.json"), "GPU X", "lora_matmul", [
+        {"op": "fwd", "quant": True, "M": 1, "N": 4096, "K": 4096, "config": cfg},
+        {"op": "fwd", "quant": True, "M": 2048, "N": 4096, "K": 4096, "config": {"BLOCK_M": 128}}])
+    tuning.adopt(str(tmp_path / "a.json"))
+    tuning.adopt(str(tmp_path / "b.json"))   # a second section keeps the first
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
-    assert crossover.cuda_gemv_max_m("cuda", 4096, 4096) == 4
-    assert crossover.cuda_gemv_max_m("cuda", 14336, 4096) == 4   # nearest: 4096 x 4096
-    assert crossover.cuda_gemv_max_m("cuda", 1024, 2048) == 0    # nearest: 1024 x 4096
+    assert tuning.cuda_gemv_max_m("cuda", 4096, 4096) == 4
+    assert tuning.cuda_gemv_max_m("cuda", 14336, 4096) == 4   # nearest: 4096 x 4096
+    assert tuning.cuda_gemv_max_m("cuda", 1024, 2048) == 0    # nearest: 1024 x 4096
+    assert tuning.lora_matmul_config("cuda", "fwd", True, 8, 1024, 4096) == cfg
+    assert tuning.lora_matmul_config("cuda", "fwd", True, 4096, 1024, 4096) == {"BLOCK_M": 128}
+    assert tuning.lora_matmul_config("cuda", "dx", True, 8, 1024, 4096) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
-    assert crossover.cuda_gemv_max_m("cuda", 4096, 4096) == 0    # not measured: Triton
-    crossover._devices.cache_clear()
+    assert tuning.cuda_gemv_max_m("cuda", 4096, 4096) == 0    # not measured: Triton
+    assert tuning.lora_matmul_config("cuda", "fwd", True, 1, 4096, 4096) is None
+    tuning._devices.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_tune_refuses_without_gpu(capsys):
+    from peftkern.bench import tune
+    assert tune.main(["--quick"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -90,8 +90,8 @@ def test_cuda_decode_gemv_misaligned_inputs(gen):
 
 @needs_cuda_ext
 def test_default_dispatch_follows_the_measured_crossover(gen, monkeypatch):
-    """Triton by default; the CUDA GEMV only where crossover.json says it won (M <= max_M)."""
-    from peftkern.ops import crossover, lora
+    """Triton by default; the CUDA GEMV only where tuning.json says it won (M <= max_M)."""
+    from peftkern.ops import lora, tuning
     calls = []
 
     class Spy:
@@ -100,7 +100,7 @@ def test_default_dispatch_follows_the_measured_crossover(gen, monkeypatch):
             return (lambda *a: calls.append(a[0].shape[0]) or op(*a)) if name == "qlora_gemv" else op
 
     monkeypatch.setattr(lora, "EXT", Spy())
-    monkeypatch.setattr(crossover, "cuda_gemv_max_m", lambda device, N, K: 4)
+    monkeypatch.setattr(tuning, "cuda_gemv_max_m", lambda device, N, K: 4)
     q, _ = _quantized(64, 256, "nf4", 64, True, gen)
     A, B = torch.randn(4, 256, device="cuda"), torch.randn(64, 4, device="cuda")
     for M in (1, 4, 5, 16, 17):

@@ -93,6 +93,36 @@ def test_forward_and_gradients_follow_error_rule(backend, weight_kind, dt, varia
             assert_error_rule(name, g, o, t)
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (interpreter)")
+@pytest.mark.parametrize("regime, M", [("small", 3), ("large", 40)])
+@pytest.mark.parametrize("weight_kind", ["dense", "nf4-dq"])
+def test_every_candidate_tile_config_is_correct(regime, M, weight_kind, gen, monkeypatch):
+    """Each configuration a GPU tuning run may pick (CANDIDATES in kernels/lora_linear.py), forced
+    through the op as a tuned entry would be: forward and gradients follow the error rule (the
+    interpreter checks the tiling; warps and stages only matter on a GPU)."""
+    from peftkern.kernels.lora_linear import CANDIDATES
+    W32, q, x, A, B, b, _, dy = _inputs(gen, weight_kind, torch.float32, M, 8, 45, 100, True, 0.0,
+                                        "2d")
+
+    def ours(x_, A_, B_, b_):
+        if q is None:
+            return ops.lora_linear(x_, W32, b_, A_, B_, 0.5)
+        return ops.qlora_linear(x_, q, b_, A_, B_, 0.5)
+
+    def ref(dtype_):
+        cast = [t.to(dtype_) for t in (x, A, B, b)]
+        return _run(lambda *t: R.lora_linear(t[0], W32.to(dtype_), t[3], t[1], t[2], 0.5),
+                    *cast, dy.to(dtype_))
+
+    oracle, baseline = ref(torch.float64), ref(torch.float32)
+    for cfg in CANDIDATES[regime]:
+        monkeypatch.setattr(ops.lora, "_tuned", lambda *args, cfg=cfg: cfg)
+        with ops.use_backend("triton"):
+            got = _run(ours, x, A, B, b, dy)
+        for name, g, o, t in zip(["y", "dx", "dA", "dB", "dbias"], got, oracle, baseline):
+            assert_error_rule(f"{name} {cfg}", g, o, t)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_random_on_lora_branch_only(backend, gen):
     lin = torch.nn.Linear(40, 24)

@@ -6,7 +6,7 @@ import math
 import os
 import re
 
-from ..ops import crossover
+from ..ops import tuning
 
 COLUMNS = ["shape", "M", "r", "impl", "ms", "TFLOP/s", "GB/s", "% roofline", "peak extra MiB",
            "peftkern ×"]
@@ -123,10 +123,10 @@ def write(out, meta, rows, make_plots=True) -> str:
              for r in rows]   # strict JSON: no NaN
     with open(os.path.join(folder, "bench.json"), "w") as f:
         json.dump({"meta": meta, "rows": clean}, f, indent=1)
-    entries = crossover.measured(rows)  # CUDA GEMV vs Triton, when both were timed on decode
+    entries = tuning.cuda_gemv_entries(rows)  # CUDA GEMV vs Triton, when both were timed on decode
     if entries:
-        with open(os.path.join(folder, "crossover.json"), "w") as f:
-            json.dump({"device": meta["device"], "entries": entries}, f, indent=1)
+        tuning.write(os.path.join(folder, "tuning_cuda_gemv.json"), meta["device"], "cuda_gemv",
+                     entries)
     names = plots(folder, rows) if make_plots else []
     with open(os.path.join(folder, "bench.md"), "w") as f:
         f.write(markdown(meta, rows, names))

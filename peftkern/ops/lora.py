@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import codes
 from ..validation import FLOAT_DTYPES, check_probability, check_tensor
-from . import crossover
+from . import tuning
 from .backends import EXT, available, forced, pick
 from .quant import dequantize_4bit
 
@@ -51,15 +51,22 @@ def _without_cuda_kernel(device) -> str:
 
 def _quant_backend(x, blocksize, N) -> str:
     """pick(), then the CUDA GEMV where it applies: forced, or by default where it was measured
-    faster than Triton on this GPU and shape (crossover.json)."""
+    faster than Triton on this GPU and shape (tuning.json)."""
     backend = pick(x.device, _QUANT_BACKENDS)
     fits = x.device.type == "cuda" and _gemv_fits(x, blocksize)
     if backend == "cuda" and not fits:
         return _without_cuda_kernel(x.device)
     if backend == "triton" and fits and forced() is None and "cuda" in available(x.device) and \
-            0 < x.shape[0] <= crossover.cuda_gemv_max_m(x.device, N, x.shape[1]):
+            0 < x.shape[0] <= tuning.cuda_gemv_max_m(x.device, N, x.shape[1]):
         return "cuda"
     return backend
+
+
+def _tuned(t, op, quant, N, K):
+    """The Triton configuration tuned for this GPU, pass and weight shape (None: the rule)."""
+    if t.device.type != "cuda":
+        return None
+    return tuning.lora_matmul_config(t.device, op, quant, t.shape[0], N, K)
 
 
 def _f32(t):
@@ -105,7 +112,8 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if pick(x.device, _BACKENDS) == "triton":
         y = _kernels().lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
                                    stride_wq=weight.stride(1), stride_wp=weight.stride(0),
-                                   P=weight.shape[0])
+                                   P=weight.shape[0],
+                                   config=_tuned(x, "fwd", False, *weight.shape))
     else:
         y = F.linear(x, weight, bias) + scaling * (xa @ lora_B.t())
     return y, xa
@@ -117,7 +125,8 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
     if pick(dy.device, _BACKENDS) == "triton":
         return _kernels().lora_matmul(dy, weight, None, dyb, lora_A, scaling, mask, None,
                                       stride_wq=weight.stride(0), stride_wp=weight.stride(1),
-                                      P=weight.shape[1])
+                                      P=weight.shape[1],
+                                      config=_tuned(dy, "dx", False, *weight.shape))
     return dy @ weight + _dropped(scaling * (dyb @ lora_A), mask)
 
 
@@ -143,7 +152,8 @@ def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
     elif backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
         y = _kernels().lora_matmul(x, packed, q, xa, lora_B.t(), scaling, None, bias,
-                                   stride_wq=1, stride_wp=K, P=out_features)
+                                   stride_wq=1, stride_wp=K, P=out_features,
+                                   config=_tuned(x, "fwd", True, out_features, K))
     elif backend == "cpp" and _gemv_fits(x, blocksize):
         # C++ fused decode GEMV (csrc/cpu/qlora_gemv.cpp): M <= 16, blocks within rows. It
         # computes in fp32; 16-bit activations are converted (small: M rows) and y rounded once.
@@ -179,7 +189,8 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
         return _kernels().lora_matmul(dy, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,
                                       scaling, mask, None, stride_wq=in_features, stride_wp=1,
-                                      P=in_features)
+                                      P=in_features,
+                                      config=_tuned(dy, "dx", True, N, in_features))
     if backend == "cpp":  # dX = sum over panels of dY[:, panel]·W[panel], accumulated in fp32
         dy32, dx = dy.float(), dy.new_zeros(dy.shape[0], in_features, dtype=torch.float32)
         for n0, n1, w in _weight_panels(data, absmax, absmax2, code8, offset, quant_type, blocksize,
