@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from peftkern.bench import cases, cli, sweep
+# tune imports the Triton kernels: here, while TRITON_INTERPRET=1 (the fixture below unsets it)
+from peftkern.bench import cases, cli, sweep, tune
 
 
 @pytest.fixture(autouse=True)
@@ -130,6 +131,5 @@ def test_tuning_table_from_measurements(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_tune_refuses_without_gpu(capsys):
-    from peftkern.bench import tune
     assert tune.main(["--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
