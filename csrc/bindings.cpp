@@ -178,8 +178,8 @@ std::pair<bool, int64_t> check_gemv_args(const at::Tensor& x, const at::Tensor& 
                                          const std::optional<at::Tensor>& lora_B) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "peftkern_C: x must be a contiguous matrix");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M <= peftkern::cpu::kMaxGemvRows, "peftkern_C: qlora_gemv takes at most ",
-              peftkern::cpu::kMaxGemvRows, " rows, got ", M);
+  TORCH_CHECK(M <= peftkern::kMaxGemvRows, "peftkern_C: qlora_gemv takes at most ",
+              peftkern::kMaxGemvRows, " rows, got ", M);
   check_args(quant_type, blocksize);
   TORCH_CHECK(K % blocksize == 0, "peftkern_C: in_features (", K,
               ") must be a multiple of blocksize (", blocksize, ")");

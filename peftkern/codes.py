@@ -13,6 +13,7 @@ QUANT_TYPES = ("nf4", "fp4")
 QUANT_TYPE_ID = {"nf4": 0, "fp4": 1}  # the integer the C++/Triton kernels take
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bnb's blocksize for the 8-bit quantization of absmax (double quant)
+GEMV_MAX_ROWS = 16  # the C++/CUDA decode GEMVs take M <= 16 (kMaxGemvRows in codes.h)
 
 NF4 = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,

@@ -338,6 +338,20 @@ def test_refuses_bad_arguments():
                             torch.zeros(1), 0, 64, 128, torch.float32)
 
 
+def test_gemv_row_limit_matches_python():
+    """The GEMV's M limit (kMaxGemvRows in codes.h) is the one peftkern.codes dispatches by."""
+    rows = codes.GEMV_MAX_ROWS
+    packed, absmax = OPS.quantize_4bit(torch.randn(8 * 64), 0, 64)
+    for M in (rows, rows + 1):
+        call = lambda: OPS.qlora_gemv(torch.randn(M, 64), packed, absmax, None, None, None, 0, 64,
+                                      8, None, None, None, 1.0)
+        if M <= rows:
+            assert call().shape == (M, 8)
+        else:
+            with pytest.raises(RuntimeError, match=f"takes at most {rows} rows"):
+                call()
+
+
 # ---------------------------------------------------------------------------------------------
 # The CUDA compile check: part of the README's test command, so CI runs it.
 @pytest.mark.skipif(shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"),

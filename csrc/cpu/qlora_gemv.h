@@ -2,9 +2,9 @@
 #pragma once
 #include <stdint.h>
 
-namespace peftkern::cpu {
+#include "peftkern/codes.h"  // kMaxGemvRows
 
-constexpr int64_t kMaxGemvRows = 16;  // M <= 16: the decode regime this kernel is for
+namespace peftkern::cpu {
 
 struct GemvArgs {
   const float* x;        // [M, K] fp32, contiguous

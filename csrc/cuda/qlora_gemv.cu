@@ -33,7 +33,7 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kMaxRows = 16;  // M
+constexpr int kMaxRows = kMaxGemvRows;  // M (codes.h)
 constexpr int kMinBlocksize = 32, kMaxBlocksize = 4096;
 constexpr int kChunkCodes = 32;  // codes per 16-byte chunk
 constexpr int64_t kMaxK = int64_t(1) << 27;  // keeps chunk indices and m * K + k in 32 bits

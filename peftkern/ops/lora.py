@@ -41,7 +41,7 @@ def _dropped(x, mask):
 
 def _gemv_fits(x, blocksize) -> bool:
     """The C++/CUDA decode GEMV's range: M <= 16, quantization blocks within rows."""
-    return x.shape[0] <= 16 and x.shape[1] % blocksize == 0
+    return x.shape[0] <= codes.GEMV_MAX_ROWS and x.shape[1] % blocksize == 0
 
 
 def _without_cuda_kernel(device) -> str:

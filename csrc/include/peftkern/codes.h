@@ -14,6 +14,7 @@ namespace peftkern {
 
 enum QuantType : int { kNF4 = 0, kFP4 = 1 };
 constexpr int kNestedBlocksize = 256;  // blocksize of the 8-bit quantization of absmax
+constexpr int kMaxGemvRows = 16;       // the CPU and CUDA decode GEMVs take M <= 16 rows of x
 
 // Values of codes 0..15 as fp32, bit-equal to peftkern.codes.code_table (exact hex-float literals).
 #define PEFTKERN_NF4_VALUES                                                                \
