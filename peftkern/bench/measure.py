@@ -65,7 +65,9 @@ def peak_extra_mib(fn, device: str):
 
 
 def roofline(device: str, dtype: torch.dtype) -> dict:
-    """Memory bandwidth and the matmul rate in `dtype` (TFLOP/s), measured now.
+    """Memory bandwidth and the matmul rate (TFLOP/s), measured now: in `dtype` on GPUs, in fp32 on
+    CPUs (the FMA units' rate; without AMX a CPU's 16-bit GEMM is far slower than its hardware,
+    0.0003 TFLOP/s in bf16 on the 2-core EPYC, which made % roofline meaningless).
 
     Bandwidth is measured two ways, a copy (bytes read + written) and a read-only sum; the ops
     here mostly read, and on CPUs a copy also pays for write-allocate, so `memory_GBps`, the
@@ -76,6 +78,7 @@ def roofline(device: str, dtype: torch.dtype) -> dict:
     read_ms = median_ms(lambda: a.sum(), device, min_time_s=0.5)
     del a
     s = 8192 if device == "cuda" else 2048
+    dtype = dtype if device == "cuda" else torch.float32
     m = torch.randn(s, s, dtype=dtype, device=device)
     mm_ms = median_ms(lambda: m @ m, device, min_time_s=1.0)
     copy, read = 2 * n / copy_ms / 1e6, n / read_ms / 1e6
