@@ -1,12 +1,14 @@
 """Triton kernels: the fused (Q)LoRA linear, forward and input-gradient, dense or 4-bit base.
 
-One kernel computes `out[M, P] = inp[M, Q] · Wop[Q, P] + s · (L[M, R] · R2[R, P]) [⊙ mask] + bias`.
+One kernel computes `out[M, P] = inp[M, Q] · Wop[Q, P] + s · (L[M, R] · R2[R, P]) [⊙ mask] + bias`
+(with split-K, a tuned option for small M, a second launch adds the K-slices and the epilogue).
 `Wop` is the base weight `W [N, K]` addressed through two strides, so the same code serves
   forward:  inp = x,  Wop = Wᵀ (q=k, p=n), L = xA = drop(x)·Aᵀ, R2 = Bᵀ, + bias
   backward: inp = dY, Wop = W  (q=n, p=k), L = dY·B,           R2 = A,  ⊙ dropout mask
 and a 4-bit weight is decoded tile by tile inside the K loop (never written to global memory),
 with plain or double-quantized absmax. The LoRA term is added in the epilogue.
-Deterministic: every output tile is owned by one program, no atomics.
+Deterministic: every output tile is owned by one program (split-K partials are added in a fixed
+order by the second launch), no atomics.
 """
 from __future__ import annotations
 
@@ -32,33 +34,13 @@ def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
 
 
 @triton.jit
-def _lora_matmul_kernel(
-        inp_ptr, M, Q, stride_im, stride_iq,
-        w_ptr, P, stride_wq, stride_wp,
-        absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, blocksize,
-        l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
-        mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
-        QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+def _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
+              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
+              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+              BLOCK_R: tl.constexpr):
+    """out = acc + s·(L·R2) [⊙ mask] + bias, for the tile (offs_m, offs_p); L = xA (forward) or
+    dY·B (backward), precomputed."""
     rows = offs_m[:, None].to(tl.int64)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_K):
-        offs_q = q0 + tl.arange(0, BLOCK_K)
-        a = tl.load(inp_ptr + rows * stride_im + offs_q[None, :] * stride_iq,
-                    mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
-        w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                         blocksize, offs_q, offs_p, Q, P, stride_wq, stride_wp, QUANT, NESTED)
-        # The weight is rounded to the activation dtype first, as dequantize-then-matmul does.
-        if IEEE:
-            acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w.to(a.dtype))
-    # Epilogue: the low-rank term from the precomputed L = xA (forward) or dY·B (backward).
     offs_r = tl.arange(0, BLOCK_R)
     lo = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
@@ -80,20 +62,87 @@ def _lora_matmul_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+@triton.jit
+def _lora_matmul_kernel(
+        inp_ptr, M, Q, stride_im, stride_iq,
+        w_ptr, P, stride_wq, stride_wp,
+        absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, blocksize,
+        l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
+        mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op, ws_ptr,
+        QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m[:, None].to(tl.int64)
+    # Split-K: program (.., .., s) sums K-slice s, a whole number of BLOCK_K steps long.
+    span = tl.cdiv(tl.cdiv(Q, SPLIT_K), BLOCK_K) * BLOCK_K
+    q_lo = tl.program_id(2) * span
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for q0 in range(q_lo, tl.minimum(Q, q_lo + span), BLOCK_K):
+        offs_q = q0 + tl.arange(0, BLOCK_K)
+        a = tl.load(inp_ptr + rows * stride_im + offs_q[None, :] * stride_iq,
+                    mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
+        w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                         blocksize, offs_q, offs_p, Q, P, stride_wq, stride_wp, QUANT, NESTED)
+        # The weight is rounded to the activation dtype first, as dequantize-then-matmul does.
+        if IEEE:
+            acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(a, w.to(a.dtype))
+    if SPLIT_K == 1:
+        _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
+                  stride_rp, R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr,
+                  stride_om, stride_op, HAS_MASK, HAS_BIAS, IEEE, BLOCK_R)
+    else:  # fp32 partial sums to ws[s, m, p]; _split_k_epilogue_kernel adds them in order
+        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * P + rows * P + offs_p[None, :]
+        tl.store(ws, acc, mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
+
+
+@triton.jit
+def _split_k_epilogue_kernel(
+        ws_ptr, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
+        mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Sum the SPLIT_K partials in a fixed order (deterministic: no atomics), then the epilogue."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = offs_m[:, None].to(tl.int64) * P + offs_p[None, :]
+    valid = (offs_m[:, None] < M) & (offs_p[None, :] < P)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * M * P + idx, mask=valid, other=0.0)
+    _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
+              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
+              HAS_MASK, HAS_BIAS, IEEE, BLOCK_R)
+
+
 # Tile configurations a GPU tuning run chooses from (`python -m peftkern.bench.tune`), per batch
 # regime. Small M (decode): narrow N tiles, so that a 4096-wide layer still gives a few hundred
-# programs, and long K steps. The tuned choice per GPU and shape lives in peftkern/ops/tuning.json;
-# one fixed config per shape keeps results the same from run to run.
+# programs, long K steps, and split-K (SPLIT_K programs per output tile, each summing a slice of K
+# into an fp32 workspace that a second launch adds up in fixed order: more programs in flight for
+# narrow layers, at the cost of that launch). The tuned choice per GPU and shape lives in
+# peftkern/ops/tuning.json; one fixed config per shape keeps results the same from run to run.
 SMALL_M = 16
+
+
+def _configs(rows, split_k=1):
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    return [dict(zip(keys, r), **({"SPLIT_K": split_k} if split_k > 1 else {})) for r in rows]
+
+
 CANDIDATES = {
-    "small": [dict(BLOCK_M=16, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=st)
-              for n, k, w, st in [(64, 128, 4, 3), (32, 128, 2, 3), (32, 256, 4, 3), (64, 256, 4, 4),
-                                  (128, 64, 4, 3), (128, 128, 8, 3), (16, 256, 2, 4), (32, 512, 4, 2)]],
-    "large": [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=w, num_stages=st)
-              for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
-                                        (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
-                                        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
-                                        (256, 128, 64, 8, 3), (64, 256, 32, 4, 4)]],
+    "small": _configs([(16, 64, 128, 4, 3), (16, 32, 128, 2, 3), (16, 32, 256, 4, 3),
+                       (16, 64, 256, 4, 4), (16, 128, 64, 4, 3), (16, 128, 128, 8, 3),
+                       (16, 16, 256, 2, 4), (16, 32, 512, 4, 2)])
+    + _configs([(16, 64, 128, 4, 3)], split_k=4) + _configs([(16, 32, 128, 4, 3)], split_k=8)
+    + _configs([(16, 64, 256, 4, 3)], split_k=2),
+    "large": _configs([(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 3),
+                       (128, 64, 64, 4, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
+                       (256, 128, 64, 8, 3), (64, 256, 32, 4, 4)]),
 }
 
 
@@ -102,7 +151,7 @@ def regime(M: int) -> str:
 
 
 def _config(M: int) -> dict:
-    """Tile sizes when no tuned entry exists: the first candidate of the regime (a rule, unmeasured)."""
+    """Tiles when no tuned entry exists: the regime's first candidate (a rule, unmeasured)."""
     if _INTERPRET:  # the interpreter's cost is per program: few, larger tiles
         return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64)
     return CANDIDATES[regime(M)][0]
@@ -127,18 +176,24 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     nested = quant and absmax2 is not None
     if not nested:
         absmax2 = code8 = offset = absmax
-    cfg = dict(config or _config(M), BLOCK_R=max(16, triton.next_power_of_2(R)))
+    cfg = {"SPLIT_K": 1, **(config or _config(M)), "BLOCK_R": max(16, triton.next_power_of_2(R))}
     if _INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
+    split = cfg["SPLIT_K"]
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_N"]))
+    ws = torch.empty((split, M, P), dtype=torch.float32, device=inp.device) if split > 1 else out
     m = mask if mask is not None else out
-    _lora_matmul_kernel[grid](
-        inp, M, Q, inp.stride(0), inp.stride(1),
-        weight, P, stride_wq, stride_wp,
-        absmax, absmax2, code8, offset, table, blocksize,
-        L, L.stride(0), L.stride(1), R2, R2.stride(0), R2.stride(1), R, float(scaling),
-        m, m.stride(0), m.stride(1), bias if bias is not None else out, out, out.stride(0),
-        out.stride(1),
-        QUANT=quant, NESTED=nested, HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-        IEEE=inp.dtype == torch.float32, **cfg)
+    epilogue_args = (L, L.stride(0), L.stride(1), R2, R2.stride(0), R2.stride(1), R, float(scaling),
+                     m, m.stride(0), m.stride(1), bias if bias is not None else out, out,
+                     out.stride(0), out.stride(1))
+    flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
+                 IEEE=inp.dtype == torch.float32)
+    _lora_matmul_kernel[grid + (split,)](
+        inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
+        absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
+        QUANT=quant, NESTED=nested, **flags, **cfg)
+    if split > 1:
+        _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
+                                       BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+                                       SPLIT_K=split)
     return out

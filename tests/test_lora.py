@@ -94,14 +94,15 @@ def test_forward_and_gradients_follow_error_rule(backend, weight_kind, dt, varia
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (interpreter)")
-@pytest.mark.parametrize("regime, M", [("small", 3), ("large", 40)])
+@pytest.mark.parametrize("regime, M, N, K", [("small", 3, 150, 300), ("large", 40, 45, 100)])
 @pytest.mark.parametrize("weight_kind", ["dense", "nf4-dq"])
-def test_every_candidate_tile_config_is_correct(regime, M, weight_kind, gen, monkeypatch):
+def test_every_candidate_tile_config_is_correct(regime, M, N, K, weight_kind, gen, monkeypatch):
     """Each configuration a GPU tuning run may pick (CANDIDATES in kernels/lora_linear.py), forced
     through the op as a tuned entry would be: forward and gradients follow the error rule (the
-    interpreter checks the tiling; warps and stages only matter on a GPU)."""
+    interpreter checks the tiling and split-K, whose slices here span several BLOCK_K steps and
+    end mid-tile in both passes; warps and stages only matter on a GPU)."""
     from peftkern.kernels.lora_linear import CANDIDATES
-    W32, q, x, A, B, b, _, dy = _inputs(gen, weight_kind, torch.float32, M, 8, 45, 100, True, 0.0,
+    W32, q, x, A, B, b, _, dy = _inputs(gen, weight_kind, torch.float32, M, 8, N, K, True, 0.0,
                                         "2d")
 
     def ours(x_, A_, B_, b_):

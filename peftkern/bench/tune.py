@@ -1,4 +1,4 @@
-"""`python -m peftkern.bench.tune`: pick the Triton tile configuration per pass and shape on this GPU.
+"""`python -m peftkern.bench.tune`: pick the Triton tile config per pass and shape on this GPU.
 
 For each weight shape (Llama-3-8B's linears), batch size M, pass (forward "fwd", input gradient
 "dx") and weight kind (NF4 + double quant, dense), every candidate configuration of
@@ -72,7 +72,8 @@ def tune(shapes, Ms, r, dtype) -> tuple[list[dict], list[dict]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m peftkern.bench.tune", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m peftkern.bench.tune",
+                                description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="4096x4096 at M in 1, 2048 only")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--out", default=os.path.join("benchmarks", "results"))
