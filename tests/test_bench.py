@@ -108,7 +108,7 @@ def test_tuning_table_from_measurements(tmp_path, monkeypatch):
     table = tmp_path / "tuning.json"
     table.write_text('{"devices": {}}')
     monkeypatch.setattr(tuning, "TABLE", str(table))
-    tuning._devices.cache_clear()
+    tuning.clear_caches()
     tuning.write(str(tmp_path / "a.json"), "GPU X", "cuda_gemv", gemv)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
     tuning.write(str(tmp_path / "b.json"), "GPU X", "lora_matmul", [
@@ -126,7 +126,7 @@ def test_tuning_table_from_measurements(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU Y")
     assert tuning.cuda_gemv_max_m("cuda", 4096, 4096) == 0    # not measured: Triton
     assert tuning.lora_matmul_config("cuda", "fwd", True, 1, 4096, 4096) is None
-    tuning._devices.cache_clear()
+    tuning.clear_caches()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")

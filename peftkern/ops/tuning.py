@@ -31,8 +31,8 @@ def _devices() -> dict:
         return json.load(f)["devices"]
 
 
-def _entries(device, section: str) -> list[dict]:
-    return _devices().get(torch.cuda.get_device_name(device), {}).get(section, [])
+def _entries(name: str, section: str) -> list[dict]:
+    return _devices().get(name, {}).get(section, [])
 
 
 def _log_gap(a: float, b: float) -> float:
@@ -41,19 +41,36 @@ def _log_gap(a: float, b: float) -> float:
 
 def cuda_gemv_max_m(device, N: int, K: int) -> int:
     """The largest M for which the CUDA GEMV is the measured winner on this GPU (0: never)."""
-    entries = _entries(device, "cuda_gemv")
+    return _gemv_max_m(torch.cuda.get_device_name(device), N, K)
+
+
+def lora_matmul_config(device, op: str, quant: bool, M: int, N: int, K: int) -> dict | None:
+    """The tuned Triton configuration for this pass and shape on this GPU, or None."""
+    return _matmul_config(torch.cuda.get_device_name(device), op, quant, M, N, K)
+
+
+# Cached per GPU name and shape: the ops ask on every call.
+@functools.lru_cache(maxsize=4096)
+def _gemv_max_m(name: str, N: int, K: int) -> int:
+    entries = _entries(name, "cuda_gemv")
     if not entries:
         return 0
     return min(entries, key=lambda e: _log_gap(e["N"] * e["K"], N * K))["max_M"]
 
 
-def lora_matmul_config(device, op: str, quant: bool, M: int, N: int, K: int) -> dict | None:
-    """The tuned Triton configuration for this pass and shape on this GPU, or None."""
-    entries = [e for e in _entries(device, "lora_matmul") if e["op"] == op and e["quant"] == quant]
+@functools.lru_cache(maxsize=4096)
+def _matmul_config(name: str, op: str, quant: bool, M: int, N: int, K: int) -> dict | None:
+    entries = [e for e in _entries(name, "lora_matmul") if e["op"] == op and e["quant"] == quant]
     if not entries:
         return None
     best = min(entries, key=lambda e: (_log_gap(e["M"], M), _log_gap(e["N"] * e["K"], N * K)))
     return best["config"]
+
+
+def clear_caches() -> None:
+    """Forget the loaded table (after it changed on disk)."""
+    for cached in (_devices, _gemv_max_m, _matmul_config):
+        cached.cache_clear()
 
 
 def cuda_gemv_entries(rows: list[dict]) -> list[dict]:
@@ -94,4 +111,4 @@ def adopt(path: str) -> None:
     with open(TABLE, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")
-    _devices.cache_clear()
+    clear_caches()
