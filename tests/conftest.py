@@ -48,3 +48,20 @@ def assert_error_rule(name, got, oracle, baseline, rel_atol=1e-6):
     base = (baseline.double() - oracle).abs().max().item()
     atol = rel_atol * oracle.abs().max().item() + 1e-12
     assert err <= 2 * base + atol, f"{name}: error {err:.3e} > 2 x torch's {base:.3e} + {atol:.1e}"
+
+
+@pytest.fixture
+def gemv_calls(monkeypatch):
+    """The row counts M of every call of the C++/CUDA decode GEMV the 4-bit ops make (the calls
+    still run)."""
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            op = getattr(ops.backends.EXT, name)
+            if name != "qlora_gemv":
+                return op
+            return lambda *args: calls.append(args[0].shape[0]) or op(*args)
+
+    monkeypatch.setattr(ops.lora, "EXT", Spy())
+    return calls

@@ -89,20 +89,12 @@ def test_cuda_decode_gemv_misaligned_inputs(gen):
 
 
 @needs_cuda_ext
-def test_default_dispatch_follows_the_measured_crossover(gen, monkeypatch):
+def test_default_dispatch_follows_the_measured_crossover(gen, monkeypatch, gemv_calls):
     """Triton by default; the CUDA GEMV only where tuning.json says it won (M <= max_M)."""
-    from peftkern.ops import lora, tuning
-    calls = []
-
-    class Spy:
-        def __getattr__(self, name):
-            op = getattr(ops.backends.EXT, name)
-            return (lambda *a: calls.append(a[0].shape[0]) or op(*a)) if name == "qlora_gemv" else op
-
-    monkeypatch.setattr(lora, "EXT", Spy())
+    from peftkern.ops import tuning
     monkeypatch.setattr(tuning, "cuda_gemv_max_m", lambda device, N, K: 4)
     q, _ = _quantized(64, 256, "nf4", 64, True, gen)
     A, B = torch.randn(4, 256, device="cuda"), torch.randn(64, 4, device="cuda")
     for M in (1, 4, 5, 16, 17):
         ops.qlora_linear(torch.randn(M, 256, device="cuda"), q.to("cuda"), None, A, B, 1.0)
-    assert calls == [1, 4]
+    assert gemv_calls == [1, 4]

@@ -1,8 +1,18 @@
 // Run-time CPU feature checks shared by the CPU kernels (each SIMD path is compiled with a target
-// attribute and chosen here, so one binary runs on any x86-64 CPU).
+// attribute and chosen here, so one binary runs on any x86-64 CPU), and the SIMD pieces they share.
 #pragma once
+#include <immintrin.h>
+#include <stdint.h>
 
 namespace peftkern::cpu {
+
+// The 16 codes of 8 packed bytes in element order (high nibble first), one per byte. Plain SSE2
+// (baseline x86-64), so it inlines into every SIMD path.
+inline __m128i codes16(const uint8_t* p) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  return _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
+}
 
 inline bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f");

@@ -203,7 +203,8 @@ struct Avx2 {
   // y[:, n .. n + rows) for all M rows of x (x in x_lane_order(a, kChunk) layout).
   __attribute__((target("avx2,fma"))) void run_tiled(const GemvArgs& a, const Scales& scale,
                                                      int64_t n, int64_t rows) const {
-    alignas(32) float w[kWRows * kChunk] = {};
+    alignas(32) float w[kWRows * kChunk];
+    std::fill(w + rows * kChunk, w + kWRows * kChunk, 0.0f);  // rows past N: never written
     __m256 acc[kMaxGemvRows * kWRows];
     for (auto& v : acc) v = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
@@ -234,7 +235,6 @@ struct Avx512 {
   __attribute__((target("avx512f"))) void run(const GemvArgs& a, const Scales& scale, int64_t m0,
                                               int64_t n) const {
     const __m512 lut = _mm512_loadu_ps(table);
-    const __m128i low4 = _mm_set1_epi8(0x0F);
     const int64_t K = a.K, bs = a.blocksize;
     const uint8_t* row = a.packed + n * K / 2;
     __m512 acc[M];
@@ -243,10 +243,7 @@ struct Avx512 {
       __m512 part[M];
       for (int m = 0; m < M; ++m) part[m] = _mm512_setzero_ps();
       for (int64_t k = kb; k < kb + bs; k += 16) {
-        const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2));
-        const __m128i codes = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low4),
-                                                _mm_and_si128(raw, low4));
-        const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes), lut);
+        const __m512 w = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes16(row + k / 2)), lut);
         for (int m = 0; m < M; ++m)
           part[m] = _mm512_fmadd_ps(_mm512_loadu_ps(a.x + (m0 + m) * K + k), w, part[m]);
       }

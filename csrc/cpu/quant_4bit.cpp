@@ -93,14 +93,6 @@ void quantize_4bit(const T* A, int64_t n, int quant_type, int64_t blocksize, uin
   }
 }
 
-// The 16 codes of 8 packed bytes in element order (high nibble first), one per byte. Plain SSE2
-// (baseline x86-64), so it inlines into every SIMD path.
-inline __m128i codes16(const uint8_t* p) {
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  return _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
-}
-
 // Round fp32 to bf16, nearest even, as c10::BFloat16 does (NaN -> 0x7FC0).
 __attribute__((target("avx512f"))) inline __m256i bf16_avx512(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
