@@ -36,17 +36,17 @@ def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
 @triton.jit
 def _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
               R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
-              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_IEEE: tl.constexpr,
               BLOCK_R: tl.constexpr):
     """out = acc + s·(L·R2) [⊙ mask] + bias, for the tile (offs_m, offs_p); L = xA (forward) or
-    dY·B (backward), precomputed."""
+    dY·B (backward), precomputed in the LoRA dtype (fp32 adapters stay exact fp32: LORA_IEEE)."""
     rows = offs_m[:, None].to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     lo = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
                  mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
     r2 = tl.load(r2_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
                  mask=(offs_r[:, None] < R) & (offs_p[None, :] < P), other=0.0)
-    if IEEE:
+    if LORA_IEEE:
         lora = tl.dot(lo, r2, input_precision="ieee")
     else:
         lora = tl.dot(lo, r2)
@@ -70,8 +70,8 @@ def _lora_matmul_kernel(
         l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
         mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op, ws_ptr,
         QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+        IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,7 +95,7 @@ def _lora_matmul_kernel(
     if SPLIT_K == 1:
         _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
                   stride_rp, R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr,
-                  stride_om, stride_op, HAS_MASK, HAS_BIAS, IEEE, BLOCK_R)
+                  stride_om, stride_op, HAS_MASK, HAS_BIAS, LORA_IEEE, BLOCK_R)
     else:  # fp32 partial sums to ws[s, m, p]; _split_k_epilogue_kernel adds them in order
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * P + rows * P + offs_p[None, :]
         tl.store(ws, acc, mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
@@ -105,7 +105,7 @@ def _lora_matmul_kernel(
 def _split_k_epilogue_kernel(
         ws_ptr, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
         mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     """Sum the SPLIT_K partials in a fixed order (deterministic: no atomics), then the epilogue."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -117,7 +117,7 @@ def _split_k_epilogue_kernel(
         acc += tl.load(ws_ptr + s * M * P + idx, mask=valid, other=0.0)
     _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
               R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
-              HAS_MASK, HAS_BIAS, IEEE, BLOCK_R)
+              HAS_MASK, HAS_BIAS, LORA_IEEE, BLOCK_R)
 
 
 # Tile configurations a GPU tuning run chooses from (`python -m peftkern.bench.tune`), per batch
@@ -158,17 +158,19 @@ def _config(M: int) -> dict:
 
 
 def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=None, *,
-                stride_wq: int, stride_wp: int, P: int, config: dict | None = None):
+                stride_wq: int, stride_wp: int, P: int, config: dict | None = None,
+                out_dtype: torch.dtype | None = None):
     """Launch the fused kernel; see the module docstring.
 
     `weight` is the dense weight, or the packed uint8 codes when `wq` holds the 4-bit state
     `(absmax, absmax2, code8, offset, table, blocksize)`; `wq` is None for a dense weight.
-    `L` is [M, R] and `R2` is [R, P]; both in the activation dtype. `config` (tile sizes, warps,
-    stages) overrides the rule-based choice; the interpreter ignores warps and stages.
+    `L` is [M, R] and `R2` is [R, P], both in the LoRA dtype (the activation dtype, or fp32 for
+    fp32 adapters). `config` (tile sizes, warps, stages) overrides the rule-based choice; the
+    interpreter ignores warps and stages. `out_dtype` (default: inp's) is rounded to once.
     """
     M, Q = inp.shape
     R = L.shape[1]
-    out = _empty((M, P), inp.dtype, inp.device)
+    out = _empty((M, P), out_dtype or inp.dtype, inp.device)
     if M == 0 or P == 0:
         return out
     quant = wq is not None
@@ -187,11 +189,11 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
                      m, m.stride(0), m.stride(1), bias if bias is not None else out, out,
                      out.stride(0), out.stride(1))
     flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-                 IEEE=inp.dtype == torch.float32)
+                 LORA_IEEE=L.dtype == torch.float32)
     _lora_matmul_kernel[grid + (split,)](
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
-        QUANT=quant, NESTED=nested, **flags, **cfg)
+        QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, **flags, **cfg)
     if split > 1:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],

@@ -108,24 +108,75 @@ class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, nn.Module):
         if A.shape[0] == 0:
             w = self.qweight.dequantize(self.compute_dtype)
             return nn.functional.linear(xc, w, self.bias).to(x.dtype)
-        return ops.qlora_linear(xc, self.qweight, self.bias, A, B, s, self._dropout_p()).to(x.dtype)
+        return ops.qlora_linear(x, self.qweight, self.bias, A, B, s, self._dropout_p(),
+                                compute_dtype=self.compute_dtype)
 
 
 _SVD_TYPES = (AdaLoRALinear, QAdaLoRALinear)
+_DEFAULTS = dict(tinit=0, tfinal=0, deltaT=1, beta1=0.85, beta2=0.85, orth_reg_weight=0.5)
+
+
+def _peft_adalora_config(model, adapter):
+    """`(root module, adapter name, AdaLoraConfig)` when `model` is a PEFT AdaLoRA model (a
+    PeftModel or its AdaLoraModel), else None. Layers are named from the root, as PEFT does."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    adapter = adapter or getattr(model, "active_adapter", None) or next(iter(configs))
+    cfg = configs.get(adapter)
+    if cfg is None or str(getattr(cfg, "peft_type", "")).split(".")[-1] != "ADALORA":
+        return None
+    root = model.base_model.model if hasattr(model, "base_model") and \
+        hasattr(model.base_model, "model") else model.model
+    return root, adapter, cfg
+
+
+def _svd_params(root, adapter):
+    """`{layer name: (A, E, B, layer)}`: peftkern's AdaLoRA layers, and PEFT's (adapter `adapter`)."""
+    out = {}
+    for n, m in root.named_modules():
+        if isinstance(m, _SVD_TYPES):
+            out[n] = (m.lora_A, m.lora_E, m.lora_B, m)
+        elif isinstance(getattr(m, "lora_E", None), nn.ParameterDict) and adapter in m.lora_E:
+            out[n] = (m.lora_A[adapter], m.lora_E[adapter], m.lora_B[adapter], m)
+    return out
 
 
 class RankAllocator:
-    """PEFT's AdaLoRA rank allocator over the `AdaLoRALinear`/`QAdaLoRALinear` layers of `model`.
+    """PEFT's AdaLoRA rank allocator over the AdaLoRA layers of `model`: peftkern's
+    `AdaLoRALinear`/`QAdaLoRALinear`, or a PEFT AdaLoRA model's SVD layers (`get_peft_model` with
+    an `AdaLoraConfig`, `pk.enable`d or not).
 
-    Call `update_and_allocate(step)` after each optimizer step, or `attach(optimizer)` once.
+    Call `update_and_allocate(step)` after each optimizer step, or `attach(optimizer)` once, or
+    use `peftkern.integrations.transformers.AdaLoRACallback` with HF Trainer. For a PEFT model the
+    schedule defaults to its AdaLoraConfig, and every mask is written to the config's
+    `rank_pattern`, as PEFT's own `update_and_allocate` does (so `save_pretrained` keeps it).
     """
 
-    def __init__(self, model: nn.Module, init_r: int, target_r: int, total_step: int, tinit: int = 0,
-                 tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
-                 orth_reg_weight: float = 0.5):
-        self.layers = {n: m for n, m in model.named_modules() if isinstance(m, _SVD_TYPES)}
+    def __init__(self, model: nn.Module, init_r: Optional[int] = None,
+                 target_r: Optional[int] = None, total_step: Optional[int] = None,
+                 tinit: Optional[int] = None, tfinal: Optional[int] = None,
+                 deltaT: Optional[int] = None, beta1: Optional[float] = None,
+                 beta2: Optional[float] = None, orth_reg_weight: Optional[float] = None,
+                 adapter: Optional[str] = None):
+        peft = _peft_adalora_config(model, adapter)
+        root, self.adapter, self.peft_config = peft if peft else (model, adapter or "default", None)
+        given = dict(init_r=init_r, target_r=target_r, total_step=total_step, tinit=tinit,
+                     tfinal=tfinal, deltaT=deltaT, beta1=beta1, beta2=beta2,
+                     orth_reg_weight=orth_reg_weight)
+        opts = {k: v if v is not None else getattr(self.peft_config, k, _DEFAULTS.get(k))
+                for k, v in given.items()}
+        for k in ("init_r", "target_r", "total_step"):
+            if opts[k] is None:
+                raise ValueError(f"{k} is required (or pass a PEFT AdaLoRA model, whose config has it)")
+        self._root = root
+        self.layers = _svd_params(root, self.adapter)
         if not self.layers:
-            raise ValueError("model has no AdaLoRA layers (AdaLoRALinear / QAdaLoRALinear)")
+            raise ValueError("model has no AdaLoRA layers (AdaLoRALinear / QAdaLoRALinear, or a "
+                             "PEFT model made with an AdaLoraConfig)")
+        init_r, target_r, total_step = opts["init_r"], opts["target_r"], opts["total_step"]
+        tinit, tfinal, deltaT = opts["tinit"], opts["tfinal"], opts["deltaT"]
+        beta1, beta2, orth_reg_weight = opts["beta1"], opts["beta2"], opts["orth_reg_weight"]
         if not 0 <= target_r <= init_r:
             raise ValueError(f"target_r must be in [0, init_r={init_r}], got {target_r}")
         if total_step <= tinit + tfinal:
@@ -136,7 +187,7 @@ class RankAllocator:
         self.init_r, self.target_r, self.total_step = init_r, target_r, total_step
         self.tinit, self.tfinal, self.deltaT = tinit, tfinal, deltaT
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight
-        self.init_bgt = sum(m.lora_A.shape[0] for m in self.layers.values())
+        self.init_bgt = sum(A.shape[0] for A, _, _, _ in self.layers.values())
         self.target_bgt = target_r * len(self.layers)
         self._pattern = None
         self._step = 0
@@ -146,14 +197,16 @@ class RankAllocator:
         self.ema = {}  # id(param) -> (exp_avg_ipt, exp_avg_unc)
         self.rank_scores = {}  # id(param) -> fp32 per-rank mean element score
 
-    def _params(self, m):
-        return ((m.lora_A, 0), (m.lora_E, 0), (m.lora_B, 1))  # (parameter, its rank dimension)
+    @staticmethod
+    def _params(t):
+        A, E, B, _ = t
+        return ((A, 0), (E, 0), (B, 1))  # (parameter, its rank dimension)
 
     @torch.no_grad()
     def update_ipt(self) -> None:
         """One fused pass per parameter: EMAs updated in place, per-rank scores produced."""
-        for m in self.layers.values():
-            for p, rank_dim in self._params(m):
+        for t in self.layers.values():
+            for p, rank_dim in self._params(t):
                 if p.grad is None:
                     continue
                 if id(p) not in self.ema:
@@ -164,10 +217,10 @@ class RankAllocator:
     def _scores(self) -> dict:
         """Triplet score per rank: score_E[i] + mean(score_A[i, :]) + mean(score_B[:, i])."""
         out = {}
-        for n, m in self.layers.items():
-            r = m.lora_E.shape[0]
+        for n, t in self.layers.items():
+            r = t[1].shape[0]
             out[n] = sum(self.rank_scores.get(id(p), torch.zeros(r, device=p.device))
-                         for p, _ in self._params(m))
+                         for p, _ in self._params(t))
         return out
 
     @torch.no_grad()
@@ -175,18 +228,21 @@ class RankAllocator:
         scores = self._scores()
         thr = reference.adalora_threshold(torch.cat(list(scores.values())), self.init_bgt, budget)
         pattern = {}
-        for n, m in self.layers.items():
+        for n, (_, E, _, _) in self.layers.items():
             pruned = torch.zeros_like(scores[n], dtype=torch.bool) if thr is None else scores[n] <= thr
-            m.lora_E.masked_fill_(pruned.view(-1, 1), 0.0)
+            E.masked_fill_(pruned.view(-1, 1), 0.0)
             pattern[n] = (~pruned).tolist()
         self._pattern = pattern
+        if self.peft_config is not None:  # PEFT's key: the lora_E parameter's name from the root
+            self.peft_config.rank_pattern = {f"{n}.lora_E.{self.adapter}": keep
+                                             for n, keep in pattern.items()}
         return pattern
 
     @torch.no_grad()
     def _mask_with_pattern(self) -> None:
-        for n, m in self.layers.items():
-            keep = torch.tensor(self._pattern[n], device=m.lora_E.device)
-            m.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+        for n, (_, E, _, _) in self.layers.items():
+            keep = torch.tensor(self._pattern[n], device=E.device)
+            E.masked_fill_(~keep.view(-1, 1), 0.0)
 
     def budget(self, step: int):
         return reference.adalora_budget(step, self.init_bgt, self.target_bgt, self.tinit,
@@ -220,18 +276,24 @@ class RankAllocator:
     def rank_pattern(self) -> dict:
         """`{layer name: [kept?] * r}` from the latest mask (all True before the first mask)."""
         if self._pattern is None:
-            return {n: [True] * m.lora_E.shape[0] for n, m in self.layers.items()}
+            return {n: [True] * t[1].shape[0] for n, t in self.layers.items()}
         return dict(self._pattern)
 
     def orth_reg(self) -> torch.Tensor:
-        """PEFT's orthogonal regularizer (add it to the loss), already weighted."""
-        return ops.adalora_orth_reg([(m.lora_A, m.lora_B) for m in self.layers.values()],
+        """PEFT's orthogonal regularizer (add it to the loss), already weighted. A PEFT AdaLoRA
+        model adds it to `outputs.loss` itself when given labels: do not add it twice."""
+        return ops.adalora_orth_reg([(A, B) for A, _, B, _ in self.layers.values()],
                                     self.orth_reg_weight)
 
     def compact(self) -> dict:
         """Resize every layer to its kept ranks (same outputs, fewer parameters); returns ranks."""
-        for n, m in self.layers.items():
-            m._keep_ranks(m.lora_E.reshape(-1) != 0)
+        if self.peft_config is not None:
+            raise ValueError("compact() resizes peftkern AdaLoRA layers; a PEFT model keeps its "
+                             "ranks in peft_config.rank_pattern (set by this allocator), which "
+                             "save_pretrained and PEFT's loader use")
+        for n, (_, E, _, m) in self.layers.items():
+            m._keep_ranks(E.reshape(-1) != 0)
+        self.layers = _svd_params(self._root, self.adapter)
         self.reset_ipt()
         self._pattern = None
-        return {n: m.r for n, m in self.layers.items()}
+        return {n: t[3].r for n, t in self.layers.items()}

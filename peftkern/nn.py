@@ -194,14 +194,11 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, dtypes=FLOAT_DTYPES)
-        xc = x.to(self.compute_dtype)
         if self.merged:
             w = dequantize_4bit(self.qweight, self.compute_dtype)
-            y = nn.functional.linear(xc, w, self.bias)
-        else:
-            y = ops.qlora_linear(xc, self.qweight, self.bias, self.lora_A.weight,
-                                 self.lora_B.weight, self.scaling, self._dropout_p())
-        return y.to(x.dtype)
+            return nn.functional.linear(x.to(self.compute_dtype), w, self.bias).to(x.dtype)
+        return ops.qlora_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight,
+                                self.scaling, self._dropout_p(), compute_dtype=self.compute_dtype)
 
     @torch.no_grad()
     def merge(self) -> float:

@@ -298,8 +298,10 @@ def test_bad_inputs_get_clear_errors():
     x = torch.randn(3, 16)
     with pytest.raises(ValueError, match="in_features=16 as its last dimension"):
         ops.lora_linear(torch.randn(3, 15), W, None, A, B, 1.0)
-    with pytest.raises(TypeError, match="lora_A must have dtype in \\(float32\\)"):
-        ops.lora_linear(x, W, None, A.half(), B, 1.0)
+    with pytest.raises(TypeError, match="lora_B must have dtype in \\(float16\\), got float32"):
+        ops.lora_linear(x, W, None, A.half(), B, 1.0)  # the adapters share one dtype
+    with pytest.raises(TypeError, match="lora_A must have dtype in \\(float32, float16, bfloat16\\)"):
+        ops.lora_linear(x, W, None, A.double(), B.double(), 1.0)
     with pytest.raises(TypeError, match="weight must have dtype"):
         ops.lora_linear(x, W.double(), None, A, B, 1.0)
     with pytest.raises(ValueError, match="lora_B must be \\[out_features=8, r=4\\]"):

@@ -15,66 +15,38 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import peftkern.integrations.peft as pk  # noqa: E402
+from peft_models import LINEARS, llama, loss_and_grads, randomize_lora, tokens  # noqa: E402
 
-LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BACKENDS = [b for b in ops.available(torch.device("cpu")) if b in ("triton", "reference")]
 
 
-def _llama(seed=0):
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=64)
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def _randomize_lora(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def _tokens(seed=2, batch=2, T=9):
-    return torch.randint(0, 96, (batch, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _peft_llama(**cfg):
-    model = get_peft_model(_llama(), LoraConfig(target_modules=LINEARS, r=4, lora_alpha=8, **cfg))
-    _randomize_lora(model)
+def peft_llama(**cfg):
+    model = get_peft_model(llama(), LoraConfig(target_modules=LINEARS, r=4, lora_alpha=8, **cfg))
+    randomize_lora(model)
     return model
-
-
-def _loss_and_grads(model, ids):
-    model.zero_grad()
-    out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    return out.logits.detach(), out.loss.detach(), grads
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_enable_matches_peft_logits_and_lora_grads(backend):
-    model = _peft_llama()
-    ids = _tokens()
-    want_logits, want_loss, want_grads = _loss_and_grads(model, ids)
+    model = peft_llama()
+    ids = tokens()
+    want_logits, want_loss, want_grads = loss_and_grads(model, ids)
     assert pk.enable(model) == 2 * len(LINEARS)
     with ops.use_backend(backend):
-        logits, loss, grads = _loss_and_grads(model, ids)
+        logits, loss, grads = loss_and_grads(model, ids)
     torch.testing.assert_close(logits, want_logits, rtol=1e-5, atol=1e-5)
     assert grads.keys() == want_grads.keys() and len(grads) == 4 * len(LINEARS)
     for n in grads:
         torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-4, atol=1e-6)
     assert pk.disable(model) == 2 * len(LINEARS)
-    torch.testing.assert_close(_loss_and_grads(model, ids)[0], want_logits, rtol=0, atol=0)
+    torch.testing.assert_close(loss_and_grads(model, ids)[0], want_logits, rtol=0, atol=0)
 
 
 def test_twenty_optimizer_steps_give_the_same_loss_curve():
-    ids = _tokens(batch=4, T=12)
+    ids = tokens(batch=4, T=12)
     curves = []
     for use_peftkern in (False, True):
-        model = _peft_llama()
+        model = peft_llama()
         if use_peftkern:
             pk.enable(model)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -93,18 +65,18 @@ def test_twenty_optimizer_steps_give_the_same_loss_curve():
 def test_custom_module_route_builds_fused_layers():
     cfg = LoraConfig(target_modules=LINEARS, r=4, lora_alpha=8)
     cfg._register_custom_module(pk.custom_modules())
-    ours = get_peft_model(_llama(), cfg)
-    theirs = _peft_llama()
+    ours = get_peft_model(llama(), cfg)
+    theirs = peft_llama()
     ours.load_state_dict(theirs.state_dict())
     assert type(ours.base_model.model.model.layers[0].self_attn.q_proj) is pk.LoraLinear
-    ids = _tokens()
+    ids = tokens()
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits,
                                rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_features_fall_back_with_one_log_line(caplog):
-    model = get_peft_model(_llama(), LoraConfig(target_modules=["q_proj"], r=4, use_dora=True))
-    ids = _tokens()
+    model = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], r=4, use_dora=True))
+    ids = tokens()
     want = model(input_ids=ids).logits
     with caplog.at_level(logging.WARNING, logger="peftkern"):
         assert pk.enable(model) == 0
@@ -114,10 +86,10 @@ def test_unsupported_features_fall_back_with_one_log_line(caplog):
 
 
 def test_disabled_adapters_and_merge_go_through_peft():
-    model = _peft_llama()
+    model = peft_llama()
     pk.enable(model)
-    ids = _tokens()
-    base = _llama()(input_ids=ids).logits
+    ids = tokens()
+    base = llama()(input_ids=ids).logits
     with model.disable_adapter():
         torch.testing.assert_close(model(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5)
     on = model(input_ids=ids).logits
@@ -126,12 +98,12 @@ def test_disabled_adapters_and_merge_go_through_peft():
 
 
 def test_save_pretrained_round_trips_both_ways(tmp_path):
-    ids = _tokens()
-    plain = _peft_llama()
+    ids = tokens()
+    plain = peft_llama()
     want = plain(input_ids=ids).logits
     plain.save_pretrained(tmp_path / "plain")
     # a plain-PEFT adapter into a peftkern-enabled model
-    loaded = PeftModel.from_pretrained(_llama(), tmp_path / "plain")
+    loaded = PeftModel.from_pretrained(llama(), tmp_path / "plain")
     pk.enable(loaded)
     torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     # an enabled model saves the same files
@@ -142,12 +114,12 @@ def test_save_pretrained_round_trips_both_ways(tmp_path):
 
 def test_enable_refuses_a_model_that_is_not_a_peft_model():
     with pytest.raises(TypeError, match="model must be a peft.PeftModel"):
-        pk.enable(_llama())
+        pk.enable(llama())
 
 
 def _assert_compiles_fullgraph(model):
     pk.enable(model)
-    ids = _tokens()
+    ids = tokens()
     want = model(input_ids=ids).logits
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -155,37 +127,37 @@ def _assert_compiles_fullgraph(model):
 
 
 def test_compile_of_enabled_model_has_no_graph_break():
-    _assert_compiles_fullgraph(_peft_llama())
+    _assert_compiles_fullgraph(peft_llama())
 
 
 # ---- peftkern.inject ------------------------------------------------------------------------------
 
 
 def test_inject_adapter_loads_into_plain_peft(tmp_path):
-    model = peftkern.inject(_llama(), LINEARS, r=4, lora_alpha=8)
+    model = peftkern.inject(llama(), LINEARS, r=4, lora_alpha=8)
     assert all(".lora_" in n for n, _ in peftkern.trainable_parameters(model))
     assert len(peftkern.trainable_parameters(model)) == 4 * len(LINEARS)
-    _randomize_lora(model)
-    ids = _tokens()
+    randomize_lora(model)
+    ids = tokens()
     want = model(input_ids=ids).logits
     peftkern.save_adapter(model, str(tmp_path))
-    plain = PeftModel.from_pretrained(_llama(), str(tmp_path))
+    plain = PeftModel.from_pretrained(llama(), str(tmp_path))
     torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
     # and back: a PEFT adapter into an injected model
     plain.save_pretrained(tmp_path / "again")
-    other = peftkern.inject(_llama(), LINEARS, r=4, lora_alpha=8)
+    other = peftkern.inject(llama(), LINEARS, r=4, lora_alpha=8)
     peftkern.load_adapter(other, str(tmp_path / "again"))
     torch.testing.assert_close(other(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
 def test_inject_regex_quantize_and_merge():
-    model = peftkern.inject(_llama(), r".*\.mlp\.(up|down)_proj", r=4, quantize="nf4",
+    model = peftkern.inject(llama(), r".*\.mlp\.(up|down)_proj", r=4, quantize="nf4",
                             compute_dtype=torch.float32)
     kinds = {type(m).__name__ for n, m in model.named_modules() if n.endswith(("up_proj", "down_proj"))}
     assert kinds == {"QLoRALinear"}
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
-    _randomize_lora(model)
-    ids = _tokens()
+    randomize_lora(model)
+    ids = tokens()
     y = model(input_ids=ids).logits
     peftkern.merge(model)
     assert (model(input_ids=ids).logits - y).abs().max() < 0.5  # 4-bit merge is lossy
@@ -194,7 +166,7 @@ def test_inject_regex_quantize_and_merge():
 
 
 def test_inject_bad_input_leaves_model_unchanged(tmp_path):
-    model = _llama()
+    model = llama()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match="matches no nn.Linear"):
         peftkern.inject(model, ["nonexistent"])
@@ -207,9 +179,9 @@ def test_inject_bad_input_leaves_model_unchanged(tmp_path):
 
 
 def test_load_adapter_refuses_other_shapes_and_tampered_files(tmp_path):
-    src = peftkern.inject(_llama(), LINEARS, r=4)
+    src = peftkern.inject(llama(), LINEARS, r=4)
     peftkern.save_adapter(src, str(tmp_path / "r4"))
-    dst = peftkern.inject(_llama(), LINEARS, r=8)
+    dst = peftkern.inject(llama(), LINEARS, r=8)
     snapshot = {k: v.clone() for k, v in dst.state_dict().items()}
     with pytest.raises(ValueError, match="has shape .* expects"):
         peftkern.load_adapter(dst, str(tmp_path / "r4"))
@@ -219,7 +191,7 @@ def test_load_adapter_refuses_other_shapes_and_tampered_files(tmp_path):
         peftkern.load_adapter(src, str(tmp_path / "r4"))
     assert all(torch.equal(v, dst.state_dict()[k]) for k, v in snapshot.items())
     with pytest.raises(ValueError, match="no peftkern LoRA layers"):
-        peftkern.save_adapter(_llama(), str(tmp_path / "none"))
+        peftkern.save_adapter(llama(), str(tmp_path / "none"))
 
 
 # ---- 4-bit: a model loaded by transformers with BitsAndBytesConfig(load_in_4bit=True) ---------------
@@ -246,7 +218,7 @@ def _load_4bit(path):
     model = transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
                                                           dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(target_modules=LINEARS, r=4, lora_alpha=8))
-    _randomize_lora(model)
+    randomize_lora(model)
     return model.train()  # eval mode would let bnb repack weights into its bf16 CPU layout
 
 
@@ -254,10 +226,10 @@ def test_enable_on_transformers_4bit_model_matches_peft_and_shares_bytes(llama_4
     model = _load_4bit(llama_4bit_dir)
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     ptr = q_proj.base_layer.weight.data_ptr()
-    ids = _tokens()
-    want_logits, _, want_grads = _loss_and_grads(model, ids)
+    ids = tokens()
+    want_logits, _, want_grads = loss_and_grads(model, ids)
     assert pk.enable(model) == 2 * len(LINEARS)
-    logits, _, grads = _loss_and_grads(model, ids)
+    logits, _, grads = loss_and_grads(model, ids)
     assert q_proj.base_layer.weight.data_ptr() == ptr  # the bnb bytes are used in place
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
     for n in want_grads:

@@ -38,8 +38,8 @@ def _passes(N, K, M, r, dtype, quant):
     if quant:
         q = layer.qweight
         w = (q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
-        return {"fwd": lambda: lora_ops.qlora_linear_fwd(x, *w, N, None, A, B, 0.5, None),
-                "dx": lambda: lora_ops.qlora_linear_dx(dy, *w, K, A, dyb, 0.5, None)}
+        return {"fwd": lambda: lora_ops.qlora_linear_fwd(x, *w, N, None, A, B, 0.5, None, dtype),
+                "dx": lambda: lora_ops.qlora_linear_dx(dy, *w, K, A, dyb, 0.5, None, dtype)}
     return {"fwd": lambda: lora_ops.lora_linear_fwd(x, W, None, A, B, 0.5, None),
             "dx": lambda: lora_ops.lora_linear_dx(dy, W, A, dyb, 0.5, None)}
 

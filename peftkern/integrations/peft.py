@@ -2,19 +2,22 @@
 
 Two routes, same math:
 - `enable(model)` switches the LoRA layers, and AdaLoRA's SVD layers, of an existing `PeftModel`
-  (over `nn.Linear` and `bnb.nn.Linear4bit`) in place: modules, parameters, names and checkpoints stay PEFT's;
-  `disable(model)` undoes it. Use it for models you already have (loaded adapters, QLoRA models).
+  (over `nn.Linear`, transformers' `Conv1D` and `bnb.nn.Linear4bit`) in place: modules,
+  parameters, names and checkpoints stay PEFT's; `disable(model)` undoes it. Use it for models you
+  already have (loaded adapters, QLoRA models).
 - `custom_modules()` is a mapping for `LoraConfig._register_custom_module`, so that
   `get_peft_model` builds peftkern-backed layers directly. PEFT marks that hook experimental.
-A layer that uses something peftkern does not fuse (DoRA and other LoRA variants, lora_bias,
-fan_in_fan_out, custom dropout, other base layers) keeps PEFT's own forward: `enable` logs one
-line naming those layers and why. At call time, anything PEFT handles specially (adapters
-disabled, merged weights, several active adapters, `adapter_names` batches) also goes to PEFT.
+A layer that uses something peftkern does not fuse (DoRA and other LoRA variants, custom dropout,
+`target_parameters`, other base layers) keeps PEFT's own forward: `enable` logs one line naming
+those layers and why, and `coverage(model)` counts them by reason. At call time, whatever PEFT
+handles specially (adapters disabled, merged weights, `adapter_names` batches, autocast, dtypes
+peftkern does not fuse, several adapters with dropout in training) also goes to PEFT.
 """
 from __future__ import annotations
 
+import collections
 import logging
-import types
+import warnings
 
 import torch
 from peft.tuners.lora import layer as lora_layer
@@ -22,9 +25,10 @@ from torch import nn
 
 from .. import ops
 from ..format import QuantizedWeight
+from ..validation import FLOAT_DTYPES
 
 log = logging.getLogger("peftkern")
-_ORIG = "_peftkern_orig_forward"
+FUSED = "fused"
 
 
 def _linear4bit_type():
@@ -35,62 +39,181 @@ def _linear4bit_type():
     return bnb.nn.Linear4bit
 
 
-def unsupported_reason(layer) -> str | None:
-    """Why `layer` (a PEFT LoRA layer) cannot run fused, or None when it can."""
-    base = layer.get_base_layer()
-    l4 = _linear4bit_type()
-    if not (type(base) is nn.Linear or (l4 is not None and isinstance(base, l4))):
-        return f"base layer {type(base).__name__} is not nn.Linear or bnb Linear4bit"
-    names = [a for a in layer.active_adapters if a in layer.lora_A]
-    if len(names) != 1:
-        return f"{len(names)} active LoRA adapters (peftkern fuses exactly one)"
-    name = names[0]
-    if name in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[name]).__name__} (e.g. DoRA)"
-    if getattr(layer, "lora_bias", {}).get(name, False):
-        return "lora_bias"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
-    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
-        return f"dropout module {type(layer.lora_dropout[name]).__name__}"
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _base_kind(base) -> str | None:
+    """"dense" (nn.Linear), "conv1d" (GPT-2's Conv1D, weight [in, out]), "4bit", or None."""
+    if type(base) is nn.Linear:
+        return "dense"
+    if _conv1d_type() is not None and type(base) is _conv1d_type():
+        return "conv1d"
+    if _linear4bit_type() is not None and isinstance(base, _linear4bit_type()):
+        return "4bit"
     return None
+
+
+def unsupported_reason(layer) -> str | None:
+    """Why `layer` (a PEFT LoRA or AdaLoRA layer) cannot run fused, or None when it can."""
+    if isinstance(layer, lora_layer.ParamWrapper):
+        return "target_parameters (PEFT ParamWrapper)"
+    base = layer.get_base_layer()
+    if _base_kind(base) is None:
+        return f"base layer {type(base).__name__} is not nn.Linear, Conv1D or bnb Linear4bit"
+    for name in layer.lora_A:
+        if name in getattr(layer, "lora_variant", {}):
+            return f"LoRA variant {type(layer.lora_variant[name]).__name__} (e.g. DoRA)"
+        if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+            return f"dropout module {type(layer.lora_dropout[name]).__name__}"
+    return None
+
+
+def _active(layer) -> list[str]:
+    return [a for a in layer.active_adapters if a in layer.lora_A]
+
+
+def _dropout_p(layer, name) -> float:
+    drop = layer.lora_dropout[name]
+    return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+
+def _adapter_dtype(layer, name) -> torch.dtype:
+    A = layer.lora_A[name]
+    return (A if isinstance(A, torch.Tensor) else A.weight).dtype
+
+
+def _call_reason(layer, x, args, kwargs) -> str | None:
+    """Why this call goes to PEFT, or None when it runs fused."""
+    if args or kwargs:
+        return "extra forward arguments (adapter_names, ...)"
+    if layer.disable_adapters or layer.merged:
+        return "adapters disabled or merged"
+    names = _active(layer)
+    if not names:
+        return "no active adapter"
+    static = unsupported_reason(layer)
+    if static is not None:
+        return static
+    if torch.is_autocast_enabled(x.device.type):
+        return "autocast"  # PEFT's layers follow autocast's dtypes; the fused ops do not
+    dtypes = {_adapter_dtype(layer, a) for a in names}
+    ld = next(iter(dtypes))
+    base = layer.get_base_layer()
+    if len(dtypes) > 1 or ld not in FLOAT_DTYPES or x.dtype not in FLOAT_DTYPES:
+        return "dtype peftkern does not fuse"
+    if ld != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+        return "input dtype casting disabled"
+    if _base_kind(base) != "4bit" and base.weight.dtype != x.dtype:
+        return "input dtype differs from the base weight's"
+    if len(names) > 1 and any(_dropout_p(layer, a) > 0 for a in names):
+        return "several active adapters with dropout in training"
+    return None
+
+
+def _factors(layer, name):
+    """`(A, B, scaling, lora_bias)` with `y += s·((x·Aᵀ)·Bᵀ + lora_bias)`: LoRA's weights, or
+    AdaLoRA's `A⊙E` and `s / (ranknum + 1e-5)` (PEFT's SVDLinear)."""
+    if hasattr(layer, "lora_E"):
+        ranknum = float(layer.ranknum[name])
+        return (layer.lora_A[name] * layer.lora_E[name], layer.lora_B[name],
+                layer.scaling[name] / (ranknum + 1e-5), None)
+    return (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
+            layer.lora_B[name].bias)
+
+
+def _low_rank(layer, names):
+    """One `(A, B, scaling, bias term)` for all active adapters: their ranks stacked, each B
+    scaled by its adapter's scaling, so one fused op sums their LoRA terms as PEFT does."""
+    parts = [_factors(layer, a) for a in names]
+    if len(parts) == 1:
+        A, B, s, b = parts[0]
+        return A, B, s, None if b is None else b * s
+    A = torch.cat([p[0] for p in parts])
+    B = torch.cat([p[1] * p[2] for p in parts], dim=1)
+    biases = [p[3] * p[2] for p in parts if p[3] is not None]
+    return A, B, 1.0, sum(biases) if biases else None
 
 
 def fused_forward(layer, x: torch.Tensor, peft_forward, *args, **kwargs) -> torch.Tensor:
     """PEFT LoRA forward through peftkern; `peft_forward` handles every case it does not fuse."""
-    if args or kwargs or layer.disable_adapters or layer.merged or unsupported_reason(layer):
+    if _call_reason(layer, x, args, kwargs) is not None:
         return peft_forward(x, *args, **kwargs)
-    name = next(a for a in layer.active_adapters if a in layer.lora_A)
-    drop = layer.lora_dropout[name]
-    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-    A, B, s = _low_rank_factors(layer, name)
+    names = _active(layer)
+    A, B, s, lora_bias = _low_rank(layer, names)
+    p = _dropout_p(layer, names[0])
     base = layer.get_base_layer()
-    if type(base) is nn.Linear:
-        if x.dtype != base.weight.dtype:  # PEFT would fail or autocast here: let it decide
-            return peft_forward(x, *args, **kwargs)
-        return ops.lora_linear(x, base.weight, base.bias, A.to(x.dtype), B.to(x.dtype), s, p)
-    # bnb Linear4bit: compute in its compute_dtype, return in the input's dtype, as bnb does.
-    q = QuantizedWeight.from_bnb(base.weight, check=False)
-    cd = base.compute_dtype or x.dtype
-    bias = None if base.bias is None else base.bias.to(cd)
-    return ops.qlora_linear(x.to(cd), q, bias, A.to(cd), B.to(cd), s, p).to(x.dtype)
+    kind = _base_kind(base)
+    if kind == "4bit":  # computed in bnb's compute_dtype, returned in x's dtype, as bnb does
+        q = QuantizedWeight.from_bnb(base.weight, check=False)
+        cd = base.compute_dtype or x.dtype
+        bias = None if base.bias is None else base.bias.to(cd)
+        y = ops.qlora_linear(x, q, bias, A, B, s, p, compute_dtype=cd)
+    else:
+        w = base.weight if kind == "dense" else base.weight.t()  # Conv1D stores W as [in, out]
+        y = ops.lora_linear(x, w, base.bias, A, B, s, p)
+    if lora_bias is not None:  # lora_bias=True: PEFT adds s·b_B after the base result
+        y = (y.to(lora_bias.dtype) + lora_bias).to(y.dtype)
+    return y
 
 
-def _low_rank_factors(layer, name):
-    """`(A, B, scaling)` with `y += s·(x·Aᵀ)·Bᵀ`: LoRA's weights, or AdaLoRA's `A⊙E` and
-    `s / (ranknum + 1e-5)` (PEFT's SVDLinear)."""
-    if hasattr(layer, "lora_E"):
-        ranknum = float(layer.ranknum[name])
-        return (layer.lora_A[name] * layer.lora_E[name], layer.lora_B[name],
-                layer.scaling[name] / (ranknum + 1e-5))
-    return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+class _FusedForward:
+    """The forward `enable` installs: peftkern where it fuses, else the forward it replaced.
+
+    A plain object rather than a closure, so that `copy.deepcopy`, pickle and `torch.save` carry
+    it along with the layer it belongs to (a copy runs with the copy's weights).
+    """
+
+    def __init__(self, layer, attr: str, replaced):
+        self.layer, self.attr = layer, attr
+        self.replaced = replaced  # the instance attribute it replaced; None: the class's forward
+
+    def peft_forward(self, x, *args, **kwargs):
+        if self.replaced is None:
+            return type(self.layer).forward(self.layer, x, *args, **kwargs)
+        return self.replaced(x, *args, **kwargs)
+
+    def __call__(self, x, *args, **kwargs):
+        return fused_forward(self.layer, x, self.peft_forward, *args, **kwargs)
+
+    def uninstall(self) -> None:
+        if self.replaced is None:
+            delattr(self.layer, self.attr)
+        else:
+            setattr(self.layer, self.attr, self.replaced)
 
 
-def _is_lora_layer(m) -> bool:
+def _slot(m) -> str:
+    """Where the layer's forward lives: under an accelerate hook, the hook calls
+    `_old_forward`, and peftkern goes there so the hook (device moves, offload) still wraps it."""
+    return "_old_forward" if hasattr(m, "_hf_hook") and "_old_forward" in m.__dict__ else "forward"
+
+
+def _installed(m) -> _FusedForward | None:
+    f = m.__dict__.get(_slot(m))
+    return f if isinstance(f, _FusedForward) else None
+
+
+def _install(m) -> None:
+    attr = _slot(m)
+    replaced = m.__dict__.get(attr)
+    if attr == "forward" and getattr(replaced, "__self__", None) is m and \
+            getattr(replaced, "__func__", None) is type(m).forward:
+        replaced = None  # just the class's forward, bound: call it through the class instead
+    setattr(m, attr, _FusedForward(m, attr, replaced))
+
+
+def _lora_layers(model):
     # PEFT's LoRA layers and AdaLoRA's SVD layers (which AdaLoRA's custom-module hook ignores)
     from peft.tuners.adalora.layer import AdaLoraLayer
-    return (isinstance(m, (lora_layer.LoraLayer, AdaLoraLayer)) and isinstance(m, nn.Module)
-            and hasattr(m, "lora_A"))
+    for name, m in model.named_modules():
+        if isinstance(m, (lora_layer.LoraLayer, AdaLoraLayer)) and isinstance(m, nn.Module) \
+                and hasattr(m, "lora_A"):
+            yield name, m
 
 
 def _check_peft_model(model) -> None:
@@ -101,24 +224,22 @@ def _check_peft_model(model) -> None:
 
 
 def enable(model) -> int:
-    """Make every fusable PEFT LoRA layer of `model` compute through peftkern; returns how many.
+    """Make every fusable PEFT LoRA layer of `model` compute through peftkern; returns how many
+    were switched by this call (already switched ones are left as they are).
 
     Modules and parameters are untouched (only their forward changes), so `save_pretrained`,
     optimizers and state dicts behave exactly as before.
     """
     _check_peft_model(model)
     switched, skipped = 0, []
-    for name, m in model.named_modules():
-        if not _is_lora_layer(m) or _ORIG in m.__dict__:
+    for name, m in _lora_layers(model):
+        if _installed(m) is not None or getattr(type(m), "_peftkern_fused", False):
             continue
         reason = unsupported_reason(m)
         if reason is not None:
             skipped.append(f"{name} ({reason})")
             continue
-        peft_forward = m.forward
-        setattr(m, _ORIG, peft_forward)
-        m.forward = types.MethodType(lambda self, x, *a, _pf=peft_forward, **k:
-                                     fused_forward(self, x, _pf, *a, **k), m)
+        _install(m)
         switched += 1
     if skipped:
         log.warning("peftkern: %d LoRA layer(s) keep PEFT's forward: %s", len(skipped), "; ".join(skipped))
@@ -126,15 +247,27 @@ def enable(model) -> int:
 
 
 def disable(model) -> int:
-    """Undo `enable`: every switched layer gets PEFT's forward back; returns how many."""
+    """Undo `enable`: every switched layer gets back the forward it had; returns how many."""
     _check_peft_model(model)
     restored = 0
-    for m in model.modules():
-        if _ORIG in m.__dict__:
-            del m.forward
-            delattr(m, _ORIG)
+    for _, m in _lora_layers(model):
+        f = _installed(m)
+        if f is not None:
+            f.uninstall()
             restored += 1
     return restored
+
+
+def coverage(model) -> dict[str, int]:
+    """`{reason: number of LoRA layers}`: "fused" for those that run through peftkern, else why
+    not ("not enabled" where `enable` would switch them)."""
+    counts = collections.Counter()
+    for _, m in _lora_layers(model):
+        reason = unsupported_reason(m)
+        if reason is None and _installed(m) is None and not getattr(type(m), "_peftkern_fused", False):
+            reason = "not enabled"
+        counts[reason or FUSED] += 1
+    return dict(sorted(counts.items(), key=lambda kv: (kv[0] != FUSED, -kv[1], kv[0])))
 
 
 # ---- the PEFT-native route: LoraConfig._register_custom_module ------------------------------------
@@ -142,22 +275,50 @@ def disable(model) -> int:
 
 class LoraLinear(lora_layer.Linear):
     """PEFT's LoRA `Linear`, computing through peftkern (for `_register_custom_module`)."""
+    _peftkern_fused = True
 
     def forward(self, x, *args, **kwargs):
         return fused_forward(self, x, super().forward, *args, **kwargs)
 
 
+class LoraConv1D(LoraLinear):
+    """`LoraLinear` over transformers' `Conv1D` (GPT-2): weight stored `[in, out]`."""
+
+    def __init__(self, base_layer, adapter_name, config, **kwargs):
+        if not config.fan_in_fan_out:  # as PEFT's own dispatcher does for Conv1D
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.")
+            config.fan_in_fan_out = True
+        kwargs["fan_in_fan_out"] = True
+        super().__init__(base_layer, adapter_name, config=config, is_target_conv_1d_layer=True,
+                         **kwargs)
+
+
+def __getattr__(name):
+    # LoraLinear4bit subclasses PEFT's bnb layer, which exists only with bitsandbytes: built on
+    # first use, as a module attribute (so pickle and torch.save find it by name).
+    if name != "LoraLinear4bit" or _linear4bit_type() is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from peft.tuners.lora import bnb as lora_bnb
+
+    def forward(self, x, *args, **kwargs):
+        return fused_forward(self, x, super(cls, self).forward, *args, **kwargs)
+
+    cls = type("LoraLinear4bit", (lora_bnb.Linear4bit,), {
+        "__doc__": "PEFT's LoRA `Linear4bit`, computing through peftkern.",
+        "__module__": __name__, "_peftkern_fused": True, "forward": forward})
+    globals()[name] = cls
+    return cls
+
+
 def custom_modules() -> dict:
-    """`{nn.Linear: ..., bnb.nn.Linear4bit: ...}` for `LoraConfig._register_custom_module`."""
-    mapping = {nn.Linear: LoraLinear}
+    """`{bnb.nn.Linear4bit: ..., Conv1D: ..., nn.Linear: ...}` for
+    `LoraConfig._register_custom_module`. PEFT takes the first entry the base layer is an instance
+    of, and `Linear4bit` subclasses `nn.Linear`, so it comes first."""
+    mapping = {}
     if _linear4bit_type() is not None:
-        from peft.tuners.lora import bnb as lora_bnb
-
-        class LoraLinear4bit(lora_bnb.Linear4bit):
-            """PEFT's LoRA `Linear4bit`, computing through peftkern."""
-
-            def forward(self, x, *args, **kwargs):
-                return fused_forward(self, x, super().forward, *args, **kwargs)
-
-        mapping[_linear4bit_type()] = LoraLinear4bit
+        mapping[_linear4bit_type()] = __getattr__("LoraLinear4bit")
+    if _conv1d_type() is not None:
+        mapping[_conv1d_type()] = LoraConv1D
+    mapping[nn.Linear] = LoraLinear
     return mapping

@@ -17,7 +17,7 @@ def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1: float, beta2: f
     mean of `exp_avg_ipt · exp_avg_unc` (`[r]`, ranks along `rank_dim`)."""
     same_layout = all(t.stride() == p.stride() and t.shape == p.shape
                       for t in (grad, exp_avg_ipt, exp_avg_unc))
-    if same_layout and pick(p.device, ("triton", "reference")) == "triton":
+    if same_layout and pick(p.device, ("triton", "reference"), p.dtype) == "triton":
         from ..kernels import adalora
         return adalora.update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim)
     ipt, unc = reference.adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2)

@@ -80,10 +80,22 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def pick(device: torch.device, supported=BACKENDS) -> str:
-    """The backend for an op on `device`; `supported` lists the backends that implement it."""
+def pick(device: torch.device, supported=BACKENDS, dtype: torch.dtype | None = None) -> str:
+    """The backend for an op on `device`; `supported` lists the backends that implement it.
+
+    `dtype`, given by the ops whose Triton kernels compute in it (the fused matmuls), keeps bf16 off
+    the Triton interpreter, whose bf16 `tl.dot` is wrong (DESIGN.md §6, triton-lang/triton#11584):
+    the next backend runs instead, and forcing Triton there raises. (Kernels that only convert
+    bf16 to or from fp32, like quantize/dequantize, are exact there and pass no dtype.)
+    """
     have = [b for b in available(device) if b in supported]
     name = forced()
+    if dtype == torch.bfloat16 and device.type == "cpu" and "triton" in have:
+        if name == "triton":
+            raise RuntimeError("backend 'triton' refuses bfloat16 under TRITON_INTERPRET=1: the "
+                               "interpreter's bf16 arithmetic is wrong (triton-lang/triton#11584); "
+                               "use float16/float32, or the 'cpp' or 'reference' backend")
+        have.remove("triton")
     if name is not None:
         if name not in have:
             raise RuntimeError(f"backend {name!r} is not available for this op on {device.type} "

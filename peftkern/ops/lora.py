@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import codes
-from ..validation import FLOAT_DTYPES, check_probability, check_tensor
+from ..validation import FLOAT_DTYPES, check_choice, check_probability, check_tensor
 from . import tuning
 from .backends import EXT, available, forced, pick
 from .quant import dequantize_4bit
@@ -52,7 +52,7 @@ def _without_cuda_kernel(device) -> str:
 def _quant_backend(x, blocksize, N) -> str:
     """pick(), then the CUDA GEMV where it applies: forced, or by default where it was measured
     faster than Triton on this GPU and shape (tuning.json)."""
-    backend = pick(x.device, _QUANT_BACKENDS)
+    backend = pick(x.device, _QUANT_BACKENDS, x.dtype)
     fits = x.device.type == "cuda" and _gemv_fits(x, blocksize)
     if backend == "cuda" and not fits:
         return _without_cuda_kernel(x.device)
@@ -101,6 +101,19 @@ def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
     return (absmax, absmax2, code8, offset, codes.code_table(quant_type, device=device), blocksize)
 
 
+def _add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
+    """`y + s·(L·R2) [⊙ mask]`, added in the widest dtype involved and rounded once to `out_dtype`
+    (default y's). `L`, `R2` are in the LoRA dtype: fp32 adapters on a 16-bit base stay fp32."""
+    out_dtype = out_dtype or y.dtype
+    wide = torch.promote_types(torch.promote_types(y.dtype, L.dtype), out_dtype)
+    return (y.to(wide) + _dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)
+
+
+def _lora_input(x, lora_A, mask):
+    """`drop(x)` in the LoRA dtype (PEFT casts x to the adapter's dtype)."""
+    return _dropped(x.to(lora_A.dtype), mask)
+
+
 # ---- dense base weight -------------------------------------------------------------------------
 
 
@@ -108,29 +121,31 @@ def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
 def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                     mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    xa = _dropped(x, mask) @ lora_A.t()
-    if pick(x.device, _BACKENDS) == "triton":
+    xa = _lora_input(x, lora_A, mask) @ lora_A.t()
+    if pick(x.device, _BACKENDS, x.dtype) == "triton":
         y = _kernels().lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
                                    stride_wq=weight.stride(1), stride_wp=weight.stride(0),
                                    P=weight.shape[0],
                                    config=_tuned(x, "fwd", False, *weight.shape))
     else:
-        y = F.linear(x, weight, bias) + scaling * (xa @ lora_B.t())
+        y = _add_lora(F.linear(x, weight, bias), xa, lora_B.t(), scaling)
     return y, xa
 
 
 @torch.library.custom_op("peftkern::lora_linear_dx", mutates_args=())
 def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                    dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if pick(dy.device, _BACKENDS) == "triton":
+    if pick(dy.device, _BACKENDS, dy.dtype) == "triton":
         return _kernels().lora_matmul(dy, weight, None, dyb, lora_A, scaling, mask, None,
                                       stride_wq=weight.stride(0), stride_wp=weight.stride(1),
                                       P=weight.shape[1],
                                       config=_tuned(dy, "dx", False, *weight.shape))
-    return dy @ weight + _dropped(scaling * (dyb @ lora_A), mask)
+    return _add_lora(dy @ weight, dyb, lora_A, scaling, mask)
 
 
 # ---- 4-bit base weight ---------------------------------------------------------------------------
+# The base GEMM runs in `compute_dtype` (x is cast, as bnb's Linear4bit does), the LoRA branch in
+# the adapters' dtype, and the result is rounded once to x's dtype.
 
 
 @torch.library.custom_op("peftkern::qlora_linear_fwd", mutates_args=())
@@ -138,40 +153,46 @@ def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                      absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
                      offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
                      out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                     lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    xa = _dropped(x, mask) @ lora_A.t()
+                     lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
+                     compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    xa = _lora_input(x, lora_A, mask) @ lora_A.t()
+    xc = x.to(compute_dtype)
     K = x.shape[1]
-    backend = _quant_backend(x, blocksize, out_features)
+    backend = _quant_backend(xc, blocksize, out_features)
     packed = data.reshape(-1).view(torch.uint8)
-    if backend == "cuda":  # CUDA decode GEMV (csrc/cuda/qlora_gemv.cu), x's dtype throughout
-        y = EXT.qlora_gemv(x.contiguous(), packed, absmax, absmax2, code8,
+    if backend == "cuda":  # CUDA decode GEMV (csrc/cuda/qlora_gemv.cu), compute dtype throughout
+        fuse = lora_A.dtype == compute_dtype  # else the LoRA term is added after, in its dtype
+        y = EXT.qlora_gemv(xc.contiguous(), packed, absmax, absmax2, code8,
                            None if offset is None else offset.reshape(1),
                            codes.QUANT_TYPE_ID[quant_type], blocksize, out_features, bias,
-                           xa.contiguous(), lora_B.contiguous(), float(scaling))
+                           xa.contiguous() if fuse else None,
+                           lora_B.contiguous() if fuse else None, float(scaling))
+        y = y.to(x.dtype) if fuse else _add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype)
     elif backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
-        y = _kernels().lora_matmul(x, packed, q, xa, lora_B.t(), scaling, None, bias,
+        y = _kernels().lora_matmul(xc, packed, q, xa, lora_B.t(), scaling, None, bias,
                                    stride_wq=1, stride_wp=K, P=out_features,
-                                   config=_tuned(x, "fwd", True, out_features, K))
-    elif backend == "cpp" and _gemv_fits(x, blocksize):
+                                   config=_tuned(xc, "fwd", True, out_features, K),
+                                   out_dtype=x.dtype)
+    elif backend == "cpp" and _gemv_fits(xc, blocksize):
         # C++ fused decode GEMV (csrc/cpu/qlora_gemv.cpp): M <= 16, blocks within rows. It
         # computes in fp32; 16-bit activations are converted (small: M rows) and y rounded once.
-        y = EXT.qlora_gemv(_f32(x), packed, absmax, absmax2, code8,
+        y = EXT.qlora_gemv(_f32(xc), packed, absmax, absmax2, code8,
                            None if offset is None else offset.reshape(1),
                            codes.QUANT_TYPE_ID[quant_type], blocksize, out_features, _f32(bias),
                            _f32(xa), _f32(lora_B), float(scaling)).to(x.dtype)
     elif backend == "cpp":  # larger batches: panel by panel, each panel dequantized in cache
-        x32 = x.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
+        x32 = xc.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
         y = torch.cat([F.linear(x32, w) for _, _, w in _weight_panels(
             data, absmax, absmax2, code8, offset, quant_type, blocksize, out_features, K,
-            torch.float32)], dim=1).to(x.dtype)
-        y = y + scaling * (xa @ lora_B.t()) if bias is None else \
-            torch.addmm(bias, xa, lora_B.t(), alpha=scaling).add_(y)
+            torch.float32)], dim=1)
+        if bias is not None:
+            y += bias
+        y = _add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype)
     else:  # plain torch: dequantize, then matmul
         w = dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
-                            [out_features, K], x.dtype)
-        y = F.linear(x, w, bias) + scaling * (xa @ lora_B.t())
+                            [out_features, K], compute_dtype)
+        y = _add_lora(F.linear(xc, w, bias), xa, lora_B.t(), scaling, out_dtype=x.dtype)
     return y, xa
 
 
@@ -180,26 +201,28 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                     absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
                     offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
                     in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
-                    mask: Optional[torch.Tensor]) -> torch.Tensor:
+                    mask: Optional[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
     N = dy.shape[1]
-    backend = pick(dy.device, _QUANT_BACKENDS)
+    dyc = dy.to(compute_dtype)
+    backend = pick(dy.device, _QUANT_BACKENDS, compute_dtype)
     if backend == "cuda":
         backend = _without_cuda_kernel(dy.device)
     if backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
-        return _kernels().lora_matmul(dy, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,
+        return _kernels().lora_matmul(dyc, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,
                                       scaling, mask, None, stride_wq=in_features, stride_wp=1,
                                       P=in_features,
-                                      config=_tuned(dy, "dx", True, N, in_features))
+                                      config=_tuned(dyc, "dx", True, N, in_features),
+                                      out_dtype=dy.dtype)
     if backend == "cpp":  # dX = sum over panels of dY[:, panel]·W[panel], accumulated in fp32
-        dy32, dx = dy.float(), dy.new_zeros(dy.shape[0], in_features, dtype=torch.float32)
+        dy32, dx = dyc.float(), dy.new_zeros(dy.shape[0], in_features, dtype=torch.float32)
         for n0, n1, w in _weight_panels(data, absmax, absmax2, code8, offset, quant_type, blocksize,
                                         N, in_features, torch.float32):
             dx.addmm_(dy32[:, n0:n1], w)
-        return dx.to(dy.dtype) + _dropped(scaling * (dyb @ lora_A), mask)
+        return _add_lora(dx, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
     w = dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
-                        [N, in_features], dy.dtype)
-    return dy @ w + _dropped(scaling * (dyb @ lora_A), mask)
+                        [N, in_features], compute_dtype)
+    return _add_lora(dyc @ w, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
 
 
 # ---- fake implementations (torch.compile) -------------------------------------------------------
@@ -207,13 +230,13 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
 
 @lora_linear_fwd.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, mask):
-    return x.new_empty(x.shape[0], weight.shape[0]), x.new_empty(x.shape[0], lora_A.shape[0])
+    return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @qlora_linear_fwd.register_fake
 def _(x, data, absmax, absmax2, code8, offset, quant_type, blocksize, out_features, bias, lora_A,
-      lora_B, scaling, mask):
-    return x.new_empty(x.shape[0], out_features), x.new_empty(x.shape[0], lora_A.shape[0])
+      lora_B, scaling, mask, compute_dtype):
+    return x.new_empty(x.shape[0], out_features), lora_A.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @lora_linear_dx.register_fake
@@ -223,15 +246,19 @@ def _(dy, weight, lora_A, dyb, scaling, mask):
 
 @qlora_linear_dx.register_fake
 def _(dy, data, absmax, absmax2, code8, offset, quant_type, blocksize, in_features, lora_A, dyb,
-      scaling, mask):
+      scaling, mask, compute_dtype):
     return dy.new_empty(dy.shape[0], in_features)
 
 
-# ---- autograd: shared by both ops (the base weight is frozen) ------------------------------------
+# ---- autograd: shared by both ops ----------------------------------------------------------------
+# The fused backward gives dX, dA, dB (and dbias; dW for a dense weight that requires grad). Under
+# create_graph (double backward: gradient penalties, Hessian-vector products) it runs the same math
+# as differentiable torch ops instead, so the gradients themselves can be differentiated.
 
 
 def _save(ctx, x, A, B, s, mask, bias, xa, weight_args):
-    ctx.scaling, ctx.has_bias, ctx.weight_args = s, bias is not None, weight_args
+    ctx.scaling, ctx.weight_args = s, weight_args
+    ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x, A, B, mask, xa,
                           *[t for t in weight_args if isinstance(t, torch.Tensor)])
 
@@ -243,30 +270,47 @@ def _setup_dense(ctx, inputs, output):
 
 
 def _setup_quant(ctx, inputs, output):
-    x, data, absmax, absmax2, code8, offset, qt, bs, _n, bias, A, B, s, mask = inputs
-    ctx.dense = False
-    _save(ctx, x, A, B, s, mask, bias, output[1], (data, absmax, absmax2, code8, offset, qt, bs))
+    x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd = inputs
+    ctx.dense, ctx.out_features = False, n
+    _save(ctx, x, A, B, s, mask, bias, output[1],
+          (data, absmax, absmax2, code8, offset, qt, bs, cd))
+
+
+def _dense_weight(ctx, x):
+    """The base weight as a matrix: the dense one, or the 4-bit one dequantized (create_graph)."""
+    if ctx.dense:
+        return ctx.saved_tensors[5]
+    data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
+    return dequantize_4bit(data, absmax, absmax2, code8, offset, qt, bs,
+                           [ctx.out_features, x.shape[1]], cd)
 
 
 def _backward(ctx, dy, _dxa):
     x, A, B, mask, xa = ctx.saved_tensors[:5]
-    s = ctx.scaling
-    dyb = dy @ B
-    needs = ctx.needs_input_grad
-    dx = None
-    if needs[0]:
-        if ctx.dense:
-            dx = lora_linear_dx(dy, ctx.saved_tensors[5], A, dyb, s, mask)
-        else:
-            data, absmax, absmax2, code8, offset, qt, bs = ctx.weight_args
-            dx = qlora_linear_dx(dy, data, absmax, absmax2, code8, offset, qt, bs, x.shape[1], A,
-                                 dyb, s, mask)
-    dA = s * (dyb.t() @ _dropped(x, mask))
-    dB = s * (dy.t() @ xa)
-    dbias = dy.sum(0) if ctx.has_bias else None
+    s, needs = ctx.scaling, ctx.needs_input_grad
+    dyl = dy.to(A.dtype)
+    dyb = dyl @ B
+    xl = _lora_input(x, A, mask)
+    dx = dw = None
+    if torch.is_grad_enabled():  # create_graph: differentiable torch ops, xA recomputed
+        w = _dense_weight(ctx, x)
+        xa = xl @ A.t()
+        if needs[0]:
+            dx = _add_lora(dy.to(w.dtype) @ w, dyb, A, s, mask, out_dtype=dy.dtype)
+    elif needs[0] and ctx.dense:
+        dx = lora_linear_dx(dy, ctx.saved_tensors[5], A, dyb, s, mask)
+    elif needs[0]:
+        data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
+        dx = qlora_linear_dx(dy, data, absmax, absmax2, code8, offset, qt, bs, x.shape[1], A,
+                             dyb, s, mask, cd)
+    if ctx.dense and needs[1]:  # a trainable base weight
+        dw = dy.t() @ x
+    dA = s * (dyb.t() @ xl)
+    dB = s * (dyl.t() @ xa)
+    dbias = None if ctx.bias_dtype is None else dy.sum(0).to(ctx.bias_dtype)
     if ctx.dense:
-        return dx, None, dbias, dA, dB, None, None
-    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None)
+        return dx, dw, dbias, dA, dB, None, None
+    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_dense)
@@ -276,11 +320,11 @@ qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_quant)
 # ---- public functions: validate once, flatten leading dims, draw the dropout mask ---------------
 
 
-def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p):
+def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype):
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have in_features={K} as its last dimension, got shape {tuple(x.shape)}")
-    check_tensor("lora_A", lora_A, ndim=2, dtypes=(x.dtype,), device=x.device)
-    check_tensor("lora_B", lora_B, ndim=2, dtypes=(x.dtype,), device=x.device)
+    check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("lora_B", lora_B, ndim=2, dtypes=(lora_A.dtype,), device=x.device)
     r = lora_A.shape[0]
     if r < 1 or lora_A.shape[1] != K:
         raise ValueError(f"lora_A must be [r, in_features={K}] with r >= 1, got {tuple(lora_A.shape)}")
@@ -288,54 +332,66 @@ def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p):
         raise ValueError(f"lora_B must be [out_features={N}, r={r}] to match lora_A, got "
                          f"{tuple(lora_B.shape)}")
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=(x.dtype,), device=x.device)
+        check_tensor("bias", bias, ndim=1, dtypes=(base_dtype,), device=x.device)
         if bias.shape[0] != N:
             raise ValueError(f"bias must have out_features={N} elements, got {bias.shape[0]}")
     check_probability("dropout_p", dropout_p)
 
 
-def _mask(x2, dropout_p, dropout_mask):
+def _mask(x2, dropout_p, dropout_mask, dtype):
+    """The dropout mask (scaled by 1/(1-p)) in the LoRA dtype, or None when nothing is dropped."""
     if dropout_mask is not None:
         if dropout_mask.shape[-1] != x2.shape[1] or dropout_mask.numel() != x2.numel():
             raise ValueError(f"dropout_mask must have the shape of x, got {tuple(dropout_mask.shape)}")
-        return dropout_mask.reshape(x2.shape).to(x2.dtype)
+        return dropout_mask.reshape(x2.shape).to(dtype)
     if dropout_p == 0.0:
         return None  # p = 0 costs nothing: no mask, no extra launch
     keep = 1.0 - dropout_p
-    return torch.empty_like(x2).bernoulli_(keep).div_(keep)
+    return torch.empty(x2.shape, dtype=dtype, device=x2.device).bernoulli_(keep).div_(keep)
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
                 dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ` for `x [..., K]`, `W [N, K]`, `A [r, K]`, `B [N, r]`.
 
-    Dropout (PEFT semantics) applies to the LoRA input only; `dropout_mask` (already scaled by
-    1/(1-p)) replaces the random draw when given.
+    `x`, `W` and `bias` share one dtype. `A` and `B` may be in another (PEFT's fp32 adapters on a
+    16-bit base): the LoRA branch and its gradients are computed in theirs, and the result is
+    rounded once to x's. Dropout (PEFT semantics) applies to the LoRA input only;
+    `dropout_mask` (already scaled by 1/(1-p)) replaces the random draw when given. `W` may be a
+    transposed view (GPT-2's Conv1D) and may require grad (then dW is computed).
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
     N, K = weight.shape
-    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p)
+    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, x.dtype)
     x2 = x.reshape(-1, K)
     y, _ = lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling),
-                           _mask(x2, dropout_p, dropout_mask))
+                           _mask(x2, dropout_p, dropout_mask, lora_A.dtype))
     return y.reshape(*x.shape[:-1], N)
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
-                 dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`lora_linear` over a 4-bit `peftkern.QuantizedWeight` (decoded in-kernel, never stored)."""
+                 dropout_mask: Optional[torch.Tensor] = None,
+                 compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`lora_linear` over a 4-bit `peftkern.QuantizedWeight` (decoded in-kernel, never stored).
+
+    The base GEMM runs in `compute_dtype` (default: x's; x is cast to it, as bnb's Linear4bit
+    does, and `bias` must be in it), the LoRA branch in the adapters' dtype on x itself, and the
+    result comes back in x's dtype.
+    """
     from ..format import QuantizedWeight
     if not isinstance(qweight, QuantizedWeight):
         raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    cd = x.dtype if compute_dtype is None else compute_dtype
+    check_choice("compute_dtype", cd, FLOAT_DTYPES)
     N, K = qweight.shape
-    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p)
+    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, cd)
     if qweight.device != x.device:
         raise ValueError(f"qweight is on {qweight.device}, expected {x.device} like x")
     x2 = x.reshape(-1, K)
     q = qweight
     y, _ = qlora_linear_fwd(x2, q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type,
                             q.blocksize, N, bias, lora_A, lora_B, float(scaling),
-                            _mask(x2, dropout_p, dropout_mask))
+                            _mask(x2, dropout_p, dropout_mask, lora_A.dtype), cd)
     return y.reshape(*x.shape[:-1], N)
