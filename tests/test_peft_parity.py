@@ -300,6 +300,39 @@ def test_custom_route_builds_4bit_layers_that_merge_and_save(gen):
     assert type(torch.load(buf, weights_only=False).base_model.model[0]) is pk.LoraLinear4bit
 
 
+def test_custom_route_leaves_what_it_does_not_fuse_to_peft(gen):
+    """PEFT hands a mapped class every subclass of its key (bnb's Linear8bitLt is an nn.Linear)
+    and every targeted parameter: those get the layer PEFT would build. Reprs stay PEFT's."""
+    bnb = _bnb()
+    int8 = nn.Sequential(bnb.nn.Linear8bitLt(K, N, has_fp16_weights=False))
+    int8.is_loaded_in_8bit = True
+    cfg = LoraConfig(target_modules=["0"], r=R)
+    cfg._register_custom_module(pk.custom_modules())
+    model = get_peft_model(int8, cfg)
+    assert type(model.base_model.model[0]).__name__ == "Linear8bitLt"  # PEFT's bnb 8-bit layer
+    model(torch.randn(2, K, generator=gen))  # bnb quantizes on the first forward
+    model.merge_adapter()
+    cfg = LoraConfig(target_modules=[], target_parameters=["lin.weight"], r=4)
+    cfg._register_custom_module(pk.custom_modules())
+    torch.manual_seed(0)
+    model = get_peft_model(_Experts(), cfg)
+    assert type(model.base_model.model.lin) is peft.tuners.lora.layer.ParamWrapper
+    cfg = LoraConfig(target_modules=["0"], r=R)
+    cfg._register_custom_module(pk.custom_modules())
+    model = get_peft_model(_one_layer(gen, torch.float32), cfg)
+    assert type(model.base_model.model[0]) is pk.LoraLinear
+    assert repr(model.base_model.model[0]).startswith("lora.Linear(")
+
+
+def test_enable_takes_a_module_with_injected_peft_layers(gen):
+    module = peft.inject_adapter_in_model(LoraConfig(target_modules=["0"], r=R), _one_layer(gen, torch.float32))
+    randomize_lora(module)
+    x = torch.randn(3, K, generator=gen)
+    want = module(x)
+    assert pk.enable(module) == 1 and pk.coverage(module) == {"fused": 1}
+    torch.testing.assert_close(module(x), want)
+
+
 # ---- 9. enable/disable keep what was installed before ----------------------------------------------
 
 

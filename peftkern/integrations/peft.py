@@ -118,10 +118,9 @@ def _call_reason(layer, x, args, kwargs) -> str | None:
 def _factors(layer, name):
     """`(A, B, scaling, lora_bias)` with `y += s·((x·Aᵀ)·Bᵀ + lora_bias)`: LoRA's weights, or
     AdaLoRA's `A⊙E` and `s / (ranknum + 1e-5)` (PEFT's SVDLinear)."""
-    if hasattr(layer, "lora_E"):
-        ranknum = float(layer.ranknum[name])
-        return (layer.lora_A[name] * layer.lora_E[name], layer.lora_B[name],
-                layer.scaling[name] / (ranknum + 1e-5), None)
+    if hasattr(layer, "lora_E"):  # ranknum stays a tensor (folded into B): no device sync
+        B = layer.lora_B[name] * (layer.scaling[name] / (layer.ranknum[name] + 1e-5))
+        return layer.lora_A[name] * layer.lora_E[name], B, 1.0, None
     return (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
             layer.lora_B[name].bias)
 
@@ -218,9 +217,12 @@ def _lora_layers(model):
 
 def _check_peft_model(model) -> None:
     from peft import PeftModel
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"model must be a peft.PeftModel (from get_peft_model or "
-                        f"PeftModel.from_pretrained), got {type(model).__name__}")
+    if isinstance(model, PeftModel) or \
+            (isinstance(model, nn.Module) and next(_lora_layers(model), None) is not None):
+        return  # a PeftModel, or a module with PEFT layers (inject_adapter_in_model)
+    raise TypeError(f"model must be a peft.PeftModel (from get_peft_model or "
+                    f"PeftModel.from_pretrained) or a module holding PEFT LoRA layers, got "
+                    f"{type(model).__name__} without any")
 
 
 def enable(model) -> int:
@@ -273,12 +275,40 @@ def coverage(model) -> dict[str, int]:
 # ---- the PEFT-native route: LoraConfig._register_custom_module ------------------------------------
 
 
-class LoraLinear(lora_layer.Linear):
-    """PEFT's LoRA `Linear`, computing through peftkern (for `_register_custom_module`)."""
+def _peft_builds(base_layer, adapter_name, config, **kwargs):
+    """The layer PEFT itself would build (its dispatchers, without the custom-module mapping)."""
+    import copy
+
+    from peft.tuners.lora.model import LoraModel
+    config = copy.copy(config)
+    config._custom_modules = None
+    return LoraModel._create_new_module(config, adapter_name, base_layer, **kwargs)
+
+
+class _CustomRoute:
+    """The custom-module classes: PEFT's layer, computing through peftkern. A target they do not
+    fuse (a parameter: `target_parameters`; a subclass such as bnb's Linear8bitLt, which PEFT's
+    mapping also hands them) gets the layer PEFT would build instead. The repr is PEFT's."""
     _peftkern_fused = True
+    _peft_name = "Linear"
+
+    def __new__(cls, base_layer=None, adapter_name=None, config=None, **kwargs):
+        if base_layer is None:  # unpickling
+            return super().__new__(cls)
+        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
+        if kwargs.get("parameter_name") is not None or _base_kind(base) is None:
+            return _peft_builds(base_layer, adapter_name, config, **kwargs)
+        return super().__new__(cls)
 
     def forward(self, x, *args, **kwargs):
         return fused_forward(self, x, super().forward, *args, **kwargs)
+
+    def _get_name(self):
+        return self._peft_name
+
+
+class LoraLinear(_CustomRoute, lora_layer.Linear):
+    """PEFT's LoRA `Linear`, computing through peftkern (for `_register_custom_module`)."""
 
 
 class LoraConv1D(LoraLinear):
@@ -301,12 +331,9 @@ def __getattr__(name):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     from peft.tuners.lora import bnb as lora_bnb
 
-    def forward(self, x, *args, **kwargs):
-        return fused_forward(self, x, super(cls, self).forward, *args, **kwargs)
-
-    cls = type("LoraLinear4bit", (lora_bnb.Linear4bit,), {
+    cls = type("LoraLinear4bit", (_CustomRoute, lora_bnb.Linear4bit), {
         "__doc__": "PEFT's LoRA `Linear4bit`, computing through peftkern.",
-        "__module__": __name__, "_peftkern_fused": True, "forward": forward})
+        "__module__": __name__, "_peft_name": "Linear4bit"})
     globals()[name] = cls
     return cls
 
