@@ -168,7 +168,7 @@ def _split_k_epilogue_kernel(
     valid = (offs_m[:, None] < M) & (offs_p[None, :] < P)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * P + idx, mask=valid, other=0.0)
+        acc += tl.load(ws_ptr + s * (M.to(tl.int64) * P) + idx, mask=valid, other=0.0)
     _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
               R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
               HAS_MASK, HAS_BIAS, LORA_IEEE, BLOCK_R)
