@@ -19,6 +19,7 @@ NVCC_FLAGS = [
     "-O3", "-std=c++17",
     "-gencode", "arch=compute_80,code=sm_80",
     "-gencode", "arch=compute_90a,code=sm_90a",
+    "-gencode", "arch=compute_90,code=compute_90",  # PTX: newer GPUs JIT-compile it at load
 ]
 
 

@@ -16,14 +16,66 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_4bit import _INTERPRET, _empty, decode_4bit
+from .quant_4bit import _INTERPRET, _NO_FMA, _empty, decode_4bit
+
+
+@triton.jit
+def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, rows, col0,
+                 ncols, nrows, NROWS: tl.constexpr, NCOLS: tl.constexpr, BS: tl.constexpr,
+                 NESTED: tl.constexpr):
+    """W[rows, col0:col0+NCOLS] in its stored [N, K] layout, as fp32, when every row holds whole
+    quantization blocks (K % BS == 0, BS constexpr). The packed bytes are loaded as one
+    [NROWS, NCOLS/2] tile (lanes along K) and split into nibbles with shifts; one scale per block
+    is loaded and broadcast over its BS columns. Row bases are int64, in-row offsets int32."""
+    HALF: tl.constexpr = NCOLS // 2
+    G: tl.constexpr = NCOLS // BS if NCOLS > BS else 1
+    j = tl.arange(0, HALF)
+    row_ok = rows < nrows
+    row_bytes = w_ptr + rows.to(tl.int64) * (ncols // 2)
+    byte_col = col0 // 2 + j
+    byte = tl.load(row_bytes[:, None] + byte_col[None, :],
+                   mask=row_ok[:, None] & (byte_col < ncols // 2)[None, :], other=0)
+    blk_col = col0 // BS + tl.arange(0, G)
+    blk = (rows.to(tl.int64) * (ncols // BS))[:, None] + blk_col[None, :]
+    blk_ok = row_ok[:, None] & (blk_col < ncols // BS)[None, :]
+    if NESTED:
+        q8 = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+        scale = tl.load(code8_ptr + q8) * tl.load(absmax2_ptr + blk // 256, mask=blk_ok, other=0.0)
+        scale = tl.where(blk_ok, scale + tl.load(offset_ptr), 0.0)
+    else:
+        scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+    # One 64-bit lookup per byte in the 256-entry pair table (a 1-D gather, which Triton stages
+    # in shared memory): the fp32 values of columns 2j (high nibble) and 2j+1 (low nibble).
+    pairs = tl.load(table_ptr + tl.arange(0, 256))
+    two = tl.reshape(tl.gather(pairs, tl.reshape(byte.to(tl.int32), [NROWS * HALF]), axis=0),
+                     [NROWS, HALF])
+    hi = _scaled(two.to(tl.int32).to(tl.float32, bitcast=True), scale, NROWS, G, HALF)
+    lo = _scaled((two >> 32).to(tl.int32).to(tl.float32, bitcast=True), scale, NROWS, G, HALF)
+    return tl.reshape(tl.join(hi, lo), [NROWS, NCOLS])
+
+
+@triton.jit
+def _scaled(vals, scale, NROWS: tl.constexpr, G: tl.constexpr, HALF: tl.constexpr):
+    """vals [NROWS, HALF] times its block's scale ([NROWS, G], broadcast over HALF / G)."""
+    return tl.reshape(tl.reshape(vals, [NROWS, G, HALF // G]) * scale[:, :, None], [NROWS, HALF])
 
 
 @triton.jit
 def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, blocksize,
-                 offs_q, offs_p, Q, P, stride_wq, stride_wp,
-                 QUANT: tl.constexpr, NESTED: tl.constexpr):
-    """Wop[offs_q, offs_p] as fp32; 4-bit weights are decoded from their flat index."""
+                 q0, p0, offs_q, offs_p, Q, P, stride_wq, stride_wp,
+                 QUANT: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
+                 W_T: tl.constexpr, BS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """Wop[offs_q, offs_p] as fp32. A 4-bit weight whose rows hold whole blocks (ROWS) is decoded
+    in its stored layout: forward (W_T: Wop = Wᵀ) transposes the [n, k] tile in registers, dX
+    (Wop = W) uses it as is. Otherwise each element is decoded from its flat index."""
+    if QUANT and ROWS:
+        if W_T:
+            w = _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                             offs_p, q0, Q, P, BLOCK_N, BLOCK_K, BS, NESTED)
+            return tl.trans(w)
+        return _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                            offs_q, p0, P, Q, BLOCK_K, BLOCK_N, BS, NESTED)
     valid = (offs_q[:, None] < Q) & (offs_p[None, :] < P)
     idx = offs_q[:, None].to(tl.int64) * stride_wq + offs_p[None, :].to(tl.int64) * stride_wp
     if QUANT:
@@ -70,8 +122,9 @@ def _lora_matmul_kernel(
         l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
         mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op, ws_ptr,
         QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+        IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, ROWS: tl.constexpr, W_T: tl.constexpr,
+        BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -86,7 +139,8 @@ def _lora_matmul_kernel(
         a = tl.load(inp_ptr + rows * stride_im + offs_q[None, :] * stride_iq,
                     mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
         w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                         blocksize, offs_q, offs_p, Q, P, stride_wq, stride_wp, QUANT, NESTED)
+                         blocksize, q0, pid_n * BLOCK_N, offs_q, offs_p, Q, P, stride_wq,
+                         stride_wp, QUANT, NESTED, ROWS, W_T, BS, BLOCK_K, BLOCK_N)
         # The weight is rounded to the activation dtype first, as dequantize-then-matmul does.
         if IEEE:
             acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
@@ -114,7 +168,7 @@ def _split_k_epilogue_kernel(
     valid = (offs_m[:, None] < M) & (offs_p[None, :] < P)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * P + idx, mask=valid, other=0.0)
+        acc += tl.load(ws_ptr + s * (M.to(tl.int64) * P) + idx, mask=valid, other=0.0)
     _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
               R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
               HAS_MASK, HAS_BIAS, LORA_IEEE, BLOCK_R)
@@ -163,7 +217,8 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     """Launch the fused kernel; see the module docstring.
 
     `weight` is the dense weight, or the packed uint8 codes when `wq` holds the 4-bit state
-    `(absmax, absmax2, code8, offset, table, blocksize)`; `wq` is None for a dense weight.
+    `(absmax, absmax2, code8, offset, table [16], byte-pair table [256, 2], blocksize)`; `wq` is
+    None for a dense weight.
     `L` is [M, R] and `R2` is [R, P], both in the LoRA dtype (the activation dtype, or fp32 for
     fp32 adapters). `config` (tile sizes, warps, stages) overrides the rule-based choice; the
     interpreter ignores warps and stages. `out_dtype` (default: inp's) is rounded to once.
@@ -174,8 +229,12 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     if M == 0 or P == 0:
         return out
     quant = wq is not None
-    absmax, absmax2, code8, offset, table, blocksize = wq if quant else (weight,) * 5 + (1,)
+    absmax, absmax2, code8, offset, table, pairs, blocksize = wq if quant else (weight,) * 6 + (1,)
     nested = quant and absmax2 is not None
+    # Rows of whole quantization blocks (every LLM shape): the tile decoder in _decode_rows.
+    K = P if stride_wq != 1 else Q
+    rows = quant and K % blocksize == 0
+    table = pairs if rows else table  # rows: one [256, 2] lookup per byte, else per nibble
     if not nested:
         absmax2 = code8 = offset = absmax
     cfg = {"SPLIT_K": 1, **(config or _config(M)), "BLOCK_R": max(16, triton.next_power_of_2(R))}
@@ -193,9 +252,10 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     _lora_matmul_kernel[grid + (split,)](
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
-        QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, **flags, **cfg)
+        QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=stride_wq == 1,
+        BS=blocksize if rows else 1, **flags, **cfg, **_NO_FMA)
     if split > 1:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-                                       SPLIT_K=split)
+                                       SPLIT_K=split, **_NO_FMA)
     return out

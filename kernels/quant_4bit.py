@@ -39,11 +39,12 @@ def _quantize_4bit_kernel(a_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr, 
     x_lo = tl.load(a_ptr + idx + 1, mask=idx + 1 < n, other=0.0).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x_hi), axis=0), tl.max(tl.abs(x_lo), axis=0))
     safe = tl.maximum(amax, 1e-38)
-    # bnb multiplies full blocks by the reciprocal and divides the partial tail block.
+    # bnb multiplies full blocks by the reciprocal and divides the partial tail block, with IEEE
+    # division (div_rn: Triton's `/` is an approximate div.full.f32 on GPUs).
     full = start + BLOCKSIZE <= n
-    recip = 1.0 / safe
-    s_hi = tl.where(full, x_hi * recip, x_hi / safe)
-    s_lo = tl.where(full, x_lo * recip, x_lo / safe)
+    recip = tl.math.div_rn(1.0, safe)
+    s_hi = tl.where(full, x_hi * recip, tl.math.div_rn(x_hi, safe))
+    s_lo = tl.where(full, x_lo * recip, tl.math.div_rn(x_lo, safe))
     s_hi = tl.minimum(tl.maximum(s_hi, -1.0), 1.0)
     s_lo = tl.minimum(tl.maximum(s_lo, -1.0), 1.0)
     # bucket = number of midpoints strictly below the value (torch.bucketize, right=False).

@@ -59,6 +59,16 @@ def code_table(quant_type: str) -> torch.Tensor:
 
 
 @_cached_on
+def byte_pair_table(quant_type: str) -> torch.Tensor:
+    """[256] int64: the fp32 values of a packed byte's high nibble (bits 0-31) and low nibble
+    (bits 32-63), so that the fused GEMM looks a whole byte up at once (cached per device)."""
+    b = torch.arange(256)
+    t = code_table(quant_type)
+    bits = torch.stack([t[b >> 4], t[b & 15]], 1).contiguous().view(torch.int32).to(torch.int64)
+    return (bits[:, 0] & 0xFFFFFFFF) | (bits[:, 1] << 32)
+
+
+@_cached_on
 def bucket_order(quant_type: str) -> torch.Tensor:
     """int64 map from sorted-bucket index to code."""
     order = tuple(range(16)) if quant_type == "nf4" else FP4_ORDER

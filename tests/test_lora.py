@@ -32,12 +32,12 @@ CASES += [(w, dt, VARIANTS[i]) for i, (w, dt) in enumerate(itertools.product(WEI
 DT = {"fp16": torch.float16, "fp32": torch.float32}
 
 
-def _inputs(gen, weight_kind, dtype, M, r, N, K, bias, dropout, layout):
+def _inputs(gen, weight_kind, dtype, M, r, N, K, bias, dropout, layout, blocksize=32):
     W32 = torch.randn(N, K, generator=gen) / math.sqrt(K)
     q = None
     if weight_kind != "dense":
         qt, dq = weight_kind.split("-")[0], weight_kind.endswith("-dq")
-        q = peftkern.quantize_4bit(W32, qt, 32, double_quant=dq)
+        q = peftkern.quantize_4bit(W32, qt, blocksize, double_quant=dq)
         W32 = peftkern.dequantize_4bit(q, torch.float32)  # the exact decoded weight
     if layout == "3d":
         x = torch.randn(3, M, K, generator=gen)
@@ -94,16 +94,21 @@ def test_forward_and_gradients_follow_error_rule(backend, weight_kind, dt, varia
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (interpreter)")
-@pytest.mark.parametrize("regime, M, N, K", [("small", 3, 150, 300), ("large", 40, 45, 100)])
-@pytest.mark.parametrize("weight_kind", ["dense", "nf4-dq"])
-def test_every_candidate_tile_config_is_correct(regime, M, N, K, weight_kind, gen, monkeypatch):
+@pytest.mark.parametrize("regime, M, N, K, weight_kind, blocksize", [
+    ("small", 3, 150, 300, "dense", 32), ("large", 40, 45, 100, "dense", 32),
+    ("small", 3, 150, 300, "nf4-dq", 32), ("large", 40, 45, 100, "nf4-dq", 32),  # blocks span rows
+    # rows of whole blocks (the tile decoder): tiles narrower and wider than a block, partial tiles
+    ("small", 3, 150, 384, "nf4-dq", 128), ("large", 40, 45, 320, "nf4-dq", 32),
+    ("large", 20, 70, 192, "fp4", 64)])
+def test_every_candidate_tile_config_is_correct(regime, M, N, K, weight_kind, blocksize, gen,
+                                                monkeypatch):
     """Each configuration a GPU tuning run may pick (CANDIDATES in kernels/lora_linear.py), forced
     through the op as a tuned entry would be: forward and gradients follow the error rule (the
     interpreter checks the tiling and split-K, whose slices here span several BLOCK_K steps and
     end mid-tile in both passes; warps and stages only matter on a GPU)."""
     from peftkern.kernels.lora_linear import CANDIDATES
     W32, q, x, A, B, b, _, dy = _inputs(gen, weight_kind, torch.float32, M, 8, N, K, True, 0.0,
-                                        "2d")
+                                        "2d", blocksize)
 
     def ours(x_, A_, B_, b_):
         if q is None:

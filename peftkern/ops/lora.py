@@ -98,7 +98,8 @@ def _weight_panels(data, absmax, absmax2, code8, offset, quant_type, blocksize, 
 
 
 def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
-    return (absmax, absmax2, code8, offset, codes.code_table(quant_type, device=device), blocksize)
+    return (absmax, absmax2, code8, offset, codes.code_table(quant_type, device=device),
+            codes.byte_pair_table(quant_type, device=device), blocksize)
 
 
 def _add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
