@@ -76,7 +76,7 @@ setup(
     package_dir={"peftkern.kernels": "kernels"},
     package_data={"peftkern.ops": ["tuning.json"]},  # choices measured per GPU
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.0", "numpy", "safetensors"],
+    install_requires=["torch>=2.4", "triton>=3.3", "numpy", "safetensors"],  # tl.gather: 3.3
     extras_require={
         "bnb": ["bitsandbytes>=0.46"],
         "peft": ["peft", "transformers"],
