@@ -22,7 +22,7 @@ from .quant_4bit import _INTERPRET, _NO_FMA, _empty, decode_4bit
 @triton.jit
 def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, rows, col0,
                  ncols, nrows, NROWS: tl.constexpr, NCOLS: tl.constexpr, BS: tl.constexpr,
-                 NESTED: tl.constexpr):
+                 NESTED: tl.constexpr, EVEN_COLS: tl.constexpr):
     """W[rows, col0:col0+NCOLS] in its stored [N, K] layout, as fp32, when every row holds whole
     quantization blocks (K % BS == 0, BS constexpr). The packed bytes are loaded as one
     [NROWS, NCOLS/2] tile (lanes along K) and split into nibbles with shifts; one scale per block
@@ -30,20 +30,32 @@ def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
     HALF: tl.constexpr = NCOLS // 2
     G: tl.constexpr = NCOLS // BS if NCOLS > BS else 1
     j = tl.arange(0, HALF)
-    row_ok = rows < nrows
-    row_bytes = w_ptr + rows.to(tl.int64) * (ncols // 2)
+    # Rows past the end read the last row instead of being masked: they meet zero activations
+    # (dX) or land in output columns that are never stored (forward). Columns past the end are
+    # masked unless the tile divides the row (EVEN_COLS).
+    rows = tl.minimum(rows, nrows - 1).to(tl.int64)
     byte_col = col0 // 2 + j
-    byte = tl.load(row_bytes[:, None] + byte_col[None, :],
-                   mask=row_ok[:, None] & (byte_col < ncols // 2)[None, :], other=0)
+    ptrs = (w_ptr + rows * (ncols // 2))[:, None] + byte_col[None, :]
     blk_col = col0 // BS + tl.arange(0, G)
-    blk = (rows.to(tl.int64) * (ncols // BS))[:, None] + blk_col[None, :]
-    blk_ok = row_ok[:, None] & (blk_col < ncols // BS)[None, :]
-    if NESTED:
-        q8 = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
-        scale = tl.load(code8_ptr + q8) * tl.load(absmax2_ptr + blk // 256, mask=blk_ok, other=0.0)
-        scale = tl.where(blk_ok, scale + tl.load(offset_ptr), 0.0)
+    blk = (rows * (ncols // BS))[:, None] + blk_col[None, :]
+    if EVEN_COLS:
+        byte = tl.load(ptrs)
+        if NESTED:
+            q8 = tl.load(absmax_ptr + blk).to(tl.int32)
+            scale = tl.load(code8_ptr + q8) * tl.load(absmax2_ptr + blk // 256)
+            scale = scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + blk)
     else:
-        scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+        byte = tl.load(ptrs, mask=(byte_col < ncols // 2)[None, :], other=0)
+        blk_ok = (blk_col < ncols // BS)[None, :]
+        if NESTED:
+            q8 = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
+            scale = tl.load(code8_ptr + q8) * tl.load(absmax2_ptr + blk // 256, mask=blk_ok,
+                                                      other=0.0)
+            scale = tl.where(blk_ok, scale + tl.load(offset_ptr), 0.0)
+        else:
+            scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
     # One 64-bit lookup per byte in the 256-entry pair table (a 1-D gather, which Triton stages
     # in shared memory): the fp32 values of columns 2j (high nibble) and 2j+1 (low nibble).
     pairs = tl.load(table_ptr + tl.arange(0, 256))
@@ -64,18 +76,18 @@ def _scaled(vals, scale, NROWS: tl.constexpr, G: tl.constexpr, HALF: tl.constexp
 def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, blocksize,
                  q0, p0, offs_q, offs_p, Q, P, stride_wq, stride_wp,
                  QUANT: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
-                 W_T: tl.constexpr, BS: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+                 W_T: tl.constexpr, BS: tl.constexpr, EVEN_COLS: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Wop[offs_q, offs_p] as fp32. A 4-bit weight whose rows hold whole blocks (ROWS) is decoded
     in its stored layout: forward (W_T: Wop = Wᵀ) transposes the [n, k] tile in registers, dX
     (Wop = W) uses it as is. Otherwise each element is decoded from its flat index."""
     if QUANT and ROWS:
         if W_T:
             w = _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                             offs_p, q0, Q, P, BLOCK_N, BLOCK_K, BS, NESTED)
+                             offs_p, q0, Q, P, BLOCK_N, BLOCK_K, BS, NESTED, EVEN_COLS)
             return tl.trans(w)
         return _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                            offs_q, p0, P, Q, BLOCK_K, BLOCK_N, BS, NESTED)
+                            offs_q, p0, P, Q, BLOCK_K, BLOCK_N, BS, NESTED, EVEN_COLS)
     valid = (offs_q[:, None] < Q) & (offs_p[None, :] < P)
     idx = offs_q[:, None].to(tl.int64) * stride_wq + offs_p[None, :].to(tl.int64) * stride_wp
     if QUANT:
@@ -123,7 +135,7 @@ def _lora_matmul_kernel(
         mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op, ws_ptr,
         QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
         IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, ROWS: tl.constexpr, W_T: tl.constexpr,
-        BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BS: tl.constexpr, EVEN_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -140,7 +152,7 @@ def _lora_matmul_kernel(
                     mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
         w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
                          blocksize, q0, pid_n * BLOCK_N, offs_q, offs_p, Q, P, stride_wq,
-                         stride_wp, QUANT, NESTED, ROWS, W_T, BS, BLOCK_K, BLOCK_N)
+                         stride_wp, QUANT, NESTED, ROWS, W_T, BS, EVEN_COLS, BLOCK_K, BLOCK_N)
         # The weight is rounded to the activation dtype first, as dequantize-then-matmul does.
         if IEEE:
             acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
@@ -253,7 +265,9 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
         QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=stride_wq == 1,
-        BS=blocksize if rows else 1, **flags, **cfg, **_NO_FMA)
+        BS=blocksize if rows else 1, EVEN_COLS=rows and K % cfg["BLOCK_K" if stride_wq == 1 else
+                                                             "BLOCK_N"] == 0,
+        **flags, **cfg, **_NO_FMA)
     if split > 1:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
