@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_4bit import _INTERPRET, _NO_FMA, _empty, decode_4bit
+from .quant_4bit import _INTERPRET, _NO_FMA, _empty, _load, block_scale, decode_4bit
 
 
 @triton.jit
@@ -25,37 +25,24 @@ def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
                  NESTED: tl.constexpr, EVEN_COLS: tl.constexpr):
     """W[rows, col0:col0+NCOLS] in its stored [N, K] layout, as fp32, when every row holds whole
     quantization blocks (K % BS == 0, BS constexpr). The packed bytes are loaded as one
-    [NROWS, NCOLS/2] tile (lanes along K) and split into nibbles with shifts; one scale per block
-    is loaded and broadcast over its BS columns. Row bases are int64, in-row offsets int32."""
+    [NROWS, NCOLS/2] tile (lanes along K) and each byte is looked up once; one scale per block is
+    loaded and broadcast over its BS columns. Row bases are int64, in-row offsets int32."""
     HALF: tl.constexpr = NCOLS // 2
     G: tl.constexpr = NCOLS // BS if NCOLS > BS else 1
-    j = tl.arange(0, HALF)
     # Rows past the end read the last row instead of being masked: they meet zero activations
     # (dX) or land in output columns that are never stored (forward). Columns past the end are
     # masked unless the tile divides the row (EVEN_COLS).
     rows = tl.minimum(rows, nrows - 1).to(tl.int64)
-    byte_col = col0 // 2 + j
-    ptrs = (w_ptr + rows * (ncols // 2))[:, None] + byte_col[None, :]
+    byte_col = col0 // 2 + tl.arange(0, HALF)
     blk_col = col0 // BS + tl.arange(0, G)
-    blk = (rows * (ncols // BS))[:, None] + blk_col[None, :]
-    if EVEN_COLS:
-        byte = tl.load(ptrs)
-        if NESTED:
-            q8 = tl.load(absmax_ptr + blk).to(tl.int32)
-            scale = tl.load(code8_ptr + q8) * tl.load(absmax2_ptr + blk // 256)
-            scale = scale + tl.load(offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + blk)
-    else:
-        byte = tl.load(ptrs, mask=(byte_col < ncols // 2)[None, :], other=0)
-        blk_ok = (blk_col < ncols // BS)[None, :]
-        if NESTED:
-            q8 = tl.load(absmax_ptr + blk, mask=blk_ok, other=0).to(tl.int32)
-            scale = tl.load(code8_ptr + q8) * tl.load(absmax2_ptr + blk // 256, mask=blk_ok,
-                                                      other=0.0)
-            scale = tl.where(blk_ok, scale + tl.load(offset_ptr), 0.0)
-        else:
-            scale = tl.load(absmax_ptr + blk, mask=blk_ok, other=0.0)
+    blk_ok = (blk_col < ncols // BS)[None, :]
+    byte = _load((w_ptr + rows * (ncols // 2))[:, None] + byte_col[None, :],
+                 (byte_col < ncols // 2)[None, :], 0, not EVEN_COLS)
+    scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                        (rows * (ncols // BS))[:, None] + blk_col[None, :], blk_ok, NESTED,
+                        not EVEN_COLS)
+    if not EVEN_COLS:
+        scale = tl.where(blk_ok, scale, 0.0)
     # One 64-bit lookup per byte in the 256-entry pair table (a 1-D gather, which Triton stages
     # in shared memory): the fp32 values of columns 2j (high nibble) and 2j+1 (low nibble).
     pairs = tl.load(table_ptr + tl.arange(0, 256))
@@ -135,8 +122,8 @@ def _lora_matmul_kernel(
         mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op, ws_ptr,
         QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
         IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, ROWS: tl.constexpr, W_T: tl.constexpr,
-        BS: tl.constexpr, EVEN_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+        BS: tl.constexpr, EVEN_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -229,8 +216,8 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     """Launch the fused kernel; see the module docstring.
 
     `weight` is the dense weight, or the packed uint8 codes when `wq` holds the 4-bit state
-    `(absmax, absmax2, code8, offset, table [16], byte-pair table [256, 2], blocksize)`; `wq` is
-    None for a dense weight.
+    `(absmax, absmax2, code8, offset, table [16], byte-pair table [256] int64, blocksize)`;
+    `wq` is None for a dense weight.
     `L` is [M, R] and `R2` is [R, P], both in the LoRA dtype (the activation dtype, or fp32 for
     fp32 adapters). `config` (tile sizes, warps, stages) overrides the rule-based choice; the
     interpreter ignores warps and stages. `out_dtype` (default: inp's) is rounded to once.
@@ -244,15 +231,17 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     absmax, absmax2, code8, offset, table, pairs, blocksize = wq if quant else (weight,) * 6 + (1,)
     nested = quant and absmax2 is not None
     # Rows of whole quantization blocks (every LLM shape): the tile decoder in _decode_rows.
-    K = P if stride_wq != 1 else Q
+    forward = stride_wq == 1  # Wop = Wᵀ: the tile's columns run along K in the forward
+    K = Q if forward else P
     rows = quant and K % blocksize == 0
-    table = pairs if rows else table  # rows: one [256, 2] lookup per byte, else per nibble
+    table = pairs if rows else table  # rows: one lookup per byte, else one per nibble
     if not nested:
         absmax2 = code8 = offset = absmax
     cfg = {"SPLIT_K": 1, **(config or _config(M)), "BLOCK_R": max(16, triton.next_power_of_2(R))}
     if _INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     split = cfg["SPLIT_K"]
+    even_cols = rows and K % cfg["BLOCK_K" if forward else "BLOCK_N"] == 0  # no column masks
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_N"]))
     ws = torch.empty((split, M, P), dtype=torch.float32, device=inp.device) if split > 1 else out
     m = mask if mask is not None else out
@@ -264,10 +253,8 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     _lora_matmul_kernel[grid + (split,)](
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
-        QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=stride_wq == 1,
-        BS=blocksize if rows else 1, EVEN_COLS=rows and K % cfg["BLOCK_K" if stride_wq == 1 else
-                                                             "BLOCK_N"] == 0,
-        **flags, **cfg, **_NO_FMA)
+        QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=forward,
+        BS=blocksize if rows else 1, EVEN_COLS=even_cols, **flags, **cfg, **_NO_FMA)
     if split > 1:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],

@@ -71,14 +71,33 @@ def decode_4bit(packed_ptr, idx, live, absmax_ptr, absmax2_ptr, code8_ptr, offse
     """
     byte = tl.load(packed_ptr + idx // 2, mask=live, other=0).to(tl.int32)
     code = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
-    blk = idx // blocksize
+    scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, idx // blocksize, live,
+                        NESTED, True)
+    return tl.load(table_ptr + code) * scale
+
+
+@triton.jit
+def block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, blk, live, NESTED: tl.constexpr,
+                MASKED: tl.constexpr):
+    """The fp32 scale of quantization blocks `blk`: absmax, or the double-quantized
+    `code8[q] * absmax2[blk // 256] + offset`, rounded twice as in bnb. With MASKED, blocks outside
+    `live` are not read (their scale is not meaningful)."""
     if NESTED:
-        q = tl.load(absmax_ptr + blk, mask=live, other=0).to(tl.int32)
-        scale = tl.load(code8_ptr + q) * tl.load(absmax2_ptr + blk // 256, mask=live, other=0.0)
+        q = _load(absmax_ptr + blk, live, 0, MASKED).to(tl.int32)
+        scale = tl.load(code8_ptr + q) * _load(absmax2_ptr + blk // 256, live, 0.0, MASKED)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = tl.load(absmax_ptr + blk, mask=live, other=0.0)
-    return tl.load(table_ptr + code) * scale
+        scale = _load(absmax_ptr + blk, live, 0.0, MASKED)
+    return scale
+
+
+@triton.jit
+def _load(ptr, mask, other, MASKED: tl.constexpr):
+    if MASKED:
+        val = tl.load(ptr, mask=mask, other=other)
+    else:
+        val = tl.load(ptr)
+    return val
 
 
 @triton.jit

@@ -103,11 +103,10 @@ class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, nn.Module):
         return cls(q, linear.bias, r, lora_alpha, lora_dropout, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(self.compute_dtype)
         A, B, s = self._factors(self.compute_dtype)
         if A.shape[0] == 0:
             w = self.qweight.dequantize(self.compute_dtype)
-            return nn.functional.linear(xc, w, self.bias).to(x.dtype)
+            return nn.functional.linear(x.to(self.compute_dtype), w, self.bias).to(x.dtype)
         return ops.qlora_linear(x, self.qweight, self.bias, A, B, s, self._dropout_p(),
                                 compute_dtype=self.compute_dtype)
 
