@@ -12,6 +12,8 @@ order by the second launch), no atomics.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -20,27 +22,30 @@ from .quant_4bit import _INTERPRET, _NO_FMA, _empty, _load, block_scale, decode_
 
 
 @triton.jit
-def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, rows, col0,
+def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, row0, col0,
                  ncols, nrows, NROWS: tl.constexpr, NCOLS: tl.constexpr, BS: tl.constexpr,
-                 NESTED: tl.constexpr, EVEN_COLS: tl.constexpr):
-    """W[rows, col0:col0+NCOLS] in its stored [N, K] layout, as fp32, when every row holds whole
-    quantization blocks (K % BS == 0, BS constexpr). The packed bytes are loaded as one
-    [NROWS, NCOLS/2] tile (lanes along K) and each byte is looked up once; one scale per block is
-    loaded and broadcast over its BS columns. Row bases are int64, in-row offsets int32."""
+                 NESTED: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_ROWS: tl.constexpr):
+    """W[row0:row0+NROWS, col0:col0+NCOLS] in its stored [N, K] layout, as fp32, when every row
+    holds whole quantization blocks (K % BS == 0, BS constexpr). The packed bytes are loaded as
+    one [NROWS, NCOLS/2] tile (lanes along K) and each byte is looked up once; one scale per block
+    is loaded and broadcast over its BS columns. The tile's base is int64, offsets in it int32."""
     HALF: tl.constexpr = NCOLS // 2
     G: tl.constexpr = NCOLS // BS if NCOLS > BS else 1
     # Rows past the end read the last row instead of being masked: they meet zero activations
     # (dX) or land in output columns that are never stored (forward). Columns past the end are
-    # masked unless the tile divides the row (EVEN_COLS).
-    rows = tl.minimum(rows, nrows - 1).to(tl.int64)
+    # masked unless the tile divides the row (EVEN_COLS). EVEN_ROWS: no row is past the end.
+    r = tl.arange(0, NROWS)
+    if not EVEN_ROWS:
+        r = tl.minimum(r, nrows - 1 - row0)
     byte_col = col0 // 2 + tl.arange(0, HALF)
     blk_col = col0 // BS + tl.arange(0, G)
     blk_ok = (blk_col < ncols // BS)[None, :]
-    byte = _load((w_ptr + rows * (ncols // 2))[:, None] + byte_col[None, :],
+    base = w_ptr + tl.cast(row0, tl.int64) * (ncols // 2)
+    byte = _load(base + (r * (ncols // 2))[:, None] + byte_col[None, :],
                  (byte_col < ncols // 2)[None, :], 0, not EVEN_COLS)
+    blk = (row0 + r).to(tl.int64) * (ncols // BS)
     scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-                        (rows * (ncols // BS))[:, None] + blk_col[None, :], blk_ok, NESTED,
-                        not EVEN_COLS)
+                        blk[:, None] + blk_col[None, :], blk_ok, NESTED, not EVEN_COLS)
     if not EVEN_COLS:
         scale = tl.where(blk_ok, scale, 0.0)
     # One 64-bit lookup per byte in the 256-entry pair table (a 1-D gather, which Triton stages
@@ -63,20 +68,31 @@ def _scaled(vals, scale, NROWS: tl.constexpr, G: tl.constexpr, HALF: tl.constexp
 def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, blocksize,
                  q0, p0, offs_q, offs_p, Q, P, stride_wq, stride_wp,
                  QUANT: tl.constexpr, NESTED: tl.constexpr, ROWS: tl.constexpr,
-                 W_T: tl.constexpr, BS: tl.constexpr, EVEN_COLS: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                 W_T: tl.constexpr, BS: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_Q: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
     """Wop[offs_q, offs_p] as fp32. A 4-bit weight whose rows hold whole blocks (ROWS) is decoded
     in its stored layout: forward (W_T: Wop = Wᵀ) transposes the [n, k] tile in registers, dX
     (Wop = W) uses it as is. Otherwise each element is decoded from its flat index."""
     if QUANT and ROWS:
         if W_T:
             w = _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                             offs_p, q0, Q, P, BLOCK_N, BLOCK_K, BS, NESTED, EVEN_COLS)
-            return tl.trans(w)
-        return _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                            offs_q, p0, P, Q, BLOCK_K, BLOCK_N, BS, NESTED, EVEN_COLS)
-    valid = (offs_q[:, None] < Q) & (offs_p[None, :] < P)
-    idx = offs_q[:, None].to(tl.int64) * stride_wq + offs_p[None, :].to(tl.int64) * stride_wp
+                             p0, q0, Q, P, BLOCK_N, BLOCK_K, BS, NESTED, EVEN_COLS, False)
+            if not SWAP:
+                w = tl.trans(w)
+        else:
+            w = _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                             q0, p0, P, Q, BLOCK_K, BLOCK_N, BS, NESTED, EVEN_COLS, EVEN_Q)
+            if SWAP:
+                w = tl.trans(w)
+        return w
+    if SWAP:  # the tile is Wop[offs_q, offs_p]ᵀ: [BLOCK_N, BLOCK_K]
+        q_i = offs_q[None, :]
+        p_i = offs_p[:, None]
+    else:
+        q_i = offs_q[:, None]
+        p_i = offs_p[None, :]
+    valid = (q_i < Q) & (p_i < P)
+    idx = q_i.to(tl.int64) * stride_wq + p_i.to(tl.int64) * stride_wp
     if QUANT:
         w = decode_4bit(w_ptr, idx, valid, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
                         table_ptr, blocksize, NESTED)
@@ -122,29 +138,44 @@ def _lora_matmul_kernel(
         mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op, ws_ptr,
         QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
         IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, ROWS: tl.constexpr, W_T: tl.constexpr,
-        BS: tl.constexpr, EVEN_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+        BS: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m[:, None].to(tl.int64)
+    a_rows = tl.minimum(offs_m, M - 1)[:, None].to(tl.int64)
     # Split-K: program (.., .., s) sums K-slice s, a whole number of BLOCK_K steps long.
     span = tl.cdiv(tl.cdiv(Q, SPLIT_K), BLOCK_K) * BLOCK_K
     q_lo = tl.program_id(2) * span
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for q0 in range(q_lo, tl.minimum(Q, q_lo + span), BLOCK_K):
         offs_q = q0 + tl.arange(0, BLOCK_K)
-        a = tl.load(inp_ptr + rows * stride_im + offs_q[None, :] * stride_iq,
-                    mask=(offs_m[:, None] < M) & (offs_q[None, :] < Q), other=0.0)
+        # Rows past M read row M - 1 (their outputs are never stored): only K may need a mask.
+        a = _load(inp_ptr + a_rows * stride_im + offs_q[None, :] * stride_iq,
+                  (offs_q < Q)[None, :], 0.0, not EVEN_Q)
         w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
                          blocksize, q0, pid_n * BLOCK_N, offs_q, offs_p, Q, P, stride_wq,
-                         stride_wp, QUANT, NESTED, ROWS, W_T, BS, EVEN_COLS, BLOCK_K, BLOCK_N)
+                         stride_wp, QUANT, NESTED, ROWS, W_T, BS, EVEN_COLS, EVEN_Q, BLOCK_K, BLOCK_N,
+                         SWAP)
         # The weight is rounded to the activation dtype first, as dequantize-then-matmul does.
-        if IEEE:
-            acc += tl.dot(a, w.to(a.dtype), input_precision="ieee")
+        w = w.to(a.dtype)
+        if SWAP:  # accᵀ += Wopᵀ · inpᵀ: the weight is the MMA's A operand (from registers)
+            lhs = w
+            rhs = tl.trans(a)
         else:
-            acc += tl.dot(a, w.to(a.dtype))
+            lhs = a
+            rhs = w
+        if IEEE:
+            acc += tl.dot(lhs, rhs, input_precision="ieee")
+        else:
+            acc += tl.dot(lhs, rhs)
+    if SWAP:
+        acc = tl.trans(acc)
     if SPLIT_K == 1:
         _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
                   stride_rp, R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr,
@@ -167,35 +198,41 @@ def _split_k_epilogue_kernel(
     valid = (offs_m[:, None] < M) & (offs_p[None, :] < P)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * (M.to(tl.int64) * P) + idx, mask=valid, other=0.0)
+        acc += tl.load(ws_ptr + s * (tl.cast(M, tl.int64) * P) + idx, mask=valid, other=0.0)
     _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
               R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
               HAS_MASK, HAS_BIAS, LORA_IEEE, BLOCK_R)
 
 
 # Tile configurations a GPU tuning run chooses from (`python -m peftkern.bench.tune`), per batch
-# regime. Small M (decode): narrow N tiles, so that a 4096-wide layer still gives a few hundred
-# programs, long K steps, and split-K (SPLIT_K programs per output tile, each summing a slice of K
-# into an fp32 workspace that a second launch adds up in fixed order: more programs in flight for
-# narrow layers, at the cost of that launch). The tuned choice per GPU and shape lives in
+# regime. Small M (decode): long K steps, split-K (SPLIT_K programs per output tile, each summing
+# a slice of K into an fp32 workspace that a second launch adds up in fixed order: programs for
+# every SM, at the cost of that launch), and SWAP: the kernel computes outᵀ = Wopᵀ·inpᵀ, so the
+# decoded weight tile is the MMA's first operand (on sm_90a wgmma's register operand, M = 64 rows
+# of W) and the few activation rows its second. The tuned choice per GPU and shape lives in
 # peftkern/ops/tuning.json; one fixed config per shape keeps results the same from run to run.
 SMALL_M = 16
 
 
-def _configs(rows, split_k=1):
+def _configs(rows, split_k=1, swap=False):
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    return [dict(zip(keys, r), **({"SPLIT_K": split_k} if split_k > 1 else {})) for r in rows]
+    return [dict(zip(keys, r), **({"SPLIT_K": split_k} if split_k > 1 else {}),
+                 **({"SWAP": True} if swap else {})) for r in rows]
 
 
 CANDIDATES = {
-    "small": _configs([(16, 64, 128, 4, 3), (16, 32, 128, 2, 3), (16, 32, 256, 4, 3),
-                       (16, 64, 256, 4, 4), (16, 128, 64, 4, 3), (16, 128, 128, 8, 3),
-                       (16, 16, 256, 2, 4), (16, 32, 512, 4, 2)])
-    + _configs([(16, 64, 128, 4, 3)], split_k=4) + _configs([(16, 32, 128, 4, 3)], split_k=8)
-    + _configs([(16, 64, 256, 4, 3)], split_k=2),
-    "large": _configs([(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (64, 128, 64, 4, 3),
-                       (128, 64, 64, 4, 3), (128, 256, 64, 8, 3), (64, 64, 64, 4, 4),
-                       (256, 128, 64, 8, 3), (64, 256, 32, 4, 4)]),
+    "small": _configs([(16, 64, 256, 4, 3)], split_k=2, swap=True)
+    + _configs([(16, 64, 256, 4, 3), (16, 128, 128, 4, 3)], swap=True)
+    + _configs([(16, 64, 256, 4, 3)], split_k=4, swap=True)
+    + _configs([(16, 128, 128, 4, 3)], split_k=4, swap=True)
+    + _configs([(16, 64, 128, 4, 3)], split_k=4, swap=True)
+    + _configs([(16, 64, 128, 4, 3), (16, 32, 128, 2, 3), (16, 32, 256, 4, 3),
+                (16, 128, 64, 4, 3), (16, 16, 256, 2, 4)])
+    + _configs([(16, 64, 128, 4, 3)], split_k=4) + _configs([(16, 32, 128, 4, 3)], split_k=8),
+    "large": _configs([(128, 128, 128, 8, 2), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
+                       (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
+                       (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3),
+                       (64, 256, 32, 4, 4)]),
 }
 
 
@@ -203,11 +240,46 @@ def regime(M: int) -> str:
     return "small" if M <= SMALL_M else "large"
 
 
-def _config(M: int) -> dict:
-    """Tiles when no tuned entry exists: the regime's first candidate (a rule, unmeasured)."""
+# The default where no tuned entry exists, per regime and arch family (Hopper and newer: 90;
+# Ampere/Ada: 80): the candidate with the best static bound among those that compile without
+# spills and fit shared memory there (`python -m peftkern.bench.static`; unmeasured on a GPU).
+# On sm_90a the swapped small-M configs put the decoded weight in wgmma's register operand; on
+# sm_80 the large 4-bit tile with BLOCK_K = 128 spills.
+RULE = {"small": {90: 0, 80: 5}, "large": {90: 0, 80: 2}}
+
+
+# Candidates that the static check finds over shared memory or spilling in 16-bit on an arch
+# family (`python -m peftkern.bench.static --configs all`): never tuned or picked there.
+# sm_80: the swapped BLOCK_K = 256 tiles spill 8-36 B (4-bit), the large 4-bit tiles with BLOCK_K
+# = 128 or 256-wide spill 112-316 B; both arches: 128x256, 256x128 and 64x256 spill (up to 1.6 KB).
+EXCLUDED = {90: {"small": (), "large": (6, 8, 9)}, 80: {"small": (0, 1, 3), "large": (0, 1, 6, 8, 9)}}
+
+
+def arch_family(capability: tuple[int, int] | None) -> int:
+    return 90 if capability is None or capability[0] >= 9 else 80
+
+
+def candidates(regime_: str, capability: tuple[int, int] | None = None) -> list[dict]:
+    """The tile configs a tuning run may pick on a GPU of this compute capability."""
+    out = EXCLUDED[arch_family(capability)][regime_]
+    return [c for i, c in enumerate(CANDIDATES[regime_]) if i not in out]
+
+
+def _config(M: int, capability: tuple[int, int] | None = None) -> dict:
+    """Tiles when no tuned entry exists (RULE; `capability` None: the sm_90 rule)."""
     if _INTERPRET:  # the interpreter's cost is per program: few, larger tiles
         return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64)
-    return CANDIDATES[regime(M)][0]
+    return rule_config(regime(M), capability)
+
+
+def rule_config(regime_: str, capability: tuple[int, int] | None = None) -> dict:
+    """The GPU default of a regime on an arch (RULE)."""
+    return CANDIDATES[regime_][RULE[regime_][arch_family(capability)]]
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
 def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=None, *,
@@ -237,7 +309,8 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     table = pairs if rows else table  # rows: one lookup per byte, else one per nibble
     if not nested:
         absmax2 = code8 = offset = absmax
-    cfg = {"SPLIT_K": 1, **(config or _config(M)), "BLOCK_R": max(16, triton.next_power_of_2(R))}
+    cfg = {"SPLIT_K": 1, "SWAP": False, **(config or _config(M, _capability(inp.device))),
+           "BLOCK_R": max(16, triton.next_power_of_2(R))}
     if _INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     split = cfg["SPLIT_K"]
@@ -254,7 +327,7 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
         QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=forward,
-        BS=blocksize if rows else 1, EVEN_COLS=even_cols, **flags, **cfg, **_NO_FMA)
+        BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0, **flags, **cfg, **_NO_FMA)
     if split > 1:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import ops, reference
+from . import formulas, ops
 from .format import QuantizedWeight, quantize_4bit
 from .nn import Quantized4bitBase
 from .validation import check_probability, check_rank
@@ -29,7 +29,7 @@ class _SVDMixin:
         check_rank("r", r, N, K)
         check_probability("lora_dropout", lora_dropout)
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
-        self.scaling = reference.adalora_scaling(lora_alpha, r)
+        self.scaling = formulas.adalora_scaling(lora_alpha, r)
         kw = dict(device=device, dtype=dtype)
         # PEFT's init: E zeros, A and B normal(0, 0.02)
         self.lora_A = nn.Parameter(torch.randn(r, K, **kw) * 0.02)
@@ -225,7 +225,7 @@ class RankAllocator:
     @torch.no_grad()
     def mask_to_budget(self, budget: int) -> dict:
         scores = self._scores()
-        thr = reference.adalora_threshold(torch.cat(list(scores.values())), self.init_bgt, budget)
+        thr = formulas.adalora_threshold(torch.cat(list(scores.values())), self.init_bgt, budget)
         pattern = {}
         for n, (_, E, _, _) in self.layers.items():
             pruned = torch.zeros_like(scores[n], dtype=torch.bool) if thr is None else scores[n] <= thr
@@ -244,7 +244,7 @@ class RankAllocator:
             E.masked_fill_(~keep.view(-1, 1), 0.0)
 
     def budget(self, step: int):
-        return reference.adalora_budget(step, self.init_bgt, self.target_bgt, self.tinit,
+        return formulas.adalora_budget(step, self.init_bgt, self.target_bgt, self.tinit,
                                         self.tfinal, self.total_step, self.deltaT)
 
     def update_and_allocate(self, step: int):

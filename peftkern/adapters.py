@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .nn import LoRALinear, QLoRALinear
-from .reference import lora_scaling
+from .formulas import lora_scaling
 from .validation import check_choice
 
 _PREFIX = "base_model.model."

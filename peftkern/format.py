@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import codes, ops, reference
+from . import codes, formulas, ops
 from .validation import (FLOAT_DTYPES, check_blocksize, check_choice, check_finite,
                          check_tensor)
 
@@ -186,7 +186,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
     packed, absmax = ops.quantize_4bit(weight, quant_type, blocksize)
     nested = {}
     if double_quant:
-        q8, absmax2, code8, offset = reference.double_quantize(absmax)
+        q8, absmax2, code8, offset = formulas.double_quantize(absmax)
         nested = dict(absmax=q8, absmax2=absmax2, code8=code8.clone(), offset=offset)
     return QuantizedWeight(data=packed.view(quant_storage).unsqueeze(1),
                            absmax=nested.pop("absmax", absmax), shape=weight.shape,

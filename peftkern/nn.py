@@ -14,7 +14,7 @@ from torch import nn
 
 from . import ops
 from .format import QuantizedWeight, dequantize_4bit, quantize_4bit
-from .reference import lora_scaling
+from .formulas import lora_scaling
 from .validation import FLOAT_DTYPES, check_choice, check_probability, check_rank, check_tensor
 
 _QUANT_BUFFERS = ("absmax", "absmax2", "code8", "offset")

@@ -10,7 +10,7 @@ from peftkern import ops
 from peftkern import reference as R
 from peftkern.adalora import AdaLoRALinear, QAdaLoRALinear, RankAllocator
 
-from conftest import assert_error_rule
+from helpers import assert_error_rule
 
 BACKENDS = [b for b in ops.available(torch.device("cpu")) if b in ("triton", "reference")]
 DT = {"fp16": torch.float16, "fp32": torch.float32}

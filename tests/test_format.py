@@ -7,7 +7,7 @@ import torch
 import peftkern
 from peftkern import QuantizedWeight, codes, ops, reference
 
-from conftest import CPU_BACKENDS
+from helpers import CPU_BACKENDS
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")

@@ -9,7 +9,7 @@ import peftkern
 from peftkern import codes, ops
 from peftkern import reference as R
 
-from conftest import assert_error_rule
+from helpers import assert_error_rule
 
 pytestmark = pytest.mark.gpu
 GPU_BACKENDS = ops.available(torch.device("cuda")) if torch.cuda.is_available() else ()

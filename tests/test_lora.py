@@ -11,7 +11,7 @@ from peftkern import ops
 from peftkern import reference as R
 from peftkern.nn import LoRALinear, QLoRALinear
 
-from conftest import assert_error_rule
+from helpers import assert_error_rule
 
 BACKENDS = [b for b in ops.available(torch.device("cpu")) if b in ("triton", "reference")]
 WEIGHTS = ["dense", "nf4", "nf4-dq", "fp4", "fp4-dq"]
@@ -93,13 +93,32 @@ def test_forward_and_gradients_follow_error_rule(backend, weight_kind, dt, varia
             assert_error_rule(name, g, o, t)
 
 
+def test_pick_keeps_fp32_matmuls_off_triton_on_cuda_and_bf16_off_the_interpreter():
+    """fp32 fused matmuls on CUDA run cuBLAS (the Triton FFMA kernels spill) unless Triton is
+    forced; other kernels keep Triton. No GPU is needed: pick() only reads the device type."""
+    from peftkern.ops.backends import pick, use_backend
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    if "triton" in ops.available(cuda):
+        assert pick(cuda, ops.BACKENDS, torch.float32, matmul=True) in ("cuda", "reference")
+        assert pick(cuda, ops.BACKENDS, torch.bfloat16, matmul=True) == "triton"
+        assert pick(cuda, ops.BACKENDS, torch.float32) == "triton"
+        with use_backend("triton"):
+            assert pick(cuda, ops.BACKENDS, torch.float32, matmul=True) == "triton"
+    if "triton" in ops.available(cpu):  # the interpreter
+        assert pick(cpu, ops.BACKENDS, torch.bfloat16, matmul=True) != "triton"
+        with use_backend("triton"), pytest.raises(RuntimeError, match="refuses bfloat16"):
+            pick(cpu, ops.BACKENDS, torch.bfloat16, matmul=True)
+
+
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (interpreter)")
 @pytest.mark.parametrize("regime, M, N, K, weight_kind, blocksize", [
     ("small", 3, 150, 300, "dense", 32), ("large", 40, 45, 100, "dense", 32),
     ("small", 3, 150, 300, "nf4-dq", 32), ("large", 40, 45, 100, "nf4-dq", 32),  # blocks span rows
     # rows of whole blocks (the tile decoder): tiles narrower and wider than a block, partial tiles
     ("small", 3, 150, 384, "nf4-dq", 128), ("large", 40, 45, 320, "nf4-dq", 32),
-    ("large", 20, 70, 192, "fp4", 64)])
+    ("large", 20, 70, 192, "fp4", 64),
+    # K and N multiples of every BLOCK_K: no K masks, dX tile rows never past the end
+    ("small", 3, 256, 256, "nf4-dq", 64), ("large", 20, 128, 256, "nf4-dq", 64)])
 def test_every_candidate_tile_config_is_correct(regime, M, N, K, weight_kind, blocksize, gen,
                                                 monkeypatch):
     """Each configuration a GPU tuning run may pick (CANDIDATES in kernels/lora_linear.py), forced

@@ -8,7 +8,7 @@ from peftkern import ops
 from peftkern.ops import lora as L
 from peftkern.ops import quant as Q
 
-from conftest import CPU_BACKENDS
+from helpers import CPU_BACKENDS
 
 M, K, N, R = 5, 64, 40, 8
 CASES = [  # (backend, activation dtype, adapter dtype); bf16 never runs on the Triton interpreter

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import peftkern.integrations.peft as pk  # noqa: E402
-from peft_models import LINEARS, llama, loss_and_grads, randomize_lora, tokens  # noqa: E402
+from helpers import LINEARS, llama, loss_and_grads, randomize_lora, tokens  # noqa: E402
 
 BACKENDS = [b for b in ops.available(torch.device("cpu")) if b in ("triton", "reference")]
 

@@ -18,8 +18,8 @@ from peft import AdaLoraConfig, LoraConfig, get_peft_model  # noqa: E402
 
 import peftkern.integrations.peft as pk  # noqa: E402
 from peftkern.adalora import RankAllocator  # noqa: E402
-from conftest import assert_error_rule  # noqa: E402
-from peft_models import (LINEARS, assert_same_run, gpt2, llama, loss_and_grads,  # noqa: E402
+from helpers import assert_error_rule  # noqa: E402
+from helpers import (LINEARS, assert_same_run, gpt2, llama, loss_and_grads,  # noqa: E402
                          randomize_lora, tokens)
 
 K, N, R = 64, 40, 8

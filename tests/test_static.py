@@ -28,18 +28,11 @@ from peftkern.bench import static
 FAST_ARGS = ["--quick", "--configs", "rule", "--dtypes", "bf16"]
 SLOW_ARGS = ["--quick"]
 
-# Static numbers of what still fails (benchmarks/results/static/static_after.md); the shared
-# memory, 64-bit division and bf16 spill failures of the old per-element decoder are gone.
-_FP32_4BIT = ("4-bit fp32 (IEEE FFMA, no tensor cores) compiles to 32-56 registers and spills "
-              "2.4-22 KB in every config on both arches")
-KNOWN = {  # the fast part (bf16 rule configs) passes every check; the rest of the quick set:
-    ("slow", "dense", "fp32", "fwd", "local"):
-        "dense fp32 spills: rule 128x128x64/w8/s3 9880 B on sm_80 (32 registers); split-K "
-        "16x64x128/sk4 8 B (sm_80), 4 B (sm_90a); 128x128x32/w8/s4 12 B / 32 B (255 registers)",
-    ("slow", "dense", "fp32", "dx", "local"):
-        "dense fp32 spills: rule 128x128x64/w8/s3 11184 B on sm_80 (32 registers)",
-    **{("slow", "nf4-nested", "fp32", p, "local"): _FP32_4BIT for p in static.PASSES},
-}
+# Static numbers of what still fails (benchmarks/results/static/static_after.md). The shared
+# memory, 64-bit division and bf16 spill failures of the old per-element decoder are gone; fp32
+# GEMMs (IEEE FFMA, 32-56 registers and KBs of spills) are not launchable: cuBLAS runs fp32 on
+# CUDA (ops.backends.pick) unless Triton is forced.
+KNOWN: dict = {}
 # The quick set beyond the fast part costs ~4.5 min of cold compiles on 2 cores: it runs when
 # PEFTKERN_STATIC_SLOW=1 (before a release, or after a kernel change), not in the default suite.
 RUN_SLOW = os.environ.get("PEFTKERN_STATIC_SLOW") == "1"
@@ -75,15 +68,15 @@ def _shared(r):
     if not r["compiled"]:
         return None
     fits = r["shared_bytes"] <= r["shared_limit"]
-    if r["launchable"] != fits:
-        return f"launchable={r['launchable']} but shared {r['shared_bytes']} vs {r['shared_limit']}"
+    if r["launchable"] and not fits:
+        return f"launchable but shared {r['shared_bytes']} > {r['shared_limit']}"
     if r["rule"] and not fits:
         return f"default config needs {r['shared_bytes']} B shared > {r['shared_limit']}"
     return None
 
 
-def _local(r):
-    if r["compiled"] and (r["spill_bytes"] or r["local_bytes"]):
+def _local(r):  # configs the dispatcher never picks on an arch (EXCLUDED) are not checked
+    if r["compiled"] and r["launchable"] and (r["spill_bytes"] or r["local_bytes"]):
         return f"spills {r['spill_bytes']} B, local/stack {r['local_bytes']} B"
     return None
 
@@ -150,9 +143,20 @@ def test_gemm_fast(fast_report, weight, dtype, pass_, check):
                          list(_gemm_params("slow", static.QUICK_DTYPES)))
 def test_gemm_quick_set(slow_report, weight, dtype, pass_, check):
     rows = _gemm_rows(slow_report, weight, dtype, pass_)
-    assert len({r["config"] for r in rows}) == 4  # two rule configs, one split-K, one large
+    cands, quick = static._candidates(), static.quick_indices(static._candidates())
+    # the rule configs of both arches, a split-K small one and one more large one
+    assert {r["config"] for r in rows} == {static.config_name(cands[g][i])
+                                           for g, idx in quick.items() for i in idx}
     bad = _failures(rows, check)
     assert not bad, "\n".join(bad)
+
+
+def test_rule_configs_are_candidates_the_dispatcher_may_pick():
+    from peftkern.kernels import lora_linear as L
+    for regime, by_arch in L.RULE.items():
+        for arch, i in by_arch.items():
+            assert i not in L.EXCLUDED[arch][regime]
+            assert L.CANDIDATES[regime][i] in L.candidates(regime, (arch // 10, 0))
 
 
 OTHER_KERNELS = ("_quantize_4bit_kernel", "_dequantize_4bit_kernel", "_ipt_kernel")

@@ -5,8 +5,8 @@
 What it does. Every kernel the dispatcher can launch is compiled ahead of time for each target
 (`triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`): the fused (Q)LoRA GEMM
 (`_lora_matmul_kernel`) for every tile config in `CANDIDATES` plus the non-interpreter rule
-`_config(M)` (today each regime's first candidate), dense / nf4 / fp4 weights with plain or nested
-(double-quantized) absmax, fp16 (rule configs only) / bf16 / fp32, forward and dX, the split-K
+`_config(M, capability)` (`RULE`: a candidate per regime and arch family), dense / nf4 / fp4
+weights with plain or nested (double-quantized) absmax, fp16 (rule configs only) / bf16 / fp32, forward and dX, the split-K
 epilogue kernel, quantize (every bnb blocksize), dequantize and the AdaLoRA sensitivity update.
 Reduced sets: bias (forward), dropout mask (dX) and fp32 adapters only on the rule configs, dense
 and nf4-nested, bf16; M = 1 (Triton makes an int == 1 a constexpr) on the small rule config.
@@ -35,16 +35,16 @@ First-order bound model (a STATIC ESTIMATE, never a measurement):
   * weight elements decoded per iteration = BLOCK_K × BLOCK_N (forward: the Wᵀ tile is
     BLOCK_K(k) × BLOCK_N(n); dX: the same kernel with W addressed [N, K], the tile is
     BLOCK_K(q=n) × BLOCK_N(p=k));  instr_per_weight_elem = thread-instructions / weight elements;
-  * issue cycles / iteration = loop_instr × num_warps / 4 (4 schedulers per SM, each issuing one
-    warp-instruction per cycle);  MMA cycles / iteration = 2·BM·BN·BK / (dense 16-bit tensor
-    FLOP per cycle per SM) when the loop has tensor-core MMAs (else 0: fp32 IEEE runs on FFMA,
-    already in the issue count);  per-iteration bound = max(issue, MMA);
-  * compute time = per-iteration bound × iterations (ceil(ceil(Q / SPLIT_K) / BK)) × CTA waves /
-    clock, waves = ceil(#CTAs / (SMs × CTAs per SM)), CTAs per SM = min(65536 registers /
-    (registers per warp rounded to 256 × warps), floor(shared limit / shared), 64 warps / warps,
-    32);
-    co-resident CTAs are treated as running in parallel, so with more than one CTA per SM this
-    is optimistic;
+  * issue cycles / CTA iteration = loop_instr × num_warps / min(4, resident warps) (4 schedulers
+    per SM, each issuing one warp-instruction per cycle; a warp issues at most one per cycle);
+    MMA cycles / CTA iteration = 2·BM·BN·BK / (dense 16-bit tensor FLOP per cycle per SM) when
+    the loop has tensor-core MMAs (else 0: fp32 IEEE runs on FFMA, already in the issue count);
+  * the busiest SM runs ceil(#CTAs / SMs) CTAs, `resident` = min(that, CTAs per SM) at a time
+    in ceil(that / resident) waves; co-resident CTAs share the schedulers and tensor cores, so
+    compute time = max(issue, MMA) × resident × iterations (ceil(ceil(Q / SPLIT_K) / BK)) ×
+    waves / clock; CTAs per SM = min(65536 registers / (registers per warp rounded to 256 ×
+    warps), floor(shared limit / shared), 64 warps / warps, 32). Latency is not modelled: with
+    few warps per SM the real time is longer;
   * HBM time = bytes once each (x or dY, the weight: dense, or packed codes + absmax (+ nested
     absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM);
   * bound_vs_dense = the 4-bit variant's bound / the dense variant's (same config, dtype, pass,
@@ -68,6 +68,7 @@ import argparse
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -127,38 +128,39 @@ def _candidates():
 
 
 def rule_configs() -> dict:
-    """The non-interpreter rule `_config(M)` per regime (today each regime's first candidate)."""
+    """The GPU default tiles per (regime, arch) (`lora_linear.RULE`)."""
     from peftkern.kernels import lora_linear
-    return {r: lora_linear._config(M) for r, M in M_OF.items()}
+    return {(r, a): lora_linear.rule_config(r, (a // 10, a % 10)) for r in M_OF for a in ARCHS}
 
 
-def rule_index(regime) -> int:
-    cands, rule = _candidates()[regime], rule_configs()[regime]
-    return cands.index(rule) if rule in cands else -1
+def rule_indices(regime) -> list[int]:
+    """The candidates that are the rule on some arch."""
+    cands = _candidates()[regime]
+    return sorted({cands.index(c) for (r, _), c in rule_configs().items() if r == regime})
 
 
 def quick_indices(cands) -> dict:
     """The quick subset's configs: the rule, the first split-K small candidate, the first large
     candidate that is not the rule."""
-    rule = {r: rule_index(r) for r in cands}
+    rule = {r: rule_indices(r) for r in cands}
     split = next(i for i, c in enumerate(cands["small"]) if c.get("SPLIT_K", 1) > 1)
-    large = next(i for i in range(len(cands["large"])) if i != rule["large"])
-    return {"small": [rule["small"], split], "large": [rule["large"], large]}
+    large = next(i for i in range(len(cands["large"])) if i not in rule["large"])
+    return {"small": sorted(set(rule["small"]) | {split}), "large": rule["large"] + [large]}
 
 
 def gemm_variants(configs, weights, dtypes, extras, fp16_rule_only=False) -> list[Variant]:
     """GEMM variants; `fp16_rule_only` (the full set's default) compiles fp16 for the rule
     configs only: it differs from bf16 in the MMA and conversion types alone."""
     cands = _candidates()
-    rule = {r: rule_index(r) for r in cands}
-    pick = {"rule": {r: [i] for r, i in rule.items()}, "quick": quick_indices(cands),
-            "all": {r: sorted(set(range(len(c))) | {rule[r]}) for r, c in cands.items()}}[configs]
+    rule = {r: rule_indices(r) for r in cands}
+    pick = {"rule": rule, "quick": quick_indices(cands),
+            "all": {r: list(range(len(c))) for r, c in cands.items()}}[configs]
     out = []
     for regime, idxs in pick.items():
         for i in idxs:
             for w in weights:
                 for dt in dtypes:
-                    if dt == "fp16" and i != rule[regime] and fp16_rule_only:
+                    if dt == "fp16" and i not in rule[regime] and fp16_rule_only:
                         continue
                     out += [Variant("gemm", dt, w, p, regime, i, M_OF[regime]) for p in PASSES]
     if extras:
@@ -174,15 +176,13 @@ def _extra_variants(weights, dtypes) -> list[Variant]:
     w2 = [w for w in ("dense", "nf4-nested") if w in weights]
     dt = "bf16" if "bf16" in dtypes else dtypes[0]
     for regime in ("small", "large"):
-        i = rule_index(regime)
-        for w in w2:
+        for i, w in itertools.product(rule_indices(regime), w2):
             out += [Variant("gemm", dt, w, "fwd", regime, i, M_OF[regime], "bias"),
                     Variant("gemm", dt, w, "dx", regime, i, M_OF[regime], "mask")]
             out += [Variant("gemm", dt, w, p, regime, i, M_OF[regime], "lora-fp32")
                     for p in PASSES if dt != "fp32"]
-    i = rule_index("small")
-    out += [Variant("gemm", d, w, p, "small", i, 1) for w in weights for d in dtypes
-            for p in PASSES]
+    out += [Variant("gemm", d, w, p, "small", i, 1) for i in rule_indices("small")
+            for w in weights for d in dtypes for p in PASSES]
     return out
 
 
@@ -297,7 +297,7 @@ def call_other(v: Variant, N: int = 4096, K: int = 4096):
 def config_of(v: Variant) -> dict | None:
     if v.kind != "gemm":
         return None
-    return _candidates()[v.regime][v.index] if v.index >= 0 else rule_configs()[v.regime]
+    return _candidates()[v.regime][v.index] if v.index >= 0 else rule_configs()[(v.regime, 90)]
 
 
 def record(v: Variant, N: int = 4096, K: int = 4096) -> list[Launch]:
@@ -574,12 +574,17 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     occ = ctas_per_sm(row["registers"], row["shared_bytes"], row["num_warps"], row["arch"])
     if occ == 0:
         return None
-    issue = row["main_loop_instructions"] * row["num_warps"] / 4
-    mma = 2 * bm * bn * bk / hw["mma_flop"] if row["main_loop_mma"] else 0.0
+    warps = row["num_warps"]
     iters = math.ceil(math.ceil(Q / split) / bk)
     ctas = math.ceil(M / bm) * math.ceil(P / bn) * split
-    waves = math.ceil(ctas / (hw["sms"] * occ))
-    compute = max(issue, mma) * iters * waves / hw["clock"]
+    on_sm = math.ceil(ctas / hw["sms"])  # CTAs on the busiest SM
+    resident = min(occ, on_sm)
+    waves = math.ceil(on_sm / resident)
+    # Co-resident CTAs share the SM's 4 schedulers and its tensor cores; a warp issues at most one
+    # instruction per cycle, so fewer than 4 resident warps cannot use all 4 schedulers.
+    issue = row["main_loop_instructions"] * warps / min(4, resident * warps)
+    mma = 2 * bm * bn * bk / hw["mma_flop"] if row["main_loop_mma"] else 0.0
+    compute = max(issue * resident, mma * resident) * iters * waves / hw["clock"]
     elt = {"fp16": 2, "bf16": 2, "fp32": 4}[row["dtype"]]
     lelt = 4 if row.get("extra") == "lora-fp32" else elt
     nbytes = (M * Q * elt + weight_bytes(row["weight"], N, K, elt) + M * P * elt
@@ -594,7 +599,8 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
 
 def config_name(cfg: dict) -> str:
     s = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}/w{cfg['num_warps']}/s{cfg['num_stages']}"
-    return s + (f"/sk{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "")
+    return (s + (f"/sk{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "")
+            + ("/swap" if cfg.get("SWAP") else ""))
 
 
 def variant_rows(v: Variant, archs, cache_dir, memo, rule) -> list[dict]:
@@ -614,12 +620,20 @@ def _row(v, launch, arch, cfg, rule, a) -> dict:
                config=config_name(cfg) if cfg else _other_config(v, launch),
                dtype=v.dtype, regime=v.regime, weight=v.weight, **{"pass": v.pass_},
                M=v.M or None, extra=v.extra or None,
-               rule=bool(cfg) and cfg == rule.get(v.regime), shared_limit=limit, **a)
+               rule=bool(cfg) and cfg == rule.get((v.regime, arch)), shared_limit=limit, **a)
     row["arch_num"] = arch
-    row["launchable"] = bool(a.get("compiled")) and a["shared_bytes"] <= limit
+    row["launchable"] = (bool(a.get("compiled")) and a["shared_bytes"] <= limit
+                         and not _excluded(v, arch))
     if cfg:
         row["config_dict"] = dict(cfg)
     return row
+
+
+def _excluded(v: Variant, arch: int) -> bool:
+    """A GEMM the dispatcher never picks on this arch: a candidate in lora_linear.EXCLUDED, or
+    fp32 (cuBLAS runs fp32 on CUDA unless Triton is forced: ops.backends.pick)."""
+    from peftkern.kernels import lora_linear
+    return v.kind == "gemm" and (v.dtype == "fp32" or v.index in lora_linear.EXCLUDED[arch][v.regime])
 
 
 def _other_config(v, launch) -> str:

@@ -2,7 +2,7 @@
 
 For each weight shape (Llama-3-8B's linears), batch size M, pass (forward "fwd", input gradient
 "dx") and weight kind (NF4 + double quant, dense), every candidate configuration of
-kernels/lora_linear.py (CANDIDATES, by M regime) is timed with triton.testing.do_bench (median)
+kernels/lora_linear.py that this GPU can run (`candidates`, by M regime) is timed with triton.testing.do_bench (median)
 and the fastest becomes a "lora_matmul" entry. Writes <out>/<device>/tuning_lora_matmul.json (for
 `peftkern.ops.tuning.adopt`) and tuning_lora_matmul_all.json (every timing). CUDA only.
 """
@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 
 from .. import ops
-from ..kernels.lora_linear import CANDIDATES, regime
+from ..kernels.lora_linear import _config, candidates, regime
 from ..ops import lora as lora_ops
 from ..ops import tuning
 from . import cases, measure, report
@@ -59,13 +59,15 @@ def tune(shapes, Ms, r, dtype) -> tuple[list[dict], list[dict]]:
     for i, (N, K, M, quant) in enumerate(keys, 1):
         passes = _passes(N, K, M, r, dtype, quant)
         for op, call in passes.items():
-            times = [(_time(call, cfg), cfg) for cfg in CANDIDATES[regime(M)]]
+            cap = torch.cuda.get_device_capability()
+            times = [(_time(call, cfg), cfg) for cfg in candidates(regime(M), cap)]
+            rule_ms = next(ms for ms, cfg in times if cfg == _config(M, cap))
             timings += [{"op": op, "quant": quant, "M": M, "N": N, "K": K, "ms": ms, "config": cfg}
                         for ms, cfg in times]
             ms, cfg = min(times, key=lambda t: t[0])
             best.append({"op": op, "quant": quant, "M": M, "N": N, "K": K, "config": cfg})
             print(f"[{i}/{len(keys)}] {'nf4' if quant else 'dense'} {op} {N}x{K} M={M}: "
-                  f"{ms:.4f} ms with {cfg} (rule: {times[0][0]:.4f} ms)", flush=True)
+                  f"{ms:.4f} ms with {cfg} (rule: {rule_ms:.4f} ms)", flush=True)
         del passes
         torch.cuda.empty_cache()
     return best, timings

@@ -80,16 +80,23 @@ def _warn_once(key: str, msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def pick(device: torch.device, supported=BACKENDS, dtype: torch.dtype | None = None) -> str:
+def pick(device: torch.device, supported=BACKENDS, dtype: torch.dtype | None = None,
+         matmul: bool = False) -> str:
     """The backend for an op on `device`; `supported` lists the backends that implement it.
 
-    `dtype`, given by the ops whose Triton kernels compute in it (the fused matmuls), keeps bf16 off
-    the Triton interpreter, whose bf16 `tl.dot` is wrong (DESIGN.md §6, triton-lang/triton#11584):
+    `dtype`, given by the ops whose Triton kernels compute in it, keeps bf16 off the Triton
+    interpreter, whose bf16 `tl.dot` is wrong (DESIGN.md §6, triton-lang/triton#11584):
     the next backend runs instead, and forcing Triton there raises. (Kernels that only convert
     bf16 to or from fp32, like quantize/dequantize, are exact there and pass no dtype.)
+    `matmul` (the fused matmuls) also keeps fp32 on CUDA off Triton unless it is forced.
     """
     have = [b for b in available(device) if b in supported]
     name = forced()
+    if matmul and dtype == torch.float32 and device.type == "cuda" and name is None \
+            and "triton" in have:
+        # fp32 is IEEE (no tf32): the fused matmul kernels run on FFMA and spill (static check),
+        # so cuBLAS SGEMM after dequantizing (or the CUDA GEMV) runs unless Triton is forced.
+        have.remove("triton")
     if dtype == torch.bfloat16 and device.type == "cpu" and "triton" in have:
         if name == "triton":
             raise RuntimeError("backend 'triton' refuses bfloat16 under TRITON_INTERPRET=1: the "

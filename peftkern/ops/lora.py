@@ -44,18 +44,19 @@ def _gemv_fits(x, blocksize) -> bool:
     return x.shape[0] <= codes.GEMV_MAX_ROWS and x.shape[1] % blocksize == 0
 
 
-def _without_cuda_kernel(device) -> str:
-    """What runs where the CUDA extension has no kernel (dX, M > 16): Triton, else the reference."""
-    return "triton" if "triton" in available(device) else "reference"
+def _without_cuda_kernel(device, dtype) -> str:
+    """What runs where the CUDA extension has no kernel (dX, M > 16): Triton, else (and for fp32,
+    as in pick) the reference: dequantize, then cuBLAS."""
+    return "triton" if "triton" in available(device) and dtype != torch.float32 else "reference"
 
 
 def _quant_backend(x, blocksize, N) -> str:
     """pick(), then the CUDA GEMV where it applies: forced, or by default where it was measured
     faster than Triton on this GPU and shape (tuning.json)."""
-    backend = pick(x.device, _QUANT_BACKENDS, x.dtype)
+    backend = pick(x.device, _QUANT_BACKENDS, x.dtype, matmul=True)
     fits = x.device.type == "cuda" and _gemv_fits(x, blocksize)
     if backend == "cuda" and not fits:
-        return _without_cuda_kernel(x.device)
+        return _without_cuda_kernel(x.device, x.dtype)
     if backend == "triton" and fits and forced() is None and "cuda" in available(x.device) and \
             0 < x.shape[0] <= tuning.cuda_gemv_max_m(x.device, N, x.shape[1]):
         return "cuda"
@@ -123,7 +124,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                     mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     xa = _lora_input(x, lora_A, mask) @ lora_A.t()
-    if pick(x.device, _BACKENDS, x.dtype) == "triton":
+    if pick(x.device, _BACKENDS, x.dtype, matmul=True) == "triton":
         y = _kernels().lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
                                    stride_wq=weight.stride(1), stride_wp=weight.stride(0),
                                    P=weight.shape[0],
@@ -136,7 +137,7 @@ def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 @torch.library.custom_op("peftkern::lora_linear_dx", mutates_args=())
 def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                    dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
-    if pick(dy.device, _BACKENDS, dy.dtype) == "triton":
+    if pick(dy.device, _BACKENDS, dy.dtype, matmul=True) == "triton":
         return _kernels().lora_matmul(dy, weight, None, dyb, lora_A, scaling, mask, None,
                                       stride_wq=weight.stride(0), stride_wp=weight.stride(1),
                                       P=weight.shape[1],
@@ -205,9 +206,9 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                     mask: Optional[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
     N = dy.shape[1]
     dyc = dy.to(compute_dtype)
-    backend = pick(dy.device, _QUANT_BACKENDS, compute_dtype)
+    backend = pick(dy.device, _QUANT_BACKENDS, compute_dtype, matmul=True)
     if backend == "cuda":
-        backend = _without_cuda_kernel(dy.device)
+        backend = _without_cuda_kernel(dy.device, compute_dtype)
     if backend == "triton":
         q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
         return _kernels().lora_matmul(dyc, data.reshape(-1).view(torch.uint8), q, dyb, lora_A,

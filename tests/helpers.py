@@ -1,28 +1,55 @@
-"""Tiny random transformers models and PEFT helpers for the PEFT-backend tests (no download)."""
+"""Shared test helpers: the DESIGN.md error rule, the backends on this host, and tiny random
+transformers models with PEFT helpers (no download). Tests import it as `helpers`; conftest
+only sets up the environment and fixtures."""
 import torch
-import transformers
+
+from peftkern import ops
+
+CPU_BACKENDS = ops.available(torch.device("cpu"))
+GPU = torch.cuda.is_available()
+
+
+def assert_error_rule(name, got, oracle, baseline, rel_atol=1e-6):
+    """DESIGN.md §6: error vs the float64 oracle <= 2x plain torch's error in the same precision
+    (+ a tiny atol relative to the output's scale). NaN anywhere fails."""
+    assert got.shape == oracle.shape, f"{name}: shape {tuple(got.shape)} != {tuple(oracle.shape)}"
+    assert not torch.isnan(got).any(), f"{name}: NaN in output (unwritten elements?)"
+    if oracle.numel() == 0:
+        return
+    err = (got.double() - oracle).abs().max().item()
+    base = (baseline.double() - oracle).abs().max().item()
+    atol = rel_atol * oracle.abs().max().item() + 1e-12
+    assert err <= 2 * base + atol, f"{name}: error {err:.3e} > 2 x torch's {base:.3e} + {atol:.1e}"
+
+
+# ---- tiny random transformers models (the PEFT tests skip without transformers) -----------------
+
+def _transformers():
+    import transformers
+    return transformers
+
 
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VOCAB = 96
 
 
 def llama(seed=0, intermediate_size=96, dtype=torch.float32):
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64,
+    cfg = _transformers().LlamaConfig(vocab_size=VOCAB, hidden_size=64,
                                    intermediate_size=intermediate_size, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2,
                                    max_position_embeddings=64)
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+    return _transformers().LlamaForCausalLM(cfg).to(dtype).eval()
 
 
 def gpt2(seed=0, n_embd=32):
     """GPT-2 with Conv1D attention (`c_attn` weight [in, out]); model dropouts off, so that only
     LoRA's dropout is random."""
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2,
+    cfg = _transformers().GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=n_embd, n_layer=2, n_head=2,
                                   attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0,
                                   bos_token_id=0, eos_token_id=0)
     torch.manual_seed(seed)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return _transformers().GPT2LMHeadModel(cfg).eval()
 
 
 def randomize_lora(model, seed=1):
