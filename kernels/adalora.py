@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_4bit import _empty
+from .common import empty
 
 
 @triton.jit
@@ -47,7 +47,7 @@ def update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1: float, beta2: float, ra
     All four tensors share one shape and strides.
     """
     r, L = p.shape[rank_dim], p.numel() // p.shape[rank_dim]
-    score = _empty(r, torch.float32, p.device)
+    score = empty(r, torch.float32, p.device)
     other = 1 - rank_dim if p.dim() == 2 else 0
     stride_elem = p.stride(other) if p.dim() == 2 else 1
     _ipt_kernel[(r,)](p, grad, exp_avg_ipt, exp_avg_unc, score, L, p.stride(rank_dim), stride_elem,

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .quant_4bit import _INTERPRET, _NO_FMA, _empty, _load, block_scale, decode_4bit
+from .common import INTERPRET, NO_FMA, empty, load_masked
+from .quant_4bit import block_scale, decode_4bit
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
     blk_col = col0 // BS + tl.arange(0, G)
     blk_ok = (blk_col < ncols // BS)[None, :]
     base = w_ptr + tl.cast(row0, tl.int64) * (ncols // 2)
-    byte = _load(base + (r * (ncols // 2))[:, None] + byte_col[None, :],
+    byte = load_masked(base + (r * (ncols // 2))[:, None] + byte_col[None, :],
                  (byte_col < ncols // 2)[None, :], 0, not EVEN_COLS)
     blk = (row0 + r).to(tl.int64) * (ncols // BS)
     scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
@@ -156,7 +157,7 @@ def _lora_matmul_kernel(
     for q0 in range(q_lo, tl.minimum(Q, q_lo + span), BLOCK_K):
         offs_q = q0 + tl.arange(0, BLOCK_K)
         # Rows past M read row M - 1 (their outputs are never stored): only K may need a mask.
-        a = _load(inp_ptr + a_rows * stride_im + offs_q[None, :] * stride_iq,
+        a = load_masked(inp_ptr + a_rows * stride_im + offs_q[None, :] * stride_iq,
                   (offs_q < Q)[None, :], 0.0, not EVEN_Q)
         w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
                          blocksize, q0, pid_n * BLOCK_N, offs_q, offs_p, Q, P, stride_wq,
@@ -267,7 +268,7 @@ def candidates(regime_: str, capability: tuple[int, int] | None = None) -> list[
 
 def _config(M: int, capability: tuple[int, int] | None = None) -> dict:
     """Tiles when no tuned entry exists (RULE; `capability` None: the sm_90 rule)."""
-    if _INTERPRET:  # the interpreter's cost is per program: few, larger tiles
+    if INTERPRET:  # the interpreter's cost is per program: few, larger tiles
         return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(M))), BLOCK_N=64, BLOCK_K=64)
     return rule_config(regime(M), capability)
 
@@ -296,7 +297,7 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     """
     M, Q = inp.shape
     R = L.shape[1]
-    out = _empty((M, P), out_dtype or inp.dtype, inp.device)
+    out = empty((M, P), out_dtype or inp.dtype, inp.device)
     if M == 0 or P == 0:
         return out
     quant = wq is not None
@@ -311,7 +312,7 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
         absmax2 = code8 = offset = absmax
     cfg = {"SPLIT_K": 1, "SWAP": False, **(config or _config(M, _capability(inp.device))),
            "BLOCK_R": max(16, triton.next_power_of_2(R))}
-    if _INTERPRET:
+    if INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     split = cfg["SPLIT_K"]
     even_cols = rows and K % cfg["BLOCK_K" if forward else "BLOCK_N"] == 0  # no column masks
@@ -327,9 +328,9 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
         QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=forward,
-        BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0, **flags, **cfg, **_NO_FMA)
+        BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0, **flags, **cfg, **NO_FMA)
     if split > 1:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-                                       SPLIT_K=split, **_NO_FMA)
+                                       SPLIT_K=split, **NO_FMA)
     return out

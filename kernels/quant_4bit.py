@@ -5,27 +5,11 @@ Launchers take validated, contiguous tensors and return new tensors. The arithme
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Dequantizing double-quantized absmax is `code8[q] * absmax2 + offset` with two roundings, as in
-# bitsandbytes; fusing them into an FMA would change the last bit of some weights.
-_NO_FMA = {} if _INTERPRET else {"enable_fp_fusion": False}
-# Tests set PEFTKERN_NAN_FILL=1 so that outputs start as NaN (or 0xAB bytes): unwritten elements fail.
-_NAN_FILL = os.environ.get("PEFTKERN_NAN_FILL") == "1"
-
-
-def _empty(shape, dtype, device):
-    if not _NAN_FILL:
-        return torch.empty(shape, dtype=dtype, device=device)
-    shape = shape if isinstance(shape, tuple) else (shape,)
-    return torch.full(shape, float("nan") if dtype.is_floating_point else 0xAB, dtype=dtype,
-                      device=device)
-
+from .common import INTERPRET, NO_FMA, empty, load_masked
 
 @triton.jit
 def _quantize_4bit_kernel(a_ptr, packed_ptr, absmax_ptr, bounds_ptr, order_ptr, n,
@@ -83,21 +67,12 @@ def block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, blk, live, NESTE
     `code8[q] * absmax2[blk // 256] + offset`, rounded twice as in bnb. With MASKED, blocks outside
     `live` are not read (their scale is not meaningful)."""
     if NESTED:
-        q = _load(absmax_ptr + blk, live, 0, MASKED).to(tl.int32)
-        scale = tl.load(code8_ptr + q) * _load(absmax2_ptr + blk // 256, live, 0.0, MASKED)
+        q = load_masked(absmax_ptr + blk, live, 0, MASKED).to(tl.int32)
+        scale = tl.load(code8_ptr + q) * load_masked(absmax2_ptr + blk // 256, live, 0.0, MASKED)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = _load(absmax_ptr + blk, live, 0.0, MASKED)
+        scale = load_masked(absmax_ptr + blk, live, 0.0, MASKED)
     return scale
-
-
-@triton.jit
-def _load(ptr, mask, other, MASKED: tl.constexpr):
-    if MASKED:
-        val = tl.load(ptr, mask=mask, other=other)
-    else:
-        val = tl.load(ptr)
-    return val
 
 
 @triton.jit
@@ -115,8 +90,8 @@ def quantize_4bit(A: torch.Tensor, bounds: torch.Tensor, order: torch.Tensor, bl
     """Flat contiguous `A` -> `(packed uint8 [(n+1)//2], absmax fp32 [ceil(n/bs)])`."""
     n = A.numel()
     nblocks = triton.cdiv(n, blocksize)
-    packed = _empty((n + 1) // 2, torch.uint8, A.device)
-    absmax = _empty(nblocks, torch.float32, A.device)
+    packed = empty((n + 1) // 2, torch.uint8, A.device)
+    absmax = empty(nblocks, torch.float32, A.device)
     if n:
         _quantize_4bit_kernel[(nblocks,)](A, packed, absmax, bounds, order, n,
                                           BLOCKSIZE=blocksize, IS_FP4=is_fp4)
@@ -128,13 +103,13 @@ def dequantize_4bit(packed, absmax, absmax2, code8, offset, table, blocksize: in
     """Packed bytes -> flat `[numel]` tensor of `dtype`; `absmax2 is None` means plain absmax."""
     # Interpreter-only shim: the Triton interpreter truncates fp32 -> bf16 where GPUs round to
     # nearest even, so under TRITON_INTERPRET=1 bf16 output is written as fp32 and rounded by torch.
-    shim = _INTERPRET and dtype == torch.bfloat16
-    out = _empty(numel, torch.float32 if shim else dtype, packed.device)
+    shim = INTERPRET and dtype == torch.bfloat16
+    out = empty(numel, torch.float32 if shim else dtype, packed.device)
     nested = absmax2 is not None
     if not nested:  # unused pointers still need a tensor
         absmax2 = code8 = offset = absmax
     grid = (triton.cdiv(numel, block),)
     if numel:
         _dequantize_4bit_kernel[grid](packed, absmax, absmax2, code8, offset, table, out, numel,
-                                      blocksize, NESTED=nested, BLOCK=block, **_NO_FMA)
+                                      blocksize, NESTED=nested, BLOCK=block, **NO_FMA)
     return out.to(dtype) if shim else out

@@ -18,18 +18,18 @@ import torch
 from torch import nn
 
 from . import formulas, ops
-from .format import QuantizedWeight, quantize_4bit
-from .nn import Quantized4bitBase
-from .validation import check_probability, check_rank
+from .format import QuantizedWeight
+from .ops import quantize_4bit
+from .nn import AdapterLayer, Quantized4bitBase
 
 
 class _SVDMixin:
+    """The SVD-form branch shared by AdaLoRALinear and QAdaLoRALinear."""
+
     def _init_svd(self, r, lora_alpha, lora_dropout, device, dtype):
         N, K = self.out_features, self.in_features
-        check_rank("r", r, N, K)
-        check_probability("lora_dropout", lora_dropout)
-        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
-        self.scaling = formulas.adalora_scaling(lora_alpha, r)
+        self._init_adapter(r, lora_alpha, lora_dropout,
+                           lambda: formulas.adalora_scaling(lora_alpha, r))
         kw = dict(device=device, dtype=dtype)
         # PEFT's init: E zeros, A and B normal(0, 0.02)
         self.lora_A = nn.Parameter(torch.randn(r, K, **kw) * 0.02)
@@ -47,9 +47,6 @@ class _SVDMixin:
                 A, B = A[keep], B[:, keep]
         return A.to(dtype), B.to(dtype), self.scaling / (self._ranknum + 1e-5)
 
-    def _dropout_p(self) -> float:
-        return self.lora_dropout if self.training else 0.0
-
     @torch.no_grad()
     def _keep_ranks(self, keep: torch.Tensor) -> None:
         """Shrink to the ranks in `keep` (bool [r]); the scaling (ranknum) is unchanged."""
@@ -63,20 +60,24 @@ class _SVDMixin:
                 f"active={int((self.lora_E != 0).sum())}, lora_alpha={self.lora_alpha}")
 
 
-class AdaLoRALinear(_SVDMixin, nn.Module):
-    """AdaLoRA over a frozen dense `nn.Linear` weight (shared, not copied)."""
+class AdaLoRALinear(_SVDMixin, AdapterLayer):
+    """AdaLoRA over a frozen dense weight: built (`in_features, out_features, bias`), or shared
+    from an `nn.Linear` with `from_linear`."""
 
-    def __init__(self, linear: nn.Linear, r: int = 12, lora_alpha: float = 0,
-                 lora_dropout: float = 0.0):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, r: int = 12,
+                 lora_alpha: float = 0, lora_dropout: float = 0.0, device=None, dtype=None):
         super().__init__()
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
+        self._init_dense_base(in_features, out_features, bias, device, dtype)
+        self._init_svd(r, lora_alpha, lora_dropout, device, self.weight.dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 12, lora_alpha: float = 0,
+                    lora_dropout: float = 0.0) -> "AdaLoRALinear":
+        """Wrap `linear`, sharing (not copying) its weight and bias, which become frozen."""
+        self = cls._bare()
+        self._share_dense_base(linear)
         self._init_svd(r, lora_alpha, lora_dropout, linear.weight.device, linear.weight.dtype)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, s = self._factors(x.dtype)
@@ -85,7 +86,7 @@ class AdaLoRALinear(_SVDMixin, nn.Module):
         return ops.lora_linear(x, self.weight, self.bias, A, B, s, self._dropout_p())
 
 
-class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, nn.Module):
+class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, AdapterLayer):
     """AdaLoRA over a frozen 4-bit (bnb-format) weight, computed in `compute_dtype`."""
 
     def __init__(self, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None, r: int = 12,
@@ -99,13 +100,15 @@ class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, nn.Module):
     def from_linear(cls, linear: nn.Linear, r: int = 12, lora_alpha: float = 0,
                     lora_dropout: float = 0.0, quant_type: str = "nf4", double_quant: bool = True,
                     compute_dtype: torch.dtype = torch.bfloat16) -> "QAdaLoRALinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
         q = quantize_4bit(linear.weight.detach(), quant_type, 64, double_quant)
         return cls(q, linear.bias, r, lora_alpha, lora_dropout, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, s = self._factors(self.compute_dtype)
         if A.shape[0] == 0:
-            w = self.qweight.dequantize(self.compute_dtype)
+            w = ops.dequantize_4bit(self.qweight, self.compute_dtype)
             return nn.functional.linear(x.to(self.compute_dtype), w, self.bias).to(x.dtype)
         return ops.qlora_linear(x, self.qweight, self.bias, A, B, s, self._dropout_p(),
                                 compute_dtype=self.compute_dtype)

@@ -13,6 +13,7 @@ import torch
 
 import peftkern
 from peftkern import ops, reference
+from peftkern.integrations.bitsandbytes import to_bnb
 from peftkern.nn import QLoRALinear
 
 
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    backend = ops.backends.pick(dev)
+    backend = ops.plan("quantize_4bit", torch.empty(0, device=dev)).backend
     g = torch.Generator().manual_seed(0)
     W = (torch.randn(args.out_features, args.in_features, generator=g) * 0.02).to(dev, dtype)
     x = torch.randn(args.tokens, args.in_features, generator=g).to(dev, dtype)
@@ -67,7 +68,8 @@ def main(argv=None) -> int:
     scale = y_ref.abs().max().item()
     err = (y.double() - y_ref).abs().max().item() / scale
     err_torch = (y_torch.double() - y_ref).abs().max().item() / scale
-    print(f"QLoRA layer (backend {ops.backends.pick(dev, ('triton', 'cpp', 'reference'))}) vs float64 "
+    plan = ops.plan("qlora_linear_fwd", x.reshape(-1, x.shape[-1]), layer.qweight)
+    print(f"QLoRA layer (backend {plan.backend}: {plan.reason}) vs float64 "
           f"reference: max rel err {err:.2e} (plain torch in {dtype}: {err_torch:.2e})")
 
     with torch.no_grad():
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     line = f"dequantize: peftkern {ms:.3f} ms"
     try:
         import bitsandbytes.functional as F
-        st_q = q.to_bnb()
+        st_q = to_bnb(q)
         bnb_ms = _median_ms(lambda: F.dequantize_4bit(st_q.data, st_q.quant_state), args.reps)
         line += f", bitsandbytes {bnb_ms:.3f} ms, speedup {bnb_ms / ms:.2f}x (same run)"
     except ImportError:

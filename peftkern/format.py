@@ -1,4 +1,5 @@
-"""The 4-bit weight format: `QuantizedWeight`, `quantize_4bit`, `dequantize_4bit`.
+"""The 4-bit weight format: `QuantizedWeight` (a leaf: it imports no ops; `peftkern.ops` holds
+`quantize_4bit` / `dequantize_4bit`, `peftkern.integrations.bitsandbytes` the bnb interop).
 
 Byte-identical to bitsandbytes (NF4/FP4, optional double quantization), so bnb weights and QLoRA
 checkpoints are used in place. `state_dict()` uses the keys of a bnb `Linear4bit` checkpoint.
@@ -12,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import codes, formulas, ops
+from . import codes
 from .validation import (FLOAT_DTYPES, check_blocksize, check_choice, check_finite,
                          check_tensor)
 
@@ -73,9 +74,6 @@ class QuantizedWeight:
         moved = {k: v.to(device) for k, v in self._tensors().items()}
         return dataclasses.replace(self, **moved)
 
-    def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        return dequantize_4bit(self, dtype)
-
     # ---- serialization (bnb Linear4bit checkpoint keys) ------------------------------------
 
     def state_dict(self, prefix: str = "weight") -> dict[str, torch.Tensor]:
@@ -113,101 +111,12 @@ class QuantizedWeight:
             raise ValueError(f"path {path!r} is not a readable safetensors file: {e}") from e
         return _from_state_dict(sd, "weight", device)
 
-    # ---- bitsandbytes interop (bytes are shared, never copied) -----------------------------
-
-    @classmethod
-    def from_bnb(cls, param, check: bool = True) -> "QuantizedWeight":
-        """View a `bnb.nn.Params4bit` (or a `bnb.nn.Linear4bit`) without copying its bytes.
-
-        `check=False` skips the consistency checks (which read the data: a host sync), for
-        per-call use on a weight that was checked once.
-        """
-        param = getattr(param, "weight", param)
-        qs = getattr(param, "quant_state", None)
-        if qs is None:
-            raise ValueError("param must be a quantized bitsandbytes Params4bit (its quant_state is "
-                             "None: bnb quantizes when the module is moved to a device)")
-        if getattr(qs, "packing_format_for_cpu", False):
-            # bnb >= 0.50 repacks weights in place for its AVX512-BF16 CPU inference path (absmax
-            # rounded to bf16). Restore its standard layout the way bnb does before saving.
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-            param.data, param.quant_state = _convert_weight_packed_for_cpu_inverse(param.data, qs)
-            qs = param.quant_state
-        fields = dict(data=param.data, absmax=qs.absmax, shape=torch.Size(qs.shape), dtype=qs.dtype,
-                      blocksize=qs.blocksize, quant_type=qs.quant_type)
-        if qs.nested:
-            if qs.state2.blocksize != codes.NESTED_BLOCKSIZE:
-                raise ValueError(f"nested blocksize must be {codes.NESTED_BLOCKSIZE}, "
-                                 f"got {qs.state2.blocksize}")
-            fields.update(absmax2=qs.state2.absmax, code8=qs.state2.code, offset=qs.offset)
-        return _checked(cls(**fields)) if check else cls(**fields)
-
-    def to_bnb(self):
-        """A `bnb.nn.Params4bit` sharing this weight's bytes (needs bitsandbytes)."""
-        try:
-            import bitsandbytes as bnb
-            from bitsandbytes.functional import QuantState
-        except ImportError as e:
-            raise ImportError("to_bnb() needs bitsandbytes: pip install bitsandbytes") from e
-        state2 = None
-        if self.nested:
-            state2 = QuantState(absmax=self.absmax2, code=self.code8,
-                                blocksize=codes.NESTED_BLOCKSIZE, dtype=torch.float32)
-        qs = QuantState(absmax=self.absmax, shape=self.shape, dtype=self.dtype,
-                        code=codes.code_table(self.quant_type, device=self.device).clone(),
-                        blocksize=self.blocksize, quant_type=self.quant_type,
-                        offset=self.offset, state2=state2)
-        return bnb.nn.Params4bit(data=self.data, requires_grad=False, quant_state=qs,
-                                 blocksize=self.blocksize, compress_statistics=self.nested,
-                                 quant_type=self.quant_type, quant_storage=self.data.dtype,
-                                 bnb_quantized=True)
-
-
-def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64,
-                  double_quant: bool = True, quant_storage: torch.dtype = torch.uint8
-                  ) -> QuantizedWeight:
-    """Quantize a `[N, K]` fp32/fp16/bf16 weight to bnb's 4-bit format (any strides accepted).
-
-    The absmax double quantization is small (1/blocksize of the weight) and always runs through
-    the torch reference, on the weight's device.
-    """
-    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
-    if weight.numel() == 0:
-        raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
-    check_choice("quant_type", quant_type, codes.QUANT_TYPES)
-    check_blocksize("blocksize", blocksize)
-    if not isinstance(quant_storage, torch.dtype):
-        raise TypeError(f"quant_storage must be a torch.dtype, got {type(quant_storage).__name__}")
-    nbytes = (weight.numel() + 1) // 2
-    if nbytes % quant_storage.itemsize:
-        raise ValueError(f"quant_storage {quant_storage} needs the packed size ({nbytes} bytes) to "
-                         f"be a multiple of {quant_storage.itemsize}; use torch.uint8")
-    check_finite("weight", weight)
-    packed, absmax = ops.quantize_4bit(weight, quant_type, blocksize)
-    nested = {}
-    if double_quant:
-        q8, absmax2, code8, offset = formulas.double_quantize(absmax)
-        nested = dict(absmax=q8, absmax2=absmax2, code8=code8.clone(), offset=offset)
-    return QuantizedWeight(data=packed.view(quant_storage).unsqueeze(1),
-                           absmax=nested.pop("absmax", absmax), shape=weight.shape,
-                           dtype=weight.dtype, blocksize=blocksize, quant_type=quant_type, **nested)
-
-
-def dequantize_4bit(qweight: QuantizedWeight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """The `[N, K]` weight decoded from `qweight`, in `dtype` (default: the original dtype)."""
-    if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
-    dtype = qweight.dtype if dtype is None else dtype
-    check_choice("dtype", dtype, FLOAT_DTYPES)
-    q = qweight
-    return ops.dequantize_4bit(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type,
-                               q.blocksize, list(q.shape), dtype)
 
 
 # ---- loading and consistency checks -----------------------------------------------------------
 
 
-def _checked(q: QuantizedWeight) -> QuantizedWeight:
+def checked(q: QuantizedWeight) -> QuantizedWeight:
     """Refuse a QuantizedWeight whose fields disagree (truncated, corrupted, or mismatched)."""
     check_choice("quant_type", q.quant_type, codes.QUANT_TYPES)
     check_blocksize("blocksize", q.blocksize)
@@ -259,7 +168,7 @@ def _from_state_dict(sd: dict, prefix: str, device) -> QuantizedWeight:
         q.absmax2 = get(f"{prefix}.nested_absmax")
         q.code8 = get(f"{prefix}.nested_quant_map")
         q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=q.device)
-    _checked(q)
+    checked(q)
     qmap = get(f"{prefix}.quant_map")
     if not torch.equal(qmap.cpu(), codes.code_table(q.quant_type)):
         raise ValueError(f"{prefix}.quant_map is not the standard {q.quant_type} table; peftkern only "

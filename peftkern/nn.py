@@ -13,31 +13,70 @@ import torch
 from torch import nn
 
 from . import ops
-from .format import QuantizedWeight, dequantize_4bit, quantize_4bit
+from .format import QuantizedWeight
 from .formulas import lora_scaling
+from .integrations.bitsandbytes import from_bnb
+from .ops import dequantize_4bit, quantize_4bit
 from .validation import FLOAT_DTYPES, check_choice, check_probability, check_rank, check_tensor
 
 _QUANT_BUFFERS = ("absmax", "absmax2", "code8", "offset")
 
 
+class AdapterLayer(nn.Module):
+    """The base of every peftkern adapter layer (LoRA, QLoRA, AdaLoRA, QAdaLoRA): rank and dropout
+    checks, the scaling, dropout in training only, and a frozen dense base weight (built, or
+    shared from an `nn.Linear`). Dense layers take `(in_features, out_features, bias, r, ...)` or
+    `from_linear(linear, r, ...)`; 4-bit layers `(qweight, bias, r, ...)` or `from_linear`."""
+
+    def _init_adapter(self, r, lora_alpha, lora_dropout, scaling_of) -> None:
+        """Check r and the dropout, then set them and `scaling = scaling_of()`."""
+        check_rank("r", r, self.out_features, self.in_features)
+        check_probability("lora_dropout", lora_dropout)
+        self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
+        self.scaling = scaling_of()
+
+    def _init_dense_base(self, in_features, out_features, bias, device, dtype) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
+                                   requires_grad=False)
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
+                                 requires_grad=False) if bias else None
+
+    def _share_dense_base(self, linear) -> None:
+        """Use `linear`'s weight and bias (shared, not copied), frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
+
+    @classmethod
+    def _bare(cls):
+        """An instance whose __init__ has not run (the from_* constructors fill it in)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        return self
+
+    def _dropout_p(self) -> float:
+        return self.lora_dropout if self.training else 0.0
+
+
 class _LoRAMixin:
-    """The LoRA branch shared by both modules: parameters, scaling, dropout, repr."""
+    """The LoRA branch shared by LoRALinear and QLoRALinear: parameters, scaling, repr."""
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, device, dtype):
         N, K = self.out_features, self.in_features
-        check_rank("r", r, N, K)
-        check_probability("lora_dropout", lora_dropout)
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
-        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        self.lora_dropout = float(lora_dropout)
+        self._init_adapter(r, lora_alpha, lora_dropout,
+                           lambda: lora_scaling(r, lora_alpha, use_rslora))
+        self.use_rslora = use_rslora
         self.lora_A = nn.Linear(K, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, N, bias=False, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
-
-    def _dropout_p(self) -> float:
-        return self.lora_dropout if self.training else 0.0
 
     def _delta_weight(self) -> torch.Tensor:
         """`s·B·A` in fp32."""
@@ -49,35 +88,22 @@ class _LoRAMixin:
                 f"lora_dropout={self.lora_dropout}, merged={self.merged}")
 
 
-class LoRALinear(_LoRAMixin, nn.Module):
+class LoRALinear(_LoRAMixin, AdapterLayer):
     """`y = x·Wᵀ + b + s·B·A·drop(x)` with a frozen dense `W`, for inputs `[..., in_features]`."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, r: int = 8,
                  lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
-                                   requires_grad=False)
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype),
-                                 requires_grad=False) if bias else None
+        self._init_dense_base(in_features, out_features, bias, device, dtype)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, device, self.weight.dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16,
                     lora_dropout: float = 0.0, use_rslora: bool = False) -> "LoRALinear":
         """Wrap `linear`, sharing (not copying) its weight and bias, which become frozen."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.weight.requires_grad_(False)
-        self.bias = linear.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self = cls._bare()
+        self._share_dense_base(linear)
         self._init_lora(r, lora_alpha, lora_dropout, use_rslora, linear.weight.device,
                         linear.weight.dtype)
         return self
@@ -154,7 +180,7 @@ class Quantized4bitBase:
         unexpected_keys[:] = [k for k in unexpected_keys if k not in mine]  # consumed above
 
 
-class QLoRALinear(Quantized4bitBase, _LoRAMixin, nn.Module):
+class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
     """LoRA over a frozen 4-bit (NF4/FP4, bitsandbytes format) base weight.
 
     The input is cast to `compute_dtype` and the output back to the input's dtype, as
@@ -188,7 +214,7 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, nn.Module):
     def from_bnb(cls, bnb_linear4bit, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
                  use_rslora: bool = False) -> "QLoRALinear":
         """Wrap a quantized `bnb.nn.Linear4bit`, sharing its bytes (no re-quantization)."""
-        q = QuantizedWeight.from_bnb(bnb_linear4bit)
+        q = from_bnb(bnb_linear4bit)
         compute_dtype = getattr(bnb_linear4bit, "compute_dtype", None) or q.dtype
         return cls(q, bnb_linear4bit.bias, r, lora_alpha, lora_dropout, use_rslora, compute_dtype)
 

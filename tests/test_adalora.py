@@ -19,11 +19,11 @@ DT = {"fp16": torch.float16, "fp32": torch.float32}
 def _layer(kind, dtype, gen, r=8, N=33, K=70, pruned=0.5):
     lin = torch.nn.Linear(K, N)
     if kind == "dense":
-        m = AdaLoRALinear(lin.to(dtype), r=r, lora_alpha=4)
+        m = AdaLoRALinear.from_linear(lin.to(dtype), r=r, lora_alpha=4)
         W = lin.weight.detach().double()
     else:
         m = QAdaLoRALinear.from_linear(lin, r=r, lora_alpha=4, compute_dtype=dtype)
-        W = m.qweight.dequantize(torch.float32).double()
+        W = peftkern.dequantize_4bit(m.qweight, torch.float32).double()
     with torch.no_grad():
         m.lora_A.copy_(torch.randn(r, K, generator=gen) * 0.3)
         m.lora_B.copy_(torch.randn(N, r, generator=gen) * 0.3)
@@ -77,7 +77,7 @@ def _twin_models(seed=0, **cfg):
     theirs = get_peft_model(copy.deepcopy(net), config)
     ours = copy.deepcopy(net)
     for i in (0, 2):
-        layer = AdaLoRALinear(ours[i], r=6, lora_alpha=4)
+        layer = AdaLoRALinear.from_linear(ours[i], r=6, lora_alpha=4)
         src = theirs.base_model.model[i]
         with torch.no_grad():
             for name in ("lora_A", "lora_E", "lora_B"):
@@ -222,3 +222,26 @@ def test_fused_orth_reg_value_and_gradient(gen):
     for a, b in zip(grads, want_grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(lambda A, B: ops.adalora_orth_reg([(A, B)]), pairs[0])
+
+
+def test_every_layer_shares_one_base_and_one_constructor_style():
+    """LoRA and AdaLoRA layers, dense and 4-bit, share AdapterLayer: the same checks, a frozen
+    base, and the same constructors (dense: in/out features or from_linear; 4-bit: from_linear)."""
+    from peftkern.nn import AdapterLayer, LoRALinear, QLoRALinear
+    lin = torch.nn.Linear(32, 24)
+    layers = [LoRALinear(32, 24, r=4), LoRALinear.from_linear(lin, r=4),
+              AdaLoRALinear(32, 24, r=4), AdaLoRALinear.from_linear(lin, r=4),
+              QLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32),
+              QAdaLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32)]
+    for m in layers:
+        assert isinstance(m, AdapterLayer) and not m.weight.requires_grad
+        assert (m.in_features, m.out_features, m.r) == (32, 24, 4)
+        assert m(torch.randn(3, 32)).shape == (3, 24)
+    for cls in (LoRALinear, AdaLoRALinear):
+        with pytest.raises(ValueError, match="r must"):
+            cls(32, 24, r=0)
+        with pytest.raises(ValueError, match="lora_dropout"):
+            cls(32, 24, r=4, lora_dropout=1.5)
+    for cls in (LoRALinear, AdaLoRALinear, QLoRALinear, QAdaLoRALinear):
+        with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
+            cls.from_linear(object(), r=4)

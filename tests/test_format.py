@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import QuantizedWeight, codes, ops, reference
+from peftkern import QuantizedWeight, codes, ops
 
 from helpers import CPU_BACKENDS
 
@@ -79,7 +79,7 @@ def test_matches_bitsandbytes(backend, quant_type, double, blocksize, shape, gen
 def test_dequantize_dtypes_match_bitsandbytes(backend, out_dtype, double, gen):
     W = _weight(gen, (5, 320), torch.float32)
     packed, st, _ = _bnb_quantize(W, "nf4", 64, double)
-    q = QuantizedWeight.from_bnb(bnb.nn.Params4bit(packed, quant_state=st, bnb_quantized=True))
+    q = peftkern.from_bnb(bnb.nn.Params4bit(packed, quant_state=st, bnb_quantized=True))
     with ops.use_backend(backend):
         out = peftkern.dequantize_4bit(q, out_dtype)
     assert torch.equal(out, _bnb_dequantize(packed, st, out_dtype))
@@ -104,7 +104,7 @@ def test_noncontiguous_inputs_quantize_like_contiguous_copies(backend, gen):
             assert not W.is_contiguous()
             a, b = peftkern.quantize_4bit(W, "fp4", 32), peftkern.quantize_4bit(W.contiguous(), "fp4", 32)
             assert torch.equal(a.data, b.data) and torch.equal(a.absmax, b.absmax), name
-            assert a.dequantize().shape == W.shape
+            assert peftkern.dequantize_4bit(a).shape == W.shape
 
 
 def test_edge_values(gen):
@@ -119,7 +119,7 @@ def test_edge_values(gen):
             with ops.use_backend(backend):
                 q = peftkern.quantize_4bit(W, qt, 64, double_quant=double)
                 _assert_same_as_bnb(q, packed, st)
-                assert torch.equal(q.dequantize(), deq)
+                assert torch.equal(peftkern.dequantize_4bit(q), deq)
     one = torch.tensor([[0.37]])
     packed, st, deq = _bnb_quantize(one, "nf4", 64, False)
     _assert_same_as_bnb(peftkern.quantize_4bit(one, double_quant=False), packed, st)
@@ -144,12 +144,12 @@ def test_params4bit_round_trip_shares_bytes(quant_type, double, gen):
     lin = lin.to("cpu")  # bnb quantizes on the move
     p = lin.weight
     ref = _bnb_dequantize(p.data, p.quant_state)
-    q = QuantizedWeight.from_bnb(lin)
+    q = peftkern.from_bnb(lin)
     assert q.data.data_ptr() == p.data.data_ptr()
     for backend in CPU_BACKENDS:
         with ops.use_backend(backend):
-            assert torch.equal(q.dequantize(), ref)
-    back = q.to_bnb()
+            assert torch.equal(peftkern.dequantize_4bit(q), ref)
+    back = peftkern.to_bnb(q)
     assert back.data_ptr() == p.data_ptr()
     assert torch.equal(_bnb_dequantize(back.data, back.quant_state), ref)
 
@@ -158,9 +158,9 @@ def test_quant_storage_bf16_round_trips(gen):
     W = _weight(gen, (8, 64), torch.bfloat16)
     q = peftkern.quantize_4bit(W, quant_storage=torch.bfloat16)
     assert q.data.dtype == torch.bfloat16 and q.data.shape == (128, 1)
-    assert torch.equal(q.dequantize(), peftkern.quantize_4bit(W).dequantize())
-    back = QuantizedWeight.from_bnb(q.to_bnb())
-    assert back.quant_storage == torch.bfloat16 and torch.equal(back.dequantize(), q.dequantize())
+    assert torch.equal(peftkern.dequantize_4bit(q), peftkern.dequantize_4bit(peftkern.quantize_4bit(W)))
+    back = peftkern.from_bnb(peftkern.to_bnb(q))
+    assert back.quant_storage == torch.bfloat16 and torch.equal(peftkern.dequantize_4bit(back), peftkern.dequantize_4bit(q))
 
 
 # ---- serialization ----------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_safetensors_round_trip(tmp_path, double, gen):
     r = QuantizedWeight.load(path)
     assert (r.shape, r.dtype, r.blocksize, r.quant_type, r.nested) == \
         (q.shape, q.dtype, q.blocksize, q.quant_type, q.nested)
-    assert torch.equal(r.dequantize(), q.dequantize())
+    assert torch.equal(peftkern.dequantize_4bit(r), peftkern.dequantize_4bit(q))
 
 
 def test_state_dict_is_a_bnb_linear4bit_checkpoint(gen):
@@ -185,13 +185,13 @@ def test_state_dict_is_a_bnb_linear4bit_checkpoint(gen):
     sd = q.state_dict()
     p = bnb.nn.Params4bit.from_prequantized(sd["weight"], {k: v for k, v in sd.items() if k != "weight"},
                                             device="cpu")
-    assert torch.equal(_bnb_dequantize(p.data, p.quant_state), q.dequantize())
+    assert torch.equal(_bnb_dequantize(p.data, p.quant_state), peftkern.dequantize_4bit(q))
     lin = bnb.nn.Linear4bit(64, 24, bias=False, quant_type="nf4")
     lin.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4")
     bnb_sd = lin.to("cpu").state_dict()
     assert set(bnb_sd) == set(sd)
     r = QuantizedWeight.from_state_dict(bnb_sd)
-    assert torch.equal(r.dequantize(), q.dequantize())
+    assert torch.equal(peftkern.dequantize_4bit(r), peftkern.dequantize_4bit(q))
 
 
 def test_to_device_moves_every_tensor(gen):

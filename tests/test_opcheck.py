@@ -51,6 +51,6 @@ def test_quant_ops(gen, backend, nested):
     W = torch.randn(N, K, generator=gen)
     q = peftkern.quantize_4bit(W, double_quant=nested)
     with ops.use_backend(backend):
-        torch.library.opcheck(Q.quantize_4bit, (W, "nf4", 64))
-        torch.library.opcheck(Q.dequantize_4bit, (q.data, q.absmax, q.absmax2, q.code8, q.offset,
+        torch.library.opcheck(Q.quantize_blocks, (W, "nf4", 64))
+        torch.library.opcheck(Q.dequantize_blocks, (q.data, q.absmax, q.absmax2, q.code8, q.offset,
                                                   "nf4", 64, [N, K], torch.bfloat16))

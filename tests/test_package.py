@@ -1,4 +1,6 @@
 """Packaging: import works without optional dependencies or the extension; ops trace in compile."""
+import ast
+import os
 import subprocess
 import sys
 
@@ -7,6 +9,7 @@ import torch
 
 import peftkern
 from peftkern import ops
+from peftkern.ops import quant
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -19,7 +22,7 @@ def test_import_without_bitsandbytes_peft_transformers():
             "import torch, peftkern\n"
             "q = peftkern.quantize_4bit(torch.randn(4, 64))\n"
             "print(peftkern.dequantize_4bit(q).shape)\n"
-            "try:\n    q.to_bnb()\nexcept ImportError as e:\n    print('to_bnb:', e)\n")
+            "try:\n    peftkern.to_bnb(q)\nexcept ImportError as e:\n    print('to_bnb:', e)\n")
     run = _run(code)
     assert run.returncode == 0, run.stderr
     assert "torch.Size([4, 64])" in run.stdout and "to_bnb() needs bitsandbytes" in run.stdout
@@ -47,8 +50,8 @@ def test_ops_compile_fullgraph(backend):
     q = peftkern.quantize_4bit(torch.randn(8, 64))
 
     def f(x, data, absmax, absmax2, code8, offset):
-        w = ops.dequantize_4bit(data, absmax, absmax2, code8, offset, "nf4", 64, [8, 64], torch.float32)
-        packed, amax = ops.quantize_4bit(w, "nf4", 64)
+        w = quant.dequantize_blocks(data, absmax, absmax2, code8, offset, "nf4", 64, [8, 64], torch.float32)
+        packed, amax = quant.quantize_blocks(w, "nf4", 64)
         return x @ w.t(), packed, amax
 
     args = (torch.randn(3, 64), q.data, q.absmax, q.absmax2, q.code8, q.offset)
@@ -57,3 +60,90 @@ def test_ops_compile_fullgraph(backend):
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
         for got, want in zip(compiled(*args), f(*args)):
             assert torch.equal(got, want)
+
+
+# ---- package structure: no import cycles, an independent oracle, no shadowed `kernels` -------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _modules() -> dict:
+    """{module name: source path} for peftkern, with peftkern.kernels at the top-level kernels/."""
+    out = {}
+    for pkg, folder in (("peftkern", "peftkern"), ("peftkern.kernels", "kernels")):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            if "__pycache__" in dirpath or (folder == "peftkern" and "/kernels" in dirpath):
+                continue
+            rel = os.path.relpath(dirpath, os.path.join(ROOT, folder))
+            base = pkg if rel == "." else pkg + "." + rel.replace(os.sep, ".")
+            for f in files:
+                if f.endswith(".py"):
+                    out[base if f == "__init__.py" else f"{base}.{f[:-3]}"] = os.path.join(dirpath, f)
+                elif f.endswith((".so", ".pyd")):  # the compiled extension: imports nothing here
+                    out[f"{base}.{f.split('.')[0]}"] = None
+    return out
+
+
+def _imports(name: str, path: str, modules: dict) -> set:
+    """peftkern modules `name` imports anywhere in its file (inside functions too)."""
+    own = name.split(".") if path.endswith("__init__.py") else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = own[:len(own) - node.level + 1] + ([node.module] if node.module else [])
+                base = ".".join(parts)
+            else:
+                base = node.module
+            for a in node.names:  # `from pkg import submodule` imports the submodule
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
+    return {m for m in found if m in modules and m != name}
+
+
+def test_no_import_cycle_in_the_package():
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) if p else set() for m, p in modules.items()}
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_no_compute_path_module_imports_the_reference():
+    """The oracle stays independent: only the reference backend, the demo and the bench use it."""
+    modules = _modules()
+    allowed = ("peftkern", "peftkern.reference", "peftkern.ops.backends.reference", "peftkern.demo")
+    users = [m for m, p in modules.items() if p and "peftkern.reference" in _imports(m, p, modules)
+             and m not in allowed and not m.startswith("peftkern.bench")]
+    assert not users, f"compute-path modules importing peftkern.reference: {users}"
+
+
+def test_import_kernels_from_the_repo_root_is_not_this_folder():
+    """Without the hub package, `import kernels` is an empty placeholder (no file, no path);
+    transformers then sees no `kernels`, and bitsandbytes' message names no file of this repo."""
+    pytest.importorskip("transformers")
+    code = ("import kernels, transformers.utils.import_utils as iu\n"
+            "print(getattr(kernels, '__file__', None), list(getattr(kernels, '__path__', [])),\n"
+            "      iu.is_kernels_available())\n"
+            "try:\n    from kernels import get_kernel\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    assert first == "None [] False" or ROOT not in first, out.stdout
+    assert ROOT not in out.stdout, out.stdout
+    import peftkern.kernels
+    assert os.path.samefile(os.path.dirname(peftkern.kernels.__file__), os.path.join(ROOT, "kernels"))

@@ -1,8 +1,6 @@
 """PEFT backend and one-call injection on a tiny random Llama (built from a config, no download)."""
 import copy
-import json
 import logging
-import os
 
 import pytest
 import torch
@@ -241,7 +239,7 @@ def test_from_bnb_undoes_bnb_cpu_repacking(llama_4bit_dir):
     layer = model.base_model.model.model.layers[0].mlp.up_proj.base_layer
     with torch.no_grad():
         layer(torch.randn(2, 64))  # bnb repacks in place on AVX512-BF16 CPUs (not on others)
-    q = peftkern.QuantizedWeight.from_bnb(layer.weight)
+    q = peftkern.from_bnb(layer.weight)
     assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
     assert q.shape == (128, 64) and q.data.numel() == 128 * 64 // 2
 

@@ -33,7 +33,7 @@ def _linear4bit(W, bias, compute_dtype):
     """A bnb `Linear4bit` (NF4, double quant) holding W's bytes."""
     b4 = _bnb().nn.Linear4bit(W.shape[1], W.shape[0], bias=bias is not None,
                               compute_dtype=compute_dtype, quant_type="nf4")
-    b4.weight = peftkern.quantize_4bit(W, "nf4", 64, True).to_bnb()
+    b4.weight = peftkern.to_bnb(peftkern.quantize_4bit(W, "nf4", 64, True))
     if bias is not None:
         b4.bias = nn.Parameter(bias.clone(), requires_grad=False)
     return b4
@@ -92,7 +92,7 @@ def test_fp32_adapters_on_a_16bit_base_keep_peft_precision(gen, dtype, four_bit,
     want = _run(model, x, g, params)
     # float64 oracle: the same math on the same (exactly representable) values
     base = layer.get_base_layer()
-    W = (peftkern.QuantizedWeight.from_bnb(base.weight).dequantize(dtype) if four_bit
+    W = (peftkern.dequantize_4bit(peftkern.from_bnb(base.weight), dtype) if four_bit
          else base.weight).double()
     A = layer.lora_A["default"].weight.detach().double().requires_grad_(True)
     B = layer.lora_B["default"].weight.detach().double().requires_grad_(True)
@@ -193,7 +193,7 @@ def _float64_twin(model):
     base = model.base_model.model[0].get_base_layer()
     W = base.weight
     if not isinstance(base, nn.Linear) or type(base) is not nn.Linear:
-        W = peftkern.QuantizedWeight.from_bnb(W).dequantize(torch.float32)
+        W = peftkern.dequantize_4bit(peftkern.from_bnb(W), torch.float32)
     lin = nn.Linear(K, N)
     with torch.no_grad():
         lin.weight.copy_(W), lin.bias.copy_(base.bias)

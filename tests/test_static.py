@@ -31,7 +31,7 @@ SLOW_ARGS = ["--quick"]
 # Static numbers of what still fails (benchmarks/results/static/static_after.md). The shared
 # memory, 64-bit division and bf16 spill failures of the old per-element decoder are gone; fp32
 # GEMMs (IEEE FFMA, 32-56 registers and KBs of spills) are not launchable: cuBLAS runs fp32 on
-# CUDA (ops.backends.pick) unless Triton is forced.
+# CUDA (ops.dispatch) unless Triton is forced.
 KNOWN: dict = {}
 # The quick set beyond the fast part costs ~4.5 min of cold compiles on 2 cores: it runs when
 # PEFTKERN_STATIC_SLOW=1 (before a release, or after a kernel change), not in the default suite.

@@ -14,14 +14,15 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..format import dequantize_4bit, quantize_4bit
+from ..integrations.bitsandbytes import to_bnb
+from ..ops import dequantize_4bit, quantize_4bit
 from ..nn import LoRALinear, QLoRALinear
 
 LLAMA3_8B = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]  # (N, K) of its linears
@@ -95,7 +96,7 @@ def _peft_bnb_layer(N, K, r, dtype, device):
     import bitsandbytes as bnb
     q = quantize_4bit(torch.randn(N, K, dtype=dtype, device=device), "nf4", BLOCKSIZE, True)
     b4 = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dtype, quant_type="nf4", device=device)
-    b4.weight = q.to_bnb()
+    b4.weight = to_bnb(q)
     return _peft_lora(nn.Sequential(b4), r, ["0"]), q.nbytes
 
 
@@ -121,11 +122,30 @@ def _call(module, x, mode, N, backend=None):
     return fwd_bwd
 
 
-def _peftkern_impls(build, supported: tuple[str, ...], device: str) -> list[Impl]:
-    """"peftkern" (default dispatch), each other supported backend forced, and "torch-ref"."""
-    avail = ops.available(torch.device(device))
-    default = next((b for b in ("triton", "cuda", "cpp") if b in avail and b in supported), None)
-    others = [b for b in avail if b in supported and b != "reference"]
+def _plan(op, shape, M, K, device, dtype):
+    """ops.plan for this case (what "peftkern" runs and why), with the op name attached."""
+    weight = None
+    if shape is not None:
+        weight = SimpleNamespace(shape=shape, blocksize=BLOCKSIZE) if op.startswith("qlora") \
+            else torch.empty(shape, device="meta")
+    x = torch.empty(M, K, dtype=dtype, device=device)
+    p = ops.plan(op, x, weight)
+    forceable = []
+    for b in ops.available(torch.device(device)):  # the backends that really run when forced
+        with ops.use_backend(b):
+            try:
+                if b != "reference" and ops.plan(op, x, weight).backend == b:
+                    forceable.append(b)
+            except RuntimeError:  # not for this op or dtype here
+                pass
+    return SimpleNamespace(op=op, backend=p.backend, config=p.config, reason=p.reason,
+                           forceable=forceable)
+
+
+def _peftkern_impls(build, plan) -> list[Impl]:
+    """"peftkern" (default dispatch: `plan`, from `ops.plan`), each other backend that runs the op
+    when forced, and "torch-ref"."""
+    default, others = plan.backend, plan.forceable
     impls = [Impl("peftkern", lambda: build(None))]
     for b in others:  # the default too when there are two (its forced time is the crossover's)
         if b != default or len(others) > 1:
@@ -150,12 +170,12 @@ def dequantize(N, K, M, r, dtype, device) -> Case:
                 return dequantize_4bit(q, dtype)
         return call, q.nbytes
 
-    case.impls = _peftkern_impls(ours, ("triton", "cuda", "cpp"), device)
+    case.impls = _peftkern_impls(ours, _plan("dequantize_4bit", None, 1, N, device, dtype))
     if has("bitsandbytes"):
         def bnb_dequant():
             import bitsandbytes.functional as bf
-            p = quantize_4bit(torch.randn(N, K, dtype=dtype, device=device), "nf4", BLOCKSIZE,
-                              True).to_bnb()
+            p = to_bnb(quantize_4bit(torch.randn(N, K, dtype=dtype, device=device), "nf4",
+                                     BLOCKSIZE, True))
             return (lambda: bf.dequantize_4bit(p.data, p.quant_state)), N * K // 2
         case.impls.append(Impl("bnb", bnb_dequant))
     return case
@@ -195,8 +215,8 @@ def _linear_case(op, N, K, M, r, dtype, device, mode, quantized) -> Case:
         layer = _randomize_B(LoRALinear.from_linear(_linear(N, K, dtype, device), r=r, lora_alpha=2 * r))
         return _call(layer, x, mode, N, backend), N * K * elt
 
-    backends = ("triton", "cuda", "cpp") if op == "decode" else ("triton", "cpp")  # cuda: M <= 16
-    case.impls = _peftkern_impls(ours, backends if quantized else ("triton",), device)
+    op_name = "qlora_linear_fwd" if quantized else "lora_linear_fwd"
+    case.impls = _peftkern_impls(ours, _plan(op_name, (N, K), M, K, device, dtype))
     if quantized:
         case.impls.append(Impl("dequant+mm", lambda: (_call(_DequantMM(N, K, r, dtype, device), x,
                                                             mode, N), w_bytes)))

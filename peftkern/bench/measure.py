@@ -126,7 +126,7 @@ def metadata(device: str) -> dict:
                                     capture_output=True, text=True, timeout=30).stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             pass
-    from ..ops import backends
+    from .. import ops
     return {"device": device_name(device), "device_type": device, "driver": driver,
             "cuda": torch.version.cuda if device == "cuda" else None,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -135,4 +135,4 @@ def metadata(device: str) -> dict:
             "peft": _version("peft"), "transformers": _version("transformers"),
             "peftkern": _version("peftkern"), "peftkern_commit": _git_commit(),
             "torch_threads": torch.get_num_threads(),
-            "peftkern_backends": list(backends.available(torch.device(device)))}
+            "peftkern_backends": list(ops.available(torch.device(device)))}

@@ -12,8 +12,8 @@ Reduced sets: bias (forward), dropout mask (dX) and fp32 adapters only on the ru
 and nf4-nested, bf16; M = 1 (Triton makes an int == 1 a constexpr) on the small rule config.
 `--quick`: the rule configs, the first split-K small and one more large candidate; dense and
 nf4-nested; bf16 and fp32; no epilogue extras; quantize/dequantize at blocksize 64; AdaLoRA fp32. The arguments are the real ones: `JITFunction.run` is replaced by a
-recorder, the public ops (`peftkern.ops.lora.lora_linear_fwd`, `qlora_linear_dx`, ...; backend
-forced to Triton and the tile config injected where the ops ask `_tuned`) are called on CPU
+recorder, the custom ops (`peftkern.ops.lora.lora_linear_fwd`, `qlora_linear_dx`, ...; backend
+forced to Triton and the tile config by `ops.use_backend` / `ops.use_config`) are called on CPU
 tensors shaped like the contiguous CUDA ones, and the recorded positional args / kwargs go
 through Triton's own binder (`create_function_from_signature` + `native_specialize_impl`, then
 `JITFunction._pack_args`) for a backend of the target arch, so pointer dtypes, `tt.divisibility`
@@ -55,7 +55,7 @@ First-order bound model (a STATIC ESTIMATE, never a measurement):
   FLOP/cycle/SM, 3.35 TB/s, 232448 B shared per CTA; sm_80 = A100, 108 SMs, 1.41 GHz, 312 TFLOP/s
   → 2048 FLOP/cycle/SM, 2.0 TB/s, 166912 B shared per CTA.
 
-The compile itself needs the kernels imported without TRITON_INTERPRET (kernels/quant_4bit.py
+The compile itself needs the kernels imported without TRITON_INTERPRET (kernels/common.py
 reads it at import): run as `-m`, this module re-executes itself in a clean environment when
 TRITON_INTERPRET or PEFTKERN_NAN_FILL is set. Triton's own cache goes to a temporary directory
 (so ptxas runs and its log is read); analyses are cached in ~/.cache/peftkern/static keyed by the
@@ -220,7 +220,7 @@ def recording(config=None):
     from triton import knobs
     from triton.runtime.jit import JITFunction
 
-    from peftkern.ops import adalora, lora, quant
+    from peftkern.ops import dispatch
     launches = []
 
     def run(self, *args, grid, warmup, **kwargs):  # the first lines of JITFunction.run
@@ -229,14 +229,12 @@ def recording(config=None):
         kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
         launches.append(Launch(self, args, kwargs, grid))
 
-    def triton_backend(*_a, **_k):
-        return "triton"
-
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(JITFunction, "run", run))
-        for mod in (lora, quant, adalora):
-            stack.enter_context(mock.patch.object(mod, "pick", triton_backend))
-        stack.enter_context(mock.patch.object(lora, "_tuned", lambda *a, **k: config))
+        stack.enter_context(mock.patch.object(dispatch, "available",
+                                              lambda device: ("triton", "reference")))
+        stack.enter_context(dispatch.use_backend("triton"))
+        stack.enter_context(dispatch.use_config(config))
         yield launches
 
 
@@ -282,12 +280,13 @@ def call_gemm(v: Variant, N: int, K: int):
 
 def call_other(v: Variant, N: int = 4096, K: int = 4096):
     from peftkern import ops
+    from peftkern.ops import quant
     dt = _torch_dtype(v.dtype)
     if v.kind == "quantize":
-        return ops.quantize_4bit(_cpu((N, K), dt), v.weight, v.blocksize)
+        return quant.quantize_blocks(_cpu((N, K), dt), v.weight, v.blocksize)
     if v.kind == "dequantize":
         data, am, am2, c8, off, qt = _qstate(v.weight, N, K, v.blocksize)
-        return ops.dequantize_4bit(data, am, am2, c8, off, qt, v.blocksize, [N, K], dt)
+        return quant.dequantize_blocks(data, am, am2, c8, off, qt, v.blocksize, [N, K], dt)
     shape, rank_dim = {"lora_A": ((RANK, K), 0), "lora_E": ((RANK, 1), 0),
                        "lora_B": ((N, RANK), 1)}[v.extra]
     t = [_cpu(shape, dt) for _ in range(4)]
@@ -631,7 +630,7 @@ def _row(v, launch, arch, cfg, rule, a) -> dict:
 
 def _excluded(v: Variant, arch: int) -> bool:
     """A GEMM the dispatcher never picks on this arch: a candidate in lora_linear.EXCLUDED, or
-    fp32 (cuBLAS runs fp32 on CUDA unless Triton is forced: ops.backends.pick)."""
+    fp32 (cuBLAS runs fp32 on CUDA unless Triton is forced: ops.dispatch)."""
     from peftkern.kernels import lora_linear
     return v.kind == "gemm" and (v.dtype == "fp32" or v.index in lora_linear.EXCLUDED[arch][v.regime])
 
@@ -877,9 +876,9 @@ def run_subprocess(argv, timeout=None) -> subprocess.CompletedProcess:
 
 
 def run(args) -> dict:
-    from peftkern.kernels import quant_4bit
+    from peftkern.kernels import common
     from triton import knobs
-    if quant_4bit._INTERPRET:
+    if common.INTERPRET:
         raise RuntimeError("kernels were imported under TRITON_INTERPRET=1: run in a clean env")
     t0 = time.perf_counter()
     archs = [int(a) for a in args.arch.split(",")]

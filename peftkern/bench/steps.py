@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from ..adalora import AdaLoRALinear, RankAllocator
-from ..format import quantize_4bit
+from ..integrations.bitsandbytes import to_bnb
+from ..ops import quantize_4bit
 from ..nn import LoRALinear
 from .cases import BLOCKSIZE, Case, Impl, _linear, _peft, _peft_lora, forced, has
 
@@ -44,7 +45,7 @@ def adalora_step(N, K, M, r, dtype, device) -> Case:
     gy = torch.randn(M, N, dtype=dtype, device=device)
 
     def ours(backend):
-        probe = _Probe(AdaLoRALinear(_linear(N, K, dtype, device), r=r))
+        probe = _Probe(AdaLoRALinear.from_linear(_linear(N, K, dtype, device), r=r))
         alloc = RankAllocator(probe, init_r=r, target_r=max(1, r * 2 // 3), total_step=TOTAL_STEP)
         steps = itertools.count()
 
@@ -108,7 +109,7 @@ def _to_bnb_4bit(model, dtype):
             if isinstance(lin, nn.Linear):
                 b4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                        compute_dtype=dtype, quant_type="nf4", device=lin.weight.device)
-                b4.weight = quantize_4bit(lin.weight.detach(), "nf4", BLOCKSIZE, True).to_bnb()
+                b4.weight = to_bnb(quantize_4bit(lin.weight.detach(), "nf4", BLOCKSIZE, True))
                 parent, _, child = name.rpartition(".")
                 setattr(layer.get_submodule(parent) if parent else layer, child, b4)
     return model

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import sys
-from unittest import mock
 
 import torch
 
@@ -45,7 +44,7 @@ def _passes(N, K, M, r, dtype, quant):
 
 
 def _time(call, cfg) -> float:
-    with mock.patch.object(lora_ops, "_tuned", lambda *args: cfg), ops.use_backend("triton"):
+    with ops.use_config(cfg), ops.use_backend("triton"):
         try:
             return measure.median_ms(call, "cuda")
         except Exception as e:  # a config this GPU cannot run (shared memory): not a candidate

@@ -24,7 +24,7 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
 from .. import ops
-from ..format import QuantizedWeight
+from .bitsandbytes import from_bnb
 from ..validation import FLOAT_DTYPES
 
 log = logging.getLogger("peftkern")
@@ -148,7 +148,7 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, **kwargs) -> torc
     base = layer.get_base_layer()
     kind = _base_kind(base)
     if kind == "4bit":  # computed in bnb's compute_dtype, returned in x's dtype, as bnb does
-        q = QuantizedWeight.from_bnb(base.weight, check=False)
+        q = from_bnb(base.weight, check=False)
         cd = base.compute_dtype or x.dtype
         bias = None if base.bias is None else base.bias.to(cd)
         y = ops.qlora_linear(x, q, bias, A, B, s, p, compute_dtype=cd)

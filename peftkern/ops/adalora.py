@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
-from .backends import pick
+from .backends import MODULES
+from .dispatch import _plan
 
 
 def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1: float, beta2: float,
@@ -17,13 +17,9 @@ def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1: float, beta2: f
     mean of `exp_avg_ipt · exp_avg_unc` (`[r]`, ranks along `rank_dim`)."""
     same_layout = all(t.stride() == p.stride() and t.shape == p.shape
                       for t in (grad, exp_avg_ipt, exp_avg_unc))
-    if same_layout and pick(p.device, ("triton", "reference"), p.dtype) == "triton":
-        from ..kernels import adalora
-        return adalora.update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim)
-    ipt, unc = reference.adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2)
-    exp_avg_ipt.copy_(ipt)
-    exp_avg_unc.copy_(unc)
-    return (ipt * unc).float().mean(dim=1 - rank_dim)
+    plan = _plan("adalora_update_ipt", p, same_layout=same_layout)
+    return MODULES[plan.backend].adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2,
+                                                    rank_dim)
 
 
 class _OrthNorms(torch.autograd.Function):

@@ -1,0 +1,44 @@
+"""LoRA-branch arithmetic every backend shares (the same operations, so results agree).
+
+The LoRA branch runs in the adapters' dtype on the layer's own input (PEFT casts x to it); the
+base result and the LoRA term are added in the widest dtype involved and rounded once.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import codes
+
+
+def dropped(x, mask):
+    return x if mask is None else x * mask
+
+
+def lora_input(x, lora_A, mask):
+    """`drop(x)` in the LoRA dtype (PEFT casts x to the adapter's dtype)."""
+    return dropped(x.to(lora_A.dtype), mask)
+
+
+def lora_xa(x, lora_A, mask):
+    """The small first LoRA product `drop(x)·Aᵀ` [M, r], saved for the backward."""
+    return lora_input(x, lora_A, mask) @ lora_A.t()
+
+
+def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
+    """`y + s·(L·R2) [⊙ mask]`, added in the widest dtype involved and rounded once to `out_dtype`
+    (default y's). `L`, `R2` are in the LoRA dtype: fp32 adapters on a 16-bit base stay fp32."""
+    out_dtype = out_dtype or y.dtype
+    wide = torch.promote_types(torch.promote_types(y.dtype, L.dtype), out_dtype)
+    return (y.to(wide) + dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)
+
+
+def packed_bytes(data):
+    return data.reshape(-1).view(torch.uint8)
+
+
+def offset_1d(offset):
+    return None if offset is None else offset.reshape(1)
+
+
+def quant_type_id(quant_type):
+    return codes.QUANT_TYPE_ID[quant_type]

@@ -1,0 +1,79 @@
+"""The C++ CPU backend (csrc/cpu, AVX-512/AVX2): the fused 4-bit decode GEMV for M <= 16 with
+quantization blocks within rows (config "gemv"), otherwise the weight dequantized in cache-sized
+panels of rows, each multiplied at once, so no full-size dequantized weight is written
+("panels"); quantize / dequantize. It computes in fp32: 16-bit activations are converted (M
+rows, small) and the result rounded once."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ... import codes
+from . import ext
+from .common import add_lora, lora_xa, offset_1d, packed_bytes, quant_type_id
+
+PANEL_ELEMS = 1 << 20  # dequantize ~4 MB of fp32 weight at a time, so it stays in cache
+
+
+def _f32(t):
+    return None if t is None else t.float().contiguous()
+
+
+def weight_panels(qw, N, K):
+    """Yield `(n0, n1, W[n0:n1])` in fp32, panel by panel.
+
+    Panels start at element multiples of the absmax block (and of the nested block of 256 absmax
+    when double-quantized), so each one is a valid 4-bit weight of its own; blocks may span rows.
+    """
+    data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
+    align = blocksize * (codes.NESTED_BLOCKSIZE if absmax2 is not None else 1)
+    step = align // math.gcd(K, align)           # the fewest rows whose size is a multiple of align
+    rows = max(step, PANEL_ELEMS // K // step * step)
+    packed = packed_bytes(data)
+    for n0 in range(0, N, rows):
+        n1 = min(N, n0 + rows)
+        e0, e1 = n0 * K, n1 * K
+        b0, b1 = e0 // blocksize, -(-e1 // blocksize)
+        a2 = None if absmax2 is None else absmax2[b0 // codes.NESTED_BLOCKSIZE:
+                                                 -(-b1 // codes.NESTED_BLOCKSIZE)]
+        w = dequantize_4bit(packed[e0 // 2:(e1 + 1) // 2], absmax[b0:b1], a2, code8, offset,
+                            quant_type, blocksize, e1 - e0, torch.float32)
+        yield n0, n1, w.view(n1 - n0, K)
+
+
+def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
+                     config="panels"):
+    data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
+    xa = lora_xa(x, lora_A, mask)
+    xc = x.to(compute_dtype)
+    if config == "gemv":
+        y = ext.EXT.qlora_gemv(_f32(xc), packed_bytes(data), absmax, absmax2, code8,
+                               offset_1d(offset), quant_type_id(quant_type), blocksize,
+                               out_features, _f32(bias), _f32(xa), _f32(lora_B), float(scaling))
+        return y.to(x.dtype), xa
+    x32 = xc.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
+    y = torch.cat([F.linear(x32, w) for _, _, w in weight_panels(qw, out_features, x.shape[1])],
+                  dim=1)
+    if bias is not None:
+        y += bias
+    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype), xa
+
+
+def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):
+    """dX = sum over panels of dY[:, panel]·W[panel], accumulated in fp32."""
+    dy32 = dy.to(compute_dtype).float()
+    dx = dy.new_zeros(dy.shape[0], in_features, dtype=torch.float32)
+    for n0, n1, w in weight_panels(qw, dy.shape[1], in_features):
+        dx.addmm_(dy32[:, n0:n1], w)
+    return add_lora(dx, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
+
+
+def quantize_4bit(A, quant_type, blocksize):
+    return ext.EXT.quantize_4bit(A, quant_type_id(quant_type), blocksize)
+
+
+def dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize, numel, dtype):
+    return ext.EXT.dequantize_4bit(packed_bytes(data), absmax, absmax2, code8, offset,
+                                   quant_type_id(quant_type), blocksize, numel, dtype)

@@ -1,0 +1,68 @@
+"""The Triton backend (CUDA, or CPU under TRITON_INTERPRET=1): the fused (Q)LoRA GEMM with the
+4-bit weight decoded in-kernel and the LoRA term in the epilogue, quantize / dequantize, and the
+AdaLoRA sensitivity update. `config` is the tile config `dispatch.plan` chose (None: the rule)."""
+from __future__ import annotations
+
+from ... import codes
+from .common import lora_xa, packed_bytes
+
+
+def _kernels():
+    from ...kernels import adalora, lora_linear, quant_4bit
+    return lora_linear, quant_4bit, adalora
+
+
+def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
+    return (absmax, absmax2, code8, offset, codes.code_table(quant_type, device=device),
+            codes.byte_pair_table(quant_type, device=device), blocksize)
+
+
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, config=None):
+    xa = lora_xa(x, lora_A, mask)
+    y = _kernels()[0].lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
+                                  stride_wq=weight.stride(1), stride_wp=weight.stride(0),
+                                  P=weight.shape[0], config=config)
+    return y, xa
+
+
+def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, config=None):
+    return _kernels()[0].lora_matmul(dy, weight, None, dyb, lora_A, scaling, mask, None,
+                                     stride_wq=weight.stride(0), stride_wp=weight.stride(1),
+                                     P=weight.shape[1], config=config)
+
+
+def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
+                     config=None):
+    data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
+    xa = lora_xa(x, lora_A, mask)
+    K = x.shape[1]
+    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
+    y = _kernels()[0].lora_matmul(x.to(compute_dtype), packed_bytes(data), q, xa, lora_B.t(),
+                                  scaling, None, bias, stride_wq=1, stride_wp=K, P=out_features,
+                                  config=config, out_dtype=x.dtype)
+    return y, xa
+
+
+def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):
+    data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
+    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
+    return _kernels()[0].lora_matmul(dy.to(compute_dtype), packed_bytes(data), q, dyb, lora_A,
+                                     scaling, mask, None, stride_wq=in_features, stride_wp=1,
+                                     P=in_features, config=config, out_dtype=dy.dtype)
+
+
+def quantize_4bit(A, quant_type, blocksize):
+    dev = A.device
+    return _kernels()[1].quantize_4bit(A.reshape(-1), codes.bucket_bounds(quant_type, device=dev),
+                                       codes.bucket_order(quant_type, device=dev), blocksize,
+                                       quant_type == "fp4")
+
+
+def dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize, numel, dtype):
+    table = codes.code_table(quant_type, device=data.device)
+    return _kernels()[1].dequantize_4bit(packed_bytes(data), absmax, absmax2, code8, offset, table,
+                                         blocksize, numel, dtype)
+
+
+def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim):
+    return _kernels()[2].update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim)

@@ -1,0 +1,109 @@
+"""The C++ CPU backend (peftkern/ops/backends/cpp.py over csrc/cpu): the fused 4-bit decode GEMV
+(every SIMD level) and the dequantized-panel path, against the float64 reference."""
+import pytest
+import torch
+
+import peftkern
+from peftkern import ops
+from peftkern import reference as R
+
+from helpers import assert_error_rule
+
+
+# ---- the C++ CPU decode GEMV (csrc/cpu/qlora_gemv.cpp) ----------------------------------------------
+
+HAS_CPP = "cpp" in ops.available(torch.device("cpu"))
+
+
+def quantized(W, *args):
+    """A 4-bit weight and its exact fp32 dequantization, made by the torch reference (under the
+    interpreter the default backend is interpreted Triton: slow, and not what is tested here)."""
+    with ops.use_backend("reference"):
+        q = peftkern.quantize_4bit(W, *args)
+        return q, peftkern.dequantize_4bit(q, torch.float32)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("simd", [2, 1, 0], ids=["best", "avx2", "scalar"])
+@pytest.mark.parametrize("M, N, K, blocksize, qt, dq, bias", [
+    (1, 33, 64, 64, "nf4", True, True), (7, 45, 256, 32, "fp4", False, False),
+    (16, 70, 1024, 64, "nf4", True, True), (9, 5, 128, 128, "fp4", True, False),
+    (0, 8, 64, 64, "nf4", False, True), (12, 17, 4096, 4096, "nf4", False, True),
+    # AVX2 from M=5 on decodes 4 rows x 256 codes into L1: a partial chunk and row tail (K=320,
+    # N=6), every x-row tail (M=13: 3+3+3+3+1, M=5: 3+2), a chunk shorter than 256 (K=96)
+    (13, 6, 320, 32, "nf4", True, False), (5, 9, 96, 32, "fp4", False, True)])
+def test_cpu_decode_gemv_follows_error_rule(simd, M, N, K, blocksize, qt, dq, bias, gen):
+    W = torch.randn(N, K, generator=gen) / K ** 0.5
+    q, Wd = quantized(W, qt, blocksize, dq)
+    x = torch.randn(M, K, generator=gen)
+    b = torch.randn(N, generator=gen) if bias else None
+    A, B = torch.randn(8, K, generator=gen) / K ** 0.5, torch.randn(N, 8, generator=gen) / 8 ** 0.5
+    want = R.lora_linear(x.double(), Wd.double(), None if b is None else b.double(), A.double(), B.double(), 0.5)
+    base = R.lora_linear(x, Wd, b, A, B, 0.5)
+    got = ops.backends.ext.EXT.qlora_gemv(x, q.data.view(-1), q.absmax, q.absmax2, q.code8,
+                                      None if q.offset is None else q.offset.reshape(1),
+                                      0 if qt == "nf4" else 1, blocksize, N, b, x @ A.t(), B, 0.5, simd)
+    assert_error_rule("y", got, want, base)
+    if simd == 2:  # and through the public op, which dispatches here for fp32, M <= 16
+        with ops.use_backend("cpp"):
+            assert_error_rule("qlora_linear", ops.qlora_linear(x, q, b, A, B, 0.5), want, base)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("M", [1, 9])
+def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
+    """bf16/fp16 x on CPU runs the fused GEMV (fp32 inside, one rounding) and follows the rule."""
+    N, K = 37, 192
+    q, Wd = quantized(torch.randn(N, K, generator=gen) / K ** 0.5, "nf4", 64, True)
+    x = torch.randn(M, 2 * K, generator=gen).to(dtype)[:, ::2]  # non-contiguous
+    b = torch.randn(N, generator=gen).to(dtype)
+    A, B = torch.randn(4, K, generator=gen).to(dtype), torch.randn(N, 4, generator=gen).to(dtype)
+    with ops.use_backend("cpp"):
+        y = ops.qlora_linear(x, q, b, A, B, 0.5)
+    assert gemv_calls == [M] and y.dtype == dtype
+    want = R.lora_linear(x.double(), Wd.double(), b.double(), A.double(), B.double(), 0.5)
+    assert_error_rule("y", y, want, R.lora_linear(x, Wd.to(dtype), b, A, B, 0.5))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_cpu_gemv_dispatch_falls_back_outside_its_range(gen):
+    """M > 16 or blocks spanning rows: the panel path, still correct."""
+    for M, K, dtype in [(17, 64, torch.float32), (17, 64, torch.float16), (3, 96, torch.float32)]:
+        q, Wd = quantized(torch.randn(9, K, generator=gen), "nf4", 64)
+        x = torch.randn(M, K, generator=gen).to(dtype)
+        A, B = torch.randn(2, K, generator=gen).to(dtype), torch.randn(9, 2, generator=gen).to(dtype)
+        with ops.use_backend("cpp"):
+            y = ops.qlora_linear(x, q, None, A, B, 1.0)
+        want = R.lora_linear(x.double(), Wd.double(), None, A.double(), B.double(), 1.0)
+        assert_error_rule(f"M={M} K={K} {dtype}", y, want, R.lora_linear(x, Wd.to(dtype), None, A, B, 1.0))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("N, K, blocksize, qt, dq, dtype", [
+    (300, 96, 32, "nf4", True, torch.float32), (33, 64, 64, "fp4", False, torch.float32),
+    (100, 256, 32, "nf4", True, torch.float16), (41, 200, 64, "nf4", False, torch.float16),
+    (1100, 80, 64, "fp4", True, torch.float32), (9, 40, 128, "nf4", False, torch.float32)])
+def test_cpu_panel_path_forward_and_dx_follow_error_rule(N, K, blocksize, qt, dq, dtype, gen,
+                                                         monkeypatch):
+    """M > 16 on CPU: the weight is dequantized panel by panel (tiny panels here, so there are many,
+    with blocks and nested blocks spanning rows and a short last panel)."""
+    monkeypatch.setattr(ops.backends.cpp, "PANEL_ELEMS", 64)
+    with ops.use_backend("cpp"):  # the interpreted Triton quantizer would only make this slow
+        q, Wd = quantized(torch.randn(N, K, generator=gen) / K ** 0.5, qt, blocksize, dq)
+    x = torch.randn(2, 11, K, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    A = (torch.randn(4, K, generator=gen) / K ** 0.5).to(dtype)
+    B = (torch.randn(N, 4, generator=gen) / 2).to(dtype)
+    gy = torch.randn(2, 11, N, generator=gen).to(dtype)
+    got_x, ref_x = x.clone().requires_grad_(), x.double().requires_grad_()
+    with ops.use_backend("cpp"):
+        y = ops.qlora_linear(got_x, q, b, A, B, 0.5)
+        (dx,) = torch.autograd.grad(y, got_x, gy)
+    want = R.lora_linear(ref_x, Wd.double(), b.double(), A.double(), B.double(), 0.5)
+    (want_dx,) = torch.autograd.grad(want, ref_x, gy.double())
+    base_x = x.clone().requires_grad_()
+    base = R.lora_linear(base_x, Wd.to(dtype), b, A, B, 0.5)
+    (base_dx,) = torch.autograd.grad(base, base_x, gy)
+    assert_error_rule("y", y, want, base)
+    assert_error_rule("dx", dx, want_dx, base_dx)
