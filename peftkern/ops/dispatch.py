@@ -183,7 +183,9 @@ def _refine(op, x, N, K, blocksize, dtype, backend, why) -> Plan:
                 0 < M <= tuning.cuda_gemv_max_m(dev, N, K):
             backend, why = "cuda", why + "; the CUDA GEMV was measured faster here (tuning.json)"
         if backend == "cpp":
-            return Plan("cpp", "gemv" if fits else "panels", why)
+            return Plan("cpp", "gemv" if fits else "panels", why + (
+                "; C++ decode GEMV (M <= 16, blocks within rows)" if fits
+                else "; C++ dequantized panels (outside the GEMV's range)"))
     if op == "qlora_linear_dx" and backend == "cuda":
         backend, why = _no_cuda_kernel(dev, dtype), why + "; no CUDA dX kernel"
     if backend == "triton" and op in MATMULS:
