@@ -19,17 +19,63 @@ class _OnCuda:
         self.device, self.dtype, self.shape = CUDA, dtype, (M, K)
 
 
-@pytest.mark.skipif(not CAN_PLAN_CUDA, reason="needs Triton installed")
-def test_fp32_matmuls_on_cuda_run_cublas_unless_triton_is_forced(monkeypatch):
+@pytest.fixture
+def gpu_x(monkeypatch, tmp_path):
+    """A simulated H100 ("GPU X", sm_90) with an empty tuning table."""
+    from peftkern.ops import tuning
+    table = tmp_path / "tuning.json"
+    table.write_text('{"devices": {}}')
+    monkeypatch.setattr(tuning, "TABLE", str(table))
+    tuning.clear_caches()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    yield table
+    tuning.clear_caches()
+
+
+@pytest.mark.skipif(not CAN_PLAN_CUDA, reason="needs Triton installed")
+def test_untuned_gpu_runs_fused_4bit_at_small_m_and_dequantize_cublas_above(gpu_x):
+    from peftkern.kernels import lora_linear as L
+    q = peftkern.quantize_4bit(torch.randn(32, 64))
+    for op in ("qlora_linear_fwd", "qlora_linear_dx"):
+        for M in (1, 16):
+            p = ops.plan(op, _OnCuda(M, 64, torch.bfloat16), q)
+            assert p.backend == "triton" and "fused 4-bit decode for M <= 16" in p.reason, p
+            assert p.config == L.CANDIDATES["small"][L.RULE["small"][90]]
+        p = ops.plan(op, _OnCuda(17, 64, torch.bfloat16), q)
+        assert p.backend == "cublas" and p.config == "triton" and "dequantize + cuBLAS" in p.reason
+    for op in ("lora_linear_fwd", "lora_linear_dx"):  # a dense weight: PEFT's own path, cuBLAS
+        for M in (1, 8192):
+            assert ops.plan(op, _OnCuda(M, 64, torch.float16), torch.empty(32, 64)).backend == "cublas"
+
+
+@pytest.mark.skipif(not CAN_PLAN_CUDA, reason="needs Triton installed")
+def test_a_tuned_gpu_follows_its_table(gpu_x):
+    import json
+    from peftkern.ops import tuning
+    cfg = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 3}
+    entries = [{"op": "fwd", "quant": True, "M": 8192, "N": 32, "K": 64, "backend": "triton",
+                "config": cfg},
+               {"op": "fwd", "quant": True, "M": 1, "N": 32, "K": 64, "backend": "cublas"}]
+    gpu_x.write_text(json.dumps({"devices": {"GPU X": {"lora_matmul": entries}}}))
+    tuning.clear_caches()
+    q = peftkern.quantize_4bit(torch.randn(32, 64))
+    p = ops.plan("qlora_linear_fwd", _OnCuda(8192, 64, torch.bfloat16), q)
+    assert (p.backend, p.config) == ("triton", cfg) and "tuning.json" in p.reason, p
+    p = ops.plan("qlora_linear_fwd", _OnCuda(1, 64, torch.bfloat16), q)
+    assert p.backend == "cublas" and "tuning.json" in p.reason, p
+    with ops.use_backend("triton"):  # forced Triton with a cuBLAS entry: the rule tiles
+        assert ops.plan("qlora_linear_fwd", _OnCuda(1, 64, torch.bfloat16), q).config["SWAP"]
+
+
+@pytest.mark.skipif(not CAN_PLAN_CUDA, reason="needs Triton installed")
+def test_fp32_matmuls_on_cuda_run_cublas_unless_triton_is_forced(gpu_x):
     q = peftkern.quantize_4bit(torch.randn(32, 64))
     for op, w in (("lora_linear_fwd", torch.empty(32, 64)), ("qlora_linear_fwd", q),
                   ("qlora_linear_dx", q)):
-        p = ops.plan(op, _OnCuda(40, 64, torch.float32), w)
-        assert p.backend in ("cuda", "reference") and "fp32 on CUDA" in p.reason, (op, p)
-        p = ops.plan(op, _OnCuda(40, 64, torch.bfloat16), w)
-        assert p.backend == "triton" and p.config["BLOCK_M"] == 128, (op, p)  # large-M rule
+        for M in (1, 40):
+            p = ops.plan(op, _OnCuda(M, 64, torch.float32), w)
+            assert p.backend == "cublas" and "fp32 on CUDA" in p.reason, (op, p)
         with ops.use_backend("triton"):
             assert ops.plan(op, _OnCuda(40, 64, torch.float32), w).backend == "triton"
     # elementwise kernels keep Triton in fp32
@@ -37,14 +83,16 @@ def test_fp32_matmuls_on_cuda_run_cublas_unless_triton_is_forced(monkeypatch):
 
 
 @pytest.mark.skipif(not CAN_PLAN_CUDA, reason="needs Triton installed")
-def test_cuda_rule_tiles_follow_the_arch(monkeypatch):
+def test_cuda_rule_tiles_follow_the_arch(gpu_x, monkeypatch):
     from peftkern.kernels import lora_linear as L
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU X")
+    from peftkern.ops import tuning
     w = torch.empty(4096, 4096)
     for cap, fam in (((9, 0), 90), ((8, 0), 80), ((8, 9), 80), ((10, 0), 90)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=cap: c)
+        tuning.clear_caches()  # plans are cached per GPU: a new arch is a new GPU
         for M, regime in ((1, "small"), (16, "small"), (17, "large"), (8192, "large")):
-            p = ops.plan("lora_linear_fwd", _OnCuda(M, 4096, torch.bfloat16), w)
+            with ops.use_backend("triton"):
+                p = ops.plan("lora_linear_fwd", _OnCuda(M, 4096, torch.bfloat16), w)
             assert p.config == L.CANDIDATES[regime][L.RULE[regime][fam]], (cap, M, p)
             assert "rule tiles" in p.reason
 

@@ -135,4 +135,19 @@ def metadata(device: str) -> dict:
             "peft": _version("peft"), "transformers": _version("transformers"),
             "peftkern": _version("peftkern"), "peftkern_commit": _git_commit(),
             "torch_threads": torch.get_num_threads(),
-            "peftkern_backends": list(ops.available(torch.device(device)))}
+            "peftkern_backends": list(ops.available(torch.device(device))),
+            "cpu_flags": cpu_flags()}
+
+
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """The host's SIMD flags that peftkern's CPU kernels care about (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return []
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in SIMD_FLAGS if f in have]

@@ -235,6 +235,8 @@ def recording(config=None):
                                               lambda device: ("triton", "reference")))
         stack.enter_context(dispatch.use_backend("triton"))
         stack.enter_context(dispatch.use_config(config))
+        stack.callback(dispatch._cached.cache_clear)  # plans made with the patched availability
+        dispatch._cached.cache_clear()
         yield launches
 
 

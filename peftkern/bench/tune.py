@@ -1,9 +1,10 @@
-"""`python -m peftkern.bench.tune`: pick the Triton tile config per pass and shape on this GPU.
+"""`python -m peftkern.bench.tune`: measure what runs each matmul pass and shape on this GPU.
 
 For each weight shape (Llama-3-8B's linears), batch size M, pass (forward "fwd", input gradient
 "dx") and weight kind (NF4 + double quant, dense), every candidate configuration of
-kernels/lora_linear.py that this GPU can run (`candidates`, by M regime) is timed with triton.testing.do_bench (median)
-and the fastest becomes a "lora_matmul" entry. Writes <out>/<device>/tuning_lora_matmul.json (for
+kernels/lora_linear.py that this GPU can run (`candidates`, by M regime) and dequantize + cuBLAS
+are timed with triton.testing.do_bench (median); the fastest becomes a "lora_matmul" entry
+(backend "triton" with its config, or "cublas"). Writes <out>/<device>/tuning_lora_matmul.json (for
 `peftkern.ops.tuning.adopt`) and tuning_lora_matmul_all.json (every timing). CUDA only.
 """
 from __future__ import annotations
@@ -43,30 +44,36 @@ def _passes(N, K, M, r, dtype, quant):
             "dx": lambda: lora_ops.lora_linear_dx(dy, W, A, dyb, 0.5, None)}
 
 
-def _time(call, cfg) -> float:
-    with ops.use_config(cfg), ops.use_backend("triton"):
+def _time(call, backend, cfg) -> float:
+    with ops.use_config(cfg), ops.use_backend(backend):
         try:
             return measure.median_ms(call, "cuda")
         except Exception as e:  # a config this GPU cannot run (shared memory): not a candidate
-            print(f"  skipped {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            print(f"  skipped {backend} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             return float("inf")
 
 
 def tune(shapes, Ms, r, dtype) -> tuple[list[dict], list[dict]]:
+    """Per shape, M, pass and weight kind: every Triton candidate this GPU can run and dequantize
+    + cuBLAS, timed; the fastest becomes the entry."""
     best, timings = [], []
     keys = [(N, K, M, quant) for N, K in shapes for M in Ms for quant in (True, False)]
+    cap = torch.cuda.get_device_capability()
     for i, (N, K, M, quant) in enumerate(keys, 1):
         passes = _passes(N, K, M, r, dtype, quant)
+        tried = [("triton", cfg) for cfg in candidates(regime(M), cap)] + [("cublas", None)]
         for op, call in passes.items():
-            cap = torch.cuda.get_device_capability()
-            times = [(_time(call, cfg), cfg) for cfg in candidates(regime(M), cap)]
-            rule_ms = next(ms for ms, cfg in times if cfg == _config(M, cap))
-            timings += [{"op": op, "quant": quant, "M": M, "N": N, "K": K, "ms": ms, "config": cfg}
-                        for ms, cfg in times]
-            ms, cfg = min(times, key=lambda t: t[0])
-            best.append({"op": op, "quant": quant, "M": M, "N": N, "K": K, "config": cfg})
+            times = [(_time(call, b, cfg), b, cfg) for b, cfg in tried]
+            rule_ms = next(ms for ms, b, cfg in times if cfg == _config(M, cap))
+            cublas_ms = times[-1][0]
+            timings += [{"op": op, "quant": quant, "M": M, "N": N, "K": K, "ms": ms,
+                         "backend": b, "config": cfg} for ms, b, cfg in times]
+            ms, b, cfg = min(times, key=lambda t: t[0])
+            best.append({"op": op, "quant": quant, "M": M, "N": N, "K": K, "backend": b,
+                         **({"config": cfg} if cfg else {})})
             print(f"[{i}/{len(keys)}] {'nf4' if quant else 'dense'} {op} {N}x{K} M={M}: "
-                  f"{ms:.4f} ms with {cfg} (rule: {rule_ms:.4f} ms)", flush=True)
+                  f"{ms:.4f} ms with {b} {cfg or ''} (Triton rule tiles {rule_ms:.4f} ms, "
+                  f"dequantize + cuBLAS {cublas_ms:.4f} ms)", flush=True)
         del passes
         torch.cuda.empty_cache()
     return best, timings

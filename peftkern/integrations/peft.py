@@ -87,7 +87,17 @@ def _adapter_dtype(layer, name) -> torch.dtype:
     return (A if isinstance(A, torch.Tensor) else A.weight).dtype
 
 
-def _call_reason(layer, x, args, kwargs) -> str | None:
+def _static_reason(layer, cache) -> str | None:
+    """`unsupported_reason`, cached per layer until its adapters, variants or dropout modules
+    change (they are replaced, never mutated, when adapters are added or removed)."""
+    key = (tuple(layer.lora_A.keys()), tuple(getattr(layer, "lora_variant", None) or ()),
+           tuple(map(id, layer.lora_dropout.values())), id(layer.base_layer))
+    if cache.get("static_key") != key:
+        cache["static_key"], cache["static"] = key, unsupported_reason(layer)
+    return cache["static"]
+
+
+def _call_reason(layer, x, args, kwargs, cache=None) -> str | None:
     """Why this call goes to PEFT, or None when it runs fused."""
     if args or kwargs:
         return "extra forward arguments (adapter_names, ...)"
@@ -96,7 +106,7 @@ def _call_reason(layer, x, args, kwargs) -> str | None:
     names = _active(layer)
     if not names:
         return "no active adapter"
-    static = unsupported_reason(layer)
+    static = unsupported_reason(layer) if cache is None else _static_reason(layer, cache)
     if static is not None:
         return static
     if torch.is_autocast_enabled(x.device.type):
@@ -138,9 +148,22 @@ def _low_rank(layer, names):
     return A, B, 1.0, sum(biases) if biases else None
 
 
-def fused_forward(layer, x: torch.Tensor, peft_forward, *args, **kwargs) -> torch.Tensor:
-    """PEFT LoRA forward through peftkern; `peft_forward` handles every case it does not fuse."""
-    if _call_reason(layer, x, args, kwargs) is not None:
+def _qweight(base, cache):
+    """The bnb weight as a QuantizedWeight (bytes shared), rebuilt only when bnb's parameter,
+    its bytes or its quant_state change."""
+    w = base.weight
+    key = (id(w), w.data_ptr(), id(getattr(w, "quant_state", None)))
+    if cache.get("q_key") != key:
+        cache["q_key"], cache["q"] = key, from_bnb(w, check=False)
+    return cache["q"]
+
+
+def fused_forward(layer, x: torch.Tensor, peft_forward, *args, cache=None, **kwargs):
+    """PEFT LoRA forward through peftkern; `peft_forward` handles every case it does not fuse.
+    `cache` (a dict kept per layer) saves the per-call checks that only change with the layer."""
+    if cache is None or torch.compiler.is_compiling():  # traced once: no identities to compare
+        cache = {}
+    if _call_reason(layer, x, args, kwargs, cache) is not None:
         return peft_forward(x, *args, **kwargs)
     names = _active(layer)
     A, B, s, lora_bias = _low_rank(layer, names)
@@ -148,7 +171,7 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, **kwargs) -> torc
     base = layer.get_base_layer()
     kind = _base_kind(base)
     if kind == "4bit":  # computed in bnb's compute_dtype, returned in x's dtype, as bnb does
-        q = from_bnb(base.weight, check=False)
+        q = _qweight(base, cache)
         cd = base.compute_dtype or x.dtype
         bias = None if base.bias is None else base.bias.to(cd)
         y = ops.qlora_linear(x, q, bias, A, B, s, p, compute_dtype=cd)
@@ -170,6 +193,7 @@ class _FusedForward:
     def __init__(self, layer, attr: str, replaced):
         self.layer, self.attr = layer, attr
         self.replaced = replaced  # the instance attribute it replaced; None: the class's forward
+        self.cache = {}  # per-layer results of the per-call checks (keys say when they are stale)
 
     def peft_forward(self, x, *args, **kwargs):
         if self.replaced is None:
@@ -177,7 +201,10 @@ class _FusedForward:
         return self.replaced(x, *args, **kwargs)
 
     def __call__(self, x, *args, **kwargs):
-        return fused_forward(self.layer, x, self.peft_forward, *args, **kwargs)
+        return fused_forward(self.layer, x, self.peft_forward, *args, cache=self.cache, **kwargs)
+
+    def __getstate__(self):  # copies and pickles start with an empty cache (ids differ there)
+        return {**self.__dict__, "cache": {}}
 
     def uninstall(self) -> None:
         if self.replaced is None:

@@ -8,14 +8,17 @@ the bench and the tests call it to see what runs. The rules, in order:
    CUDA or under TRITON_INTERPRET=1, the C++ extension on CPU when built, the CUDA extension on
    CUDA when built, the reference everywhere.
 2. fp32 fused matmuls on CUDA skip Triton (IEEE fp32 runs on FFMA and spills: the static check),
-   so cuBLAS runs them after a dequantize; bf16 matmuls skip the Triton interpreter, whose bf16
+   so cuBLAS runs them (after a dequantize); bf16 matmuls skip the Triton interpreter, whose bf16
    `tl.dot` is wrong (triton-lang/triton#11584). Forcing Triton into the latter raises.
 3. `use_backend(name)` forces a backend (an error if it cannot run the call).
-4. Otherwise the device default: CUDA -> Triton, then the CUDA extension; CPU -> interpreted
-   Triton under TRITON_INTERPRET=1, then the C++ extension; else the reference (with a warning).
+4. Otherwise the device default: CUDA -> Triton, then cuBLAS; CPU -> interpreted Triton under
+   TRITON_INTERPRET=1, then the C++ extension; else the reference (with a warning). On CUDA a
+   matmul then runs fused Triton or dequantize + cuBLAS (`backends/cublas.py`) as tuning.json
+   measured for this GPU, pass and shape; untuned, fused for a 4-bit weight at M <= 16 and cuBLAS
+   above it and for a dense weight (the anchors' choice).
 5. Per op: the 4-bit forward runs the CUDA decode GEMV where it was measured faster than Triton on
    this GPU and shape (tuning.json), within its range (M <= 16, quantization blocks within rows);
-   a forced "cuda" outside that range, or dX (no CUDA kernel), runs Triton (reference for fp32).
+   a forced "cuda" outside that range, or dX (no CUDA kernel), runs Triton (cuBLAS for fp32).
    The C++ 4-bit forward is the decode GEMV in that range ("gemv"), else dequantized panels.
 6. Configs: Triton's tile config is the one tuned for this GPU and shape (tuning.json), else the
    kernel's rule for the arch (None under the interpreter: its own small tiles); a reference
@@ -24,6 +27,7 @@ the bench and the tests call it to see what runs. The rules, in order:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from typing import NamedTuple, Optional
@@ -34,14 +38,14 @@ from .. import codes
 from . import tuning
 from .backends.ext import EXT, EXT_ERROR, HAS_CUDA
 
-BACKENDS = ("triton", "cpp", "cuda", "reference")
+BACKENDS = ("triton", "cpp", "cuda", "cublas", "reference")
 # The backends that implement each op (modules in ops/backends/). The dense LoRA linear has no
 # C++ path (plain torch is BLAS); "cuda" in the 4-bit dX means "forced cuda runs Triton there".
 IMPLEMENTS = {
-    "lora_linear_fwd": ("triton", "reference"),
-    "lora_linear_dx": ("triton", "reference"),
-    "qlora_linear_fwd": ("triton", "cuda", "cpp", "reference"),
-    "qlora_linear_dx": ("triton", "cuda", "cpp", "reference"),
+    "lora_linear_fwd": ("triton", "cublas", "reference"),
+    "lora_linear_dx": ("triton", "cublas", "reference"),
+    "qlora_linear_fwd": ("triton", "cuda", "cublas", "cpp", "reference"),
+    "qlora_linear_dx": ("triton", "cuda", "cublas", "cpp", "reference"),
     "quantize_4bit": ("triton", "cpp", "reference"),
     "dequantize_4bit": ("triton", "cpp", "cuda", "reference"),
     "adalora_update_ipt": ("triton", "reference"),
@@ -59,6 +63,7 @@ class Plan(NamedTuple):
 
 # ---- what can run -----------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _has_triton() -> bool:
     try:
         import triton  # noqa: F401
@@ -67,12 +72,15 @@ def _has_triton() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _interpreting_fn():
+    from ..kernels.common import interpreting as now
+    return now
+
+
 def interpreting() -> bool:
     """Triton runs on CPU tensors through its interpreter (TRITON_INTERPRET=1)."""
-    if not _has_triton():
-        return False
-    from ..kernels.common import interpreting as now
-    return now()
+    return _has_triton() and _interpreting_fn()()
 
 
 def available(device: torch.device) -> tuple[str, ...]:
@@ -83,6 +91,8 @@ def available(device: torch.device) -> tuple[str, ...]:
         names.append("cpp")
     if HAS_CUDA and device.type == "cuda":
         names.append("cuda")
+    if device.type == "cuda":
+        names.append("cublas")
     return tuple(names)
 
 
@@ -128,8 +138,30 @@ def plan(op: str, x: torch.Tensor, weight=None) -> Plan:
 
 
 def _plan(op, x, N=0, K=0, blocksize=0, dtype=None, same_layout=True) -> Plan:
-    """`plan` on raw fields, as the custom ops hold them; `dtype` is the compute dtype."""
-    dev, dtype = x.device, dtype or x.dtype
+    """`plan` on raw fields, as the custom ops hold them; `dtype` is the compute dtype. Cached:
+    the answer depends only on these fields, the forced backend and config, the interpreter
+    switch and the tuning table (whose `generation` changes when it is reloaded)."""
+    config = getattr(_state, "config", None)
+    if config is not None:  # a forced tile config (tuner, tests): not cached
+        return _decide(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype, same_layout)
+    return _cached(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype, same_layout,
+                   forced(), interpreting(), tuning.generation)
+
+
+@functools.lru_cache(maxsize=8192)
+def _cached(op, device, M, N, K, blocksize, dtype, same_layout, _forced, _interp, _gen) -> Plan:
+    return _decide(op, device, M, N, K, blocksize, dtype, same_layout)
+
+
+class _Rows(NamedTuple):
+    """What the rules read of the input: its device and row count."""
+    device: torch.device
+    shape: tuple
+
+
+def _decide(op, device, M, N, K, blocksize, dtype, same_layout) -> Plan:
+    x = _Rows(device, (M,))
+    dev = device
     have = [b for b in available(dev) if b in IMPLEMENTS[op]]
     name, why = forced(), ""
     if op in MATMULS and dtype == torch.float32 and dev.type == "cuda" and name is None \
@@ -158,7 +190,7 @@ def _plan(op, x, N=0, K=0, blocksize=0, dtype=None, same_layout=True) -> Plan:
 
 
 def _default(dev, have, why):
-    order = ("triton", "cuda") if dev.type == "cuda" else \
+    order = ("triton", "cublas", "cuda") if dev.type == "cuda" else \
         (("triton", "cpp") if interpreting() else ("cpp",))
     for name in order:
         if name in have:
@@ -188,16 +220,38 @@ def _refine(op, x, N, K, blocksize, dtype, backend, why) -> Plan:
                 else "; C++ dequantized panels (outside the GEMV's range)"))
     if op == "qlora_linear_dx" and backend == "cuda":
         backend, why = _no_cuda_kernel(dev, dtype), why + "; no CUDA dX kernel"
+    if backend == "triton" and op in MATMULS and dev.type == "cuda" and forced() is None:
+        backend, why = _cuda_matmul(op, x, N, K, why)
     if backend == "triton" and op in MATMULS:
         return _triton_config(op, x, N, K, why)
+    if backend == "cublas" and op.startswith("qlora"):
+        deq = _plan("dequantize_4bit", x, dtype=dtype).backend
+        return Plan("cublas", deq, why + f"; weight dequantized by {deq}, then cuBLAS")
     if backend == "reference" and op in ("qlora_linear_fwd", "qlora_linear_dx"):
-        deq = _plan("dequantize_4bit", x) if forced() != "reference" else Plan("reference", None, "")
+        deq = _plan("dequantize_4bit", x, dtype=dtype) if forced() != "reference" \
+            else Plan("reference", None, "")
         return Plan("reference", deq.backend, why + f"; weight dequantized by {deq.backend}")
     return Plan(backend, None, why)
 
 
 def _no_cuda_kernel(dev, dtype) -> str:
-    return "triton" if "triton" in available(dev) and dtype != torch.float32 else "reference"
+    if "triton" in available(dev) and dtype != torch.float32:
+        return "triton"
+    return "cublas" if dev.type == "cuda" else "reference"
+
+
+def _cuda_matmul(op, x, N, K, why):
+    """Fused Triton or dequantize + cuBLAS for a matmul on CUDA: what tuning.json measured on this
+    GPU and shape, else the anchors' choice (fused for a 4-bit weight at M <= 16, where reading
+    the packed bytes once wins; cuBLAS above and for a dense weight, PEFT's own path)."""
+    quant, pass_, M = op.startswith("qlora"), "dx" if op.endswith("_dx") else "fwd", x.shape[0]
+    entry = tuning.lora_matmul_entry(x.device, pass_, quant, M, N, K)
+    if entry is not None:
+        return entry.get("backend", "triton"), why + "; measured fastest here (tuning.json)"
+    if quant and M <= codes.GEMV_MAX_ROWS:
+        return "triton", why + "; untuned GPU: fused 4-bit decode for M <= 16"
+    return "cublas", why + (f"; untuned GPU: dequantize + cuBLAS for M > {codes.GEMV_MAX_ROWS}"
+                            if quant else "; untuned GPU: cuBLAS for a dense weight")
 
 
 def _triton_config(op, x, N, K, why) -> Plan:

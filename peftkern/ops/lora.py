@@ -24,6 +24,28 @@ def _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize):
     return (data, absmax, absmax2, code8, offset, quant_type, blocksize)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_TORCH_BACKENDS = ("reference", "cublas")  # plain differentiable torch ops
+
+
+def _eager_plan(op, tensors, *fields):
+    """The plan when the backend may run without the custom op (the same function runs; only the
+    host cost differs), else None: nothing traces (torch.compile and tensor subclasses take the
+    custom op), and autograd has nothing to record or can record the backend's own torch ops."""
+    if torch.compiler.is_compiling():
+        return None
+    plan = _plan(op, tensors[0], *fields)
+    return plan if _direct(plan, *tensors) else None
+
+
+def _direct(plan, *tensors) -> bool:
+    if not all(t is None or type(t) in _PLAIN for t in tensors):
+        return False
+    if plan.backend in _TORCH_BACKENDS or not torch.is_grad_enabled():
+        return True
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
 # ---- dense base weight -------------------------------------------------------------------------
 
 
@@ -212,8 +234,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     N, K = weight.shape
     _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, x.dtype)
     x2 = x.reshape(-1, K)
-    y, _ = lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling),
-                           _mask(x2, dropout_p, dropout_mask, lora_A.dtype))
+    mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
+    p = _eager_plan("lora_linear_fwd", (x2, weight, bias, lora_A, lora_B, mask), N, K)
+    if p is not None:
+        y, _ = MODULES[p.backend].lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling),
+                                                  mask, p.config)
+    else:
+        y, _ = lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
     return y.reshape(*x.shape[:-1], N)
 
 
@@ -238,7 +265,13 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
         raise ValueError(f"qweight is on {qweight.device}, expected {x.device} like x")
     x2 = x.reshape(-1, K)
     q = qweight
-    y, _ = qlora_linear_fwd(x2, q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type,
-                            q.blocksize, N, bias, lora_A, lora_B, float(scaling),
-                            _mask(x2, dropout_p, dropout_mask, lora_A.dtype), cd)
+    mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
+    qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
+    p = _eager_plan("qlora_linear_fwd", (x2, bias, lora_A, lora_B, mask, *qw[:5]), N, K,
+                    q.blocksize, cd)
+    if p is not None:
+        y, _ = MODULES[p.backend].qlora_linear_fwd(x2, qw, N, bias, lora_A, lora_B, float(scaling),
+                                                   mask, cd, p.config)
+    else:
+        y, _ = qlora_linear_fwd(x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, cd)
     return y.reshape(*x.shape[:-1], N)

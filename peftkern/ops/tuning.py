@@ -4,10 +4,12 @@ Triton tile configuration is fastest for a shape.
 `tuning.json` holds, per GPU name (torch.cuda.get_device_name):
 - "cuda_gemv": [{"N", "K", "max_M"}]: the largest M up to which the CUDA GEMV was faster than
   Triton at every measured M (`python -m peftkern.bench --ops decode` writes these);
-- "lora_matmul": [{"op", "quant", "M", "N", "K", "config"}]: the fastest of the kernel's candidate
-  configurations for the forward ("fwd") or input-gradient ("dx") pass
+- "lora_matmul": [{"op", "quant", "M", "N", "K", "backend", "config"}]: the fastest for the forward
+  ("fwd") or input-gradient ("dx") pass of the fused Triton kernel's candidate configurations
+  (backend "triton", with its "config") and dequantize + cuBLAS ("cublas")
   (`python -m peftkern.bench.tune` writes these).
-A GPU without an entry keeps the defaults (Triton; rule-based tiles). A shape between measured ones
+A GPU without an entry keeps the defaults (`dispatch.plan`: fused for a 4-bit weight at M <= 16,
+cuBLAS otherwise; rule-based tiles). A shape between measured ones
 takes the entry nearest in log-size (M, then the weight). Both tools write a file
 {"device": name, <section>: [...]} next to their results; `adopt(path)` merges it into the table
 shipped with the package. One fixed choice per shape keeps results the same from run to run.
@@ -44,9 +46,16 @@ def cuda_gemv_max_m(device, N: int, K: int) -> int:
     return _gemv_max_m(torch.cuda.get_device_name(device), N, K)
 
 
+def lora_matmul_entry(device, op: str, quant: bool, M: int, N: int, K: int) -> dict | None:
+    """The measured winner for this pass and shape on this GPU: {"backend": "triton" (with its
+    "config") or "cublas"}, or None when the GPU has no entry."""
+    return _matmul_entry(torch.cuda.get_device_name(device), op, quant, M, N, K)
+
+
 def lora_matmul_config(device, op: str, quant: bool, M: int, N: int, K: int) -> dict | None:
     """The tuned Triton configuration for this pass and shape on this GPU, or None."""
-    return _matmul_config(torch.cuda.get_device_name(device), op, quant, M, N, K)
+    entry = lora_matmul_entry(device, op, quant, M, N, K)
+    return None if entry is None else entry.get("config")
 
 
 # Cached per GPU name and shape: the ops ask on every call.
@@ -59,17 +68,21 @@ def _gemv_max_m(name: str, N: int, K: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _matmul_config(name: str, op: str, quant: bool, M: int, N: int, K: int) -> dict | None:
+def _matmul_entry(name: str, op: str, quant: bool, M: int, N: int, K: int) -> dict | None:
     entries = [e for e in _entries(name, "lora_matmul") if e["op"] == op and e["quant"] == quant]
     if not entries:
         return None
-    best = min(entries, key=lambda e: (_log_gap(e["M"], M), _log_gap(e["N"] * e["K"], N * K)))
-    return best["config"]
+    return min(entries, key=lambda e: (_log_gap(e["M"], M), _log_gap(e["N"] * e["K"], N * K)))
+
+
+generation = 0  # bumped by clear_caches, so that callers caching on the table know it changed
 
 
 def clear_caches() -> None:
     """Forget the loaded table (after it changed on disk)."""
-    for cached in (_devices, _gemv_max_m, _matmul_config):
+    global generation
+    generation += 1
+    for cached in (_devices, _gemv_max_m, _matmul_entry):
         cached.cache_clear()
 
 

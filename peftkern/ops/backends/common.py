@@ -28,6 +28,8 @@ def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
     """`y + s·(L·R2) [⊙ mask]`, added in the widest dtype involved and rounded once to `out_dtype`
     (default y's). `L`, `R2` are in the LoRA dtype: fp32 adapters on a 16-bit base stay fp32."""
     out_dtype = out_dtype or y.dtype
+    if mask is None and y.dtype == L.dtype == out_dtype:  # one op, one rounding
+        return torch.addmm(y, L, R2, alpha=scaling)
     wide = torch.promote_types(torch.promote_types(y.dtype, L.dtype), out_dtype)
     return (y.to(wide) + dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)
 
