@@ -14,6 +14,11 @@ inline __m128i codes16(const uint8_t* p) {
   return _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
 }
 
+// Below this much work (multiply-adds, or weights decoded) a kernel stays on the calling thread:
+// waking the OpenMP team costs more than it saves on small layers, and far more when other
+// processes hold the cores (then a 64x64 layer took ms instead of µs).
+constexpr int64_t kParallelMinWork = int64_t(1) << 20;
+
 inline bool has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f");
   return ok;

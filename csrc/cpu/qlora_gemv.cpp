@@ -47,7 +47,7 @@ void gemv_scalar(const GemvArgs& a, const Scales& scale) {
   float table[16];
   for (int i = 0; i < 16; ++i) table[i] = code_value(a.quant_type, i);
   const int64_t K = a.K, bs = a.blocksize;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.M * a.N * a.K >= kParallelMinWork)
   for (int64_t n = 0; n < a.N; ++n) {
     for (int64_t m = 0; m < a.M; ++m) {
       float acc = 0.0f;
@@ -266,7 +266,7 @@ void run_tile(const Isa& isa, const GemvArgs& a, const Scales& scale, int64_t m0
 template <class Isa>
 void run_rows(const GemvArgs& a, const Scales& scale) {
   const Isa isa(a.quant_type);  // read-only tables, shared by the threads
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.M * a.N * a.K >= kParallelMinWork)
   for (int64_t n = 0; n < a.N; ++n) {
     for (int64_t m0 = 0; m0 < a.M; m0 += Isa::kTile)
       run_tile<Isa, Isa::kTile>(isa, a, scale, m0, std::min<int64_t>(Isa::kTile, a.M - m0), n);
@@ -277,7 +277,7 @@ void run_rows(const GemvArgs& a, const Scales& scale) {
 void run_tiled_avx2(const GemvArgs& a, const Scales& scale) {
   const Avx2 isa(a.quant_type);
   const int64_t blocks = (a.N + Avx2::kWRows - 1) / Avx2::kWRows;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (a.M * a.N * a.K >= kParallelMinWork)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n = b * Avx2::kWRows, rows = std::min<int64_t>(Avx2::kWRows, a.N - n);
     isa.run_tiled(a, scale, n, rows);

@@ -64,7 +64,7 @@ void quantize_4bit(const T* A, int64_t n, int quant_type, int64_t blocksize, uin
   const Buckets bk(quant_type);
   const uint8_t zero_code = bk.code[bucket_of(0.0f, bk.bounds)];  // pads the last byte of odd n
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMinWork)
   for (int64_t b = 0; b < nblocks; ++b) {
     const int64_t start = b * blocksize, len = std::min(blocksize, n - start);
     const bool full = len == blocksize;
@@ -185,7 +185,7 @@ void dequantize_4bit(const uint8_t* packed, const float* absmax, const uint8_t* 
   for (int i = 0; i < 16; ++i) table[i] = code_value(quant_type, i);
   const int64_t nblocks = (n + blocksize - 1) / blocksize;
   const int isa = simd_level >= 2 && has_avx512() ? 2 : simd_level >= 1 && has_avx2() ? 1 : 0;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n >= kParallelMinWork)
   for (int64_t b = 0; b < nblocks; ++b) {
     const float scale = absmax_q ? decode_absmax(absmax_q, absmax2, code8, offset, b) : absmax[b];
     const int64_t len = std::min(blocksize, n - b * blocksize);
