@@ -43,7 +43,7 @@ def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
     blk_ok = (blk_col < ncols // BS)[None, :]
     base = w_ptr + tl.cast(row0, tl.int64) * (ncols // 2)
     byte = load_masked(base + (r * (ncols // 2))[:, None] + byte_col[None, :],
-                 (byte_col < ncols // 2)[None, :], 0, not EVEN_COLS)
+                       (byte_col < ncols // 2)[None, :], 0, not EVEN_COLS)
     blk = (row0 + r).to(tl.int64) * (ncols // BS)
     scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
                         blk[:, None] + blk_col[None, :], blk_ok, NESTED, not EVEN_COLS)

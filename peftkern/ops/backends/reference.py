@@ -22,8 +22,9 @@ def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, config=None):
     return add_lora(dy @ weight, dyb, lora_A, scaling, mask)
 
 
-def _dense(qw, N, K, dtype, config):
-    """The [N, K] weight in `dtype`, decoded by backend `config` (None: plain torch)."""
+def dense_weight(qw, N, K, dtype, config):
+    """The [N, K] weight in `dtype`, decoded by backend `config` (None: plain torch) into a
+    transient buffer."""
     decode = {"cpp": cpp.dequantize_4bit, "cuda": cpp.dequantize_4bit,
               "triton": triton.dequantize_4bit}.get(config, dequantize_4bit)
     return decode(*qw, N * K, dtype).view(N, K)
@@ -32,13 +33,13 @@ def _dense(qw, N, K, dtype, config):
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
                      config=None):
     xa = lora_xa(x, lora_A, mask)
-    w = _dense(qw, out_features, x.shape[1], compute_dtype, config)
+    w = dense_weight(qw, out_features, x.shape[1], compute_dtype, config)
     y = F.linear(x.to(compute_dtype), w, bias)
     return add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype), xa
 
 
 def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):
-    w = _dense(qw, dy.shape[1], in_features, compute_dtype, config)
+    w = dense_weight(qw, dy.shape[1], in_features, compute_dtype, config)
     return add_lora(dy.to(compute_dtype) @ w, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
 
 
