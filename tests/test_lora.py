@@ -204,6 +204,60 @@ def test_bad_inputs_get_clear_errors():
         QLoRALinear.from_linear(torch.nn.Conv1d(2, 2, 1))
 
 
+def test_checks_passed_once_still_refuse_what_differs():
+    """The checks are skipped only for a signature (dtypes, devices, shapes, scalars) that passed:
+    anything that differs in what they read is checked again."""
+    W, A, B = torch.randn(8, 16), torch.randn(4, 16), torch.randn(8, 4)
+    x = torch.randn(3, 16)
+    for _ in range(2):
+        ops.lora_linear(x, W, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="lora_B must be \\[out_features=8, r=4\\]"):
+        ops.lora_linear(x, W, None, A, torch.randn(8, 3), 1.0)
+    with pytest.raises(TypeError, match="weight must have dtype"):
+        ops.lora_linear(x, W.half(), None, A, B, 1.0)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        ops.lora_linear(x, W, None, A, B, 1.0, dropout_p=True)  # equal to 1 (int), but a bool
+    with pytest.raises(ValueError, match="in_features=16 as its last dimension"):
+        ops.lora_linear(torch.randn(3, 15), W, None, A, B, 1.0)  # x's shape is checked per call
+    q = peftkern.quantize_4bit(W)
+    ops.qlora_linear(x, q, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        ops.qlora_linear(x, q, None, A, B, 1.0, compute_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_eager_path_equals_the_custom_op(gen, quantized):
+    """Eager calls on plain tensors skip the custom op (the backend directly, or an autograd
+    Function around the same forward and backward): outputs and gradients are bit-identical."""
+    N, K, r = 24, 40, 4
+    W = torch.randn(N, K, generator=gen)
+    q = peftkern.quantize_4bit(W, blocksize=32, double_quant=True)
+    mask = (torch.rand(6, K, generator=gen) > 0.2).float() / 0.8
+    backends = [b for b in ops.available(torch.device("cpu"))
+                if b in ops.dispatch.IMPLEMENTS["qlora_linear_fwd" if quantized else "lora_linear_fwd"]]
+    for backend in backends:
+        runs = []
+        for route in ("public", "custom op"):
+            x = torch.randn(6, K, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+            A = torch.randn(r, K, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+            B = torch.randn(N, r, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+            with ops.use_backend(backend):
+                if route == "public" and quantized:
+                    y = ops.qlora_linear(x, q, None, A, B, 0.5, dropout_mask=mask)
+                elif route == "public":
+                    y = ops.lora_linear(x, W, None, A, B, 0.5, dropout_mask=mask)
+                elif quantized:
+                    y = torch.ops.peftkern.qlora_linear_fwd(
+                        x, q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type,
+                        q.blocksize, N, None, A, B, 0.5, mask, torch.float32)[0]
+                else:
+                    y = torch.ops.peftkern.lora_linear_fwd(x, W, None, A, B, 0.5, mask)[0]
+                y.backward(torch.randn(6, N, generator=torch.Generator().manual_seed(4)))
+            runs.append((y.detach(), x.grad, A.grad, B.grad))
+        for name, a, b in zip(("y", "dx", "dA", "dB"), *runs):
+            assert torch.equal(a, b), f"{backend}: {name} differs between the eager path and the op"
+
+
 def test_any_k_tiles_no_restriction(gen):
     """The fused kernel masks partial tiles and decodes by flat index: K = 1 or odd is fine."""
     for K in (1, 3, 33):

@@ -58,6 +58,26 @@ def _base_kind(base) -> str | None:
     return None
 
 
+def _mods(layer):
+    """The layer's submodules by name (what nn.Module.__getattr__ searches, without its Python
+    frame per lookup: the per-call checks below read them through this dict)."""
+    return layer.__dict__["_modules"]
+
+
+def _base_of(layer):
+    """PEFT's `get_base_layer()`: the innermost `base_layer`."""
+    while "base_layer" in _mods(layer):
+        layer = _mods(layer)["base_layer"]
+    return layer
+
+
+def _adapters(layer):
+    """`{name: module or parameter}` of the layer's LoRA A (a ModuleDict for LoRA, a
+    ParameterDict for AdaLoRA)."""
+    d = _mods(layer)["lora_A"].__dict__
+    return d["_modules"] or d["_parameters"]
+
+
 def unsupported_reason(layer) -> str | None:
     """Why `layer` (a PEFT LoRA or AdaLoRA layer) cannot run fused, or None when it can."""
     if isinstance(layer, lora_layer.ParamWrapper):
@@ -73,85 +93,97 @@ def unsupported_reason(layer) -> str | None:
     return None
 
 
+def _lora_A(layer, name) -> torch.Tensor:
+    A = _adapters(layer)[name]
+    return A if isinstance(A, torch.Tensor) else _param(A, "weight")
+
+
 def _active(layer) -> list[str]:
-    return [a for a in layer.active_adapters if a in layer.lora_A]
+    have = _adapters(layer)
+    return [a for a in layer.active_adapters if a in have]
 
 
 def _dropout_p(layer, name) -> float:
-    drop = layer.lora_dropout[name]
-    return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+    drop = _mods(_mods(layer)["lora_dropout"])[name]
+    return drop.p if type(drop) is nn.Dropout and drop.training else 0.0
 
 
-def _adapter_dtype(layer, name) -> torch.dtype:
-    A = layer.lora_A[name]
-    return (A if isinstance(A, torch.Tensor) else A.weight).dtype
-
-
-def _static_reason(layer, cache) -> str | None:
-    """`unsupported_reason`, cached per layer until its adapters, variants or dropout modules
-    change (they are replaced, never mutated, when adapters are added or removed)."""
-    key = (tuple(layer.lora_A.keys()), tuple(getattr(layer, "lora_variant", None) or ()),
-           tuple(map(id, layer.lora_dropout.values())), id(layer.base_layer))
+def _static_reason(layer, cache) -> tuple:
+    """`(unsupported_reason, base layer, its kind)`, cached per layer until its adapters, variants,
+    dropout modules or base layer change (they are replaced, never mutated, when adapters are
+    added or removed)."""
+    mods = _mods(layer)
+    key = (tuple(_adapters(layer)), tuple(getattr(layer, "lora_variant", None) or ()),
+           tuple(map(id, _mods(mods["lora_dropout"]).values())), id(mods["base_layer"]))
     if cache.get("static_key") != key:
-        cache["static_key"], cache["static"] = key, unsupported_reason(layer)
+        base = _base_of(layer)
+        cache["static_key"] = key
+        cache["static"] = (unsupported_reason(layer), base, _base_kind(base))
     return cache["static"]
 
 
-def _call_reason(layer, x, args, kwargs, cache=None) -> str | None:
-    """Why this call goes to PEFT, or None when it runs fused."""
+def _call_reason(layer, x, args, kwargs, cache=None, names=None) -> str | None:
+    """Why this call goes to PEFT, or None when it runs fused (`names`: the active adapters,
+    when the caller has them)."""
+    if names is None:
+        names = _active(layer)
+    if cache is None:
+        cache = {}
     if args or kwargs:
         return "extra forward arguments (adapter_names, ...)"
     if layer.disable_adapters or layer.merged:
         return "adapters disabled or merged"
-    names = _active(layer)
     if not names:
         return "no active adapter"
-    static = unsupported_reason(layer) if cache is None else _static_reason(layer, cache)
+    static, base, kind = _static_reason(layer, cache)
     if static is not None:
         return static
     if torch.is_autocast_enabled(x.device.type):
         return "autocast"  # PEFT's layers follow autocast's dtypes; the fused ops do not
-    dtypes = {_adapter_dtype(layer, a) for a in names}
-    ld = next(iter(dtypes))
-    base = layer.get_base_layer()
-    if len(dtypes) > 1 or ld not in FLOAT_DTYPES or x.dtype not in FLOAT_DTYPES:
+    ld = _lora_A(layer, names[0]).dtype
+    if any(_lora_A(layer, a).dtype != ld for a in names[1:]) or ld not in FLOAT_DTYPES or x.dtype not in FLOAT_DTYPES:
         return "dtype peftkern does not fuse"
-    if ld != x.dtype and not getattr(layer, "cast_input_dtype_enabled", True):
+    if ld != x.dtype and not layer.cast_input_dtype_enabled:
         return "input dtype casting disabled"
-    if _base_kind(base) != "4bit" and base.weight.dtype != x.dtype:
+    if kind != "4bit" and _param(base, "weight").dtype != x.dtype:
         return "input dtype differs from the base weight's"
     if len(names) > 1 and any(_dropout_p(layer, a) > 0 for a in names):
         return "several active adapters with dropout in training"
     return None
 
 
+def _param(module, name):
+    return module.__dict__["_parameters"].get(name)
+
+
 def _factors(layer, name):
     """`(A, B, scaling, lora_bias)` with `y += s·((x·Aᵀ)·Bᵀ + lora_bias)`: LoRA's weights, or
     AdaLoRA's `A⊙E` and `s / (ranknum + 1e-5)` (PEFT's SVDLinear)."""
-    if hasattr(layer, "lora_E"):  # ranknum stays a tensor (folded into B): no device sync
-        B = layer.lora_B[name] * (layer.scaling[name] / (layer.ranknum[name] + 1e-5))
-        return layer.lora_A[name] * layer.lora_E[name], B, 1.0, None
-    return (layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
-            layer.lora_B[name].bias)
+    mods = _mods(layer)
+    if "lora_E" in mods:  # ranknum stays a tensor (folded into B): no device sync
+        A, E, B, rank = (_param(mods[k], name) for k in ("lora_A", "lora_E", "lora_B", "ranknum"))
+        return A * E, B * (layer.scaling[name] / (rank + 1e-5)), 1.0, None
+    A, B = _mods(mods["lora_A"])[name], _mods(mods["lora_B"])[name]
+    return _param(A, "weight"), _param(B, "weight"), layer.scaling[name], _param(B, "bias")
 
 
-def _low_rank(layer, names):
-    """One `(A, B, scaling, bias term)` for all active adapters: their ranks stacked, each B
-    scaled by its adapter's scaling, so one fused op sums their LoRA terms as PEFT does."""
-    parts = [_factors(layer, a) for a in names]
-    if len(parts) == 1:
-        A, B, s, b = parts[0]
+def _low_rank(factors):
+    """One `(A, B, scaling, bias term)` for all active adapters (their `_factors`): ranks
+    stacked, each B scaled by its adapter's scaling, so one fused op sums their LoRA terms as
+    PEFT does."""
+    if len(factors) == 1:
+        A, B, s, b = factors[0]
         return A, B, s, None if b is None else b * s
-    A = torch.cat([p[0] for p in parts])
-    B = torch.cat([p[1] * p[2] for p in parts], dim=1)
-    biases = [p[3] * p[2] for p in parts if p[3] is not None]
+    A = torch.cat([p[0] for p in factors])
+    B = torch.cat([p[1] * p[2] for p in factors], dim=1)
+    biases = [p[3] * p[2] for p in factors if p[3] is not None]
     return A, B, 1.0, sum(biases) if biases else None
 
 
 def _qweight(base, cache):
     """The bnb weight as a QuantizedWeight (bytes shared), rebuilt only when bnb's parameter,
     its bytes or its quant_state change."""
-    w = base.weight
+    w = _param(base, "weight")
     key = (id(w), w.data_ptr(), id(getattr(w, "quant_state", None)))
     if cache.get("q_key") != key:
         cache["q_key"], cache["q"] = key, from_bnb(w, check=False)
@@ -163,21 +195,21 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, cache=None, **kwa
     `cache` (a dict kept per layer) saves the per-call checks that only change with the layer."""
     if cache is None or torch.compiler.is_compiling():  # traced once: no identities to compare
         cache = {}
-    if _call_reason(layer, x, args, kwargs, cache) is not None:
-        return peft_forward(x, *args, **kwargs)
     names = _active(layer)
-    A, B, s, lora_bias = _low_rank(layer, names)
+    if _call_reason(layer, x, args, kwargs, cache, names) is not None:
+        return peft_forward(x, *args, **kwargs)
+    A, B, s, lora_bias = _low_rank([_factors(layer, a) for a in names])
     p = _dropout_p(layer, names[0])
-    base = layer.get_base_layer()
-    kind = _base_kind(base)
+    _, base, kind = cache["static"]
+    bias = _param(base, "bias")
     if kind == "4bit":  # computed in bnb's compute_dtype, returned in x's dtype, as bnb does
         q = _qweight(base, cache)
         cd = base.compute_dtype or x.dtype
-        bias = None if base.bias is None else base.bias.to(cd)
-        y = ops.qlora_linear(x, q, bias, A, B, s, p, compute_dtype=cd)
+        y = ops.qlora_linear(x, q, None if bias is None else bias.to(cd), A, B, s, p,
+                             compute_dtype=cd)
     else:
-        w = base.weight if kind == "dense" else base.weight.t()  # Conv1D stores W as [in, out]
-        y = ops.lora_linear(x, w, base.bias, A, B, s, p)
+        w = _param(base, "weight")
+        y = ops.lora_linear(x, w if kind == "dense" else w.t(), bias, A, B, s, p)  # Conv1D: [in, out]
     if lora_bias is not None:  # lora_bias=True: PEFT adds s·b_B after the base result
         y = (y.to(lora_bias.dtype) + lora_bias).to(y.dtype)
     return y

@@ -141,11 +141,11 @@ def _plan(op, x, N=0, K=0, blocksize=0, dtype=None, same_layout=True) -> Plan:
     """`plan` on raw fields, as the custom ops hold them; `dtype` is the compute dtype. Cached:
     the answer depends only on these fields, the forced backend and config, the interpreter
     switch and the tuning table (whose `generation` changes when it is reloaded)."""
-    config = getattr(_state, "config", None)
-    if config is not None:  # a forced tile config (tuner, tests): not cached
+    state = _state.__dict__  # this thread's (one dict read: this runs on every call)
+    if state.get("config") is not None:  # a forced tile config (tuner, tests): not cached
         return _decide(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype, same_layout)
     return _cached(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype, same_layout,
-                   forced(), interpreting(), tuning.generation)
+                   state.get("forced"), interpreting(), tuning.generation)
 
 
 @functools.lru_cache(maxsize=8192)

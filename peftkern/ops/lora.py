@@ -28,40 +28,35 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _TORCH_BACKENDS = ("reference", "cublas")  # plain differentiable torch ops
 
 
-def _eager_plan(op, tensors, *fields):
-    """The plan when the backend may run without the custom op (the same function runs; only the
-    host cost differs), else None: nothing traces (torch.compile and tensor subclasses take the
-    custom op), and autograd has nothing to record or can record the backend's own torch ops."""
-    if torch.compiler.is_compiling():
-        return None
-    plan = _plan(op, tensors[0], *fields)
-    return plan if _direct(plan, *tensors) else None
+def _eager(tensors) -> bool:
+    """Whether a call may skip the custom op (the same functions run; only the host cost
+    differs): nothing traces it (torch.compile and tensor subclasses take the custom op)."""
+    return not torch.compiler.is_compiling() and all(t is None or type(t) in _PLAIN for t in tensors)
 
 
-def _direct(plan, *tensors) -> bool:
-    if not all(t is None or type(t) in _PLAIN for t in tensors):
-        return False
-    if plan.backend in _TORCH_BACKENDS or not torch.is_grad_enabled():
-        return True
-    return not any(t is not None and t.requires_grad for t in tensors)
+def _records(tensors) -> bool:
+    """Whether autograd has something to record for a call on `tensors`."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # ---- dense base weight -------------------------------------------------------------------------
 
 
-@torch.library.custom_op("peftkern::lora_linear_fwd", mutates_args=())
-def lora_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+def _dense_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                     lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                     mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     p = _plan("lora_linear_fwd", x, *weight.shape)
     return MODULES[p.backend].lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, p.config)
 
 
-@torch.library.custom_op("peftkern::lora_linear_dx", mutates_args=())
-def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+def _dense_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                    dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
     p = _plan("lora_linear_dx", dy, *weight.shape)
     return MODULES[p.backend].lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, p.config)
+
+
+lora_linear_fwd = torch.library.custom_op("peftkern::lora_linear_fwd", _dense_fwd, mutates_args=())
+lora_linear_dx = torch.library.custom_op("peftkern::lora_linear_dx", _dense_dx, mutates_args=())
 
 
 # ---- 4-bit base weight ---------------------------------------------------------------------------
@@ -69,8 +64,7 @@ def lora_linear_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
 # the adapters' dtype, and the result is rounded once to x's dtype.
 
 
-@torch.library.custom_op("peftkern::qlora_linear_fwd", mutates_args=())
-def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
+def _quant_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                      absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
                      offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
                      out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -82,8 +76,7 @@ def qlora_linear_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                                                mask, compute_dtype, p.config)
 
 
-@torch.library.custom_op("peftkern::qlora_linear_dx", mutates_args=())
-def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
+def _quant_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                     absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
                     offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
                     in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
@@ -92,6 +85,10 @@ def qlora_linear_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
     qw = _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize)
     return MODULES[p.backend].qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask,
                                               compute_dtype, p.config)
+
+
+qlora_linear_fwd = torch.library.custom_op("peftkern::qlora_linear_fwd", _quant_fwd, mutates_args=())
+qlora_linear_dx = torch.library.custom_op("peftkern::qlora_linear_dx", _quant_dx, mutates_args=())
 
 
 # ---- fake implementations (torch.compile) -------------------------------------------------------
@@ -145,37 +142,41 @@ def _setup_quant(ctx, inputs, output):
           (data, absmax, absmax2, code8, offset, qt, bs, cd))
 
 
-def _dense_weight(ctx, x):
+def _dense_weight(ctx, x, saved):
     """The base weight as a matrix: the dense one, or the 4-bit one dequantized (create_graph)."""
     if ctx.dense:
-        return ctx.saved_tensors[5]
+        return saved[5]
     data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
     return dequantize_blocks(data, absmax, absmax2, code8, offset, qt, bs,
                              [ctx.out_features, x.shape[1]], cd)
 
 
-def _backward(ctx, dy, _dxa):
-    x, A, B, mask, xa = ctx.saved_tensors[:5]
-    s, needs = ctx.scaling, ctx.needs_input_grad
+def _backward(ctx, dy, _dxa, needs=None):
+    """`needs`: which op inputs need a gradient (default ctx.needs_input_grad)."""
+    saved = ctx.saved_tensors  # unpacked once: each read of ctx.saved_tensors unpacks them all
+    x, A, B, mask, xa = saved[:5]
+    s, needs = ctx.scaling, needs or ctx.needs_input_grad
     dyl = dy.to(A.dtype)
     dyb = dyl @ B
     xl = lora_input(x, A, mask)
     dx = dw = None
-    if torch.is_grad_enabled():  # create_graph: differentiable torch ops, xA recomputed
-        w = _dense_weight(ctx, x)
+    graph = torch.is_grad_enabled()
+    if graph:  # create_graph: differentiable torch ops, xA recomputed
+        w = _dense_weight(ctx, x, saved)
         xa = xl @ A.t()
         if needs[0]:
             dx = add_lora(dy.to(w.dtype) @ w, dyb, A, s, mask, out_dtype=dy.dtype)
     elif needs[0] and ctx.dense:
-        dx = lora_linear_dx(dy, ctx.saved_tensors[5], A, dyb, s, mask)
+        args = (dy, saved[5], A, dyb, s, mask)
+        dx = (_dense_dx if _eager(args[:4]) else lora_linear_dx)(*args)
     elif needs[0]:
         data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
-        dx = qlora_linear_dx(dy, data, absmax, absmax2, code8, offset, qt, bs, x.shape[1], A,
-                             dyb, s, mask, cd)
+        args = (dy, data, absmax, absmax2, code8, offset, qt, bs, x.shape[1], A, dyb, s, mask, cd)
+        dx = (_quant_dx if _eager((dy, data, A, dyb)) else qlora_linear_dx)(*args)
     if ctx.dense and needs[1]:  # a trainable base weight
         dw = dy.t() @ x
-    dA = s * (dyb.t() @ xl)
-    dB = s * (dyl.t() @ xa)
+    dA, dB = dyb.t() @ xl, dyl.t() @ xa
+    dA, dB = (s * dA, s * dB) if graph else (dA.mul_(s), dB.mul_(s))  # fresh results: in place
     dbias = None if ctx.bias_dtype is None else dy.sum(0).to(ctx.bias_dtype)
     if ctx.dense:
         return dx, dw, dbias, dA, dB, None, None
@@ -186,12 +187,105 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_dense)
 qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_quant)
 
 
+class _EagerDense(torch.autograd.Function):
+    """`lora_linear_fwd` and its backward as an autograd Function, for eager calls on plain
+    tensors: the same functions without the dispatcher's host cost. `apply(plan, *op_args)`.
+    (ctx-style forward: with a separate setup_context, every `apply` binds its arguments through
+    `inspect.signature`.)"""
+
+    @staticmethod
+    def forward(ctx, plan, *args):
+        out = _direct_call("lora_linear_fwd", plan, args)
+        _setup_dense(ctx, args, out)
+        ctx.mark_non_differentiable(out[1])
+        return out
+
+    @staticmethod
+    def backward(ctx, dy, dxa):  # the plan, then the op's inputs
+        return (None,) + _backward(ctx, dy, dxa, ctx.needs_input_grad[1:])
+
+
+class _EagerQuant(torch.autograd.Function):
+    """`qlora_linear_fwd` likewise."""
+
+    @staticmethod
+    def forward(ctx, plan, *args):
+        out = _direct_call("qlora_linear_fwd", plan, args)
+        _setup_quant(ctx, args, out)
+        ctx.mark_non_differentiable(out[1])
+        return out
+
+    backward = _EagerDense.backward
+
+
+def _direct_call(op, plan, args):
+    if op == "lora_linear_fwd":
+        return MODULES[plan.backend].lora_linear_fwd(*args, plan.config)
+    return MODULES[plan.backend].qlora_linear_fwd(args[0], args[1:8], *args[8:], plan.config)
+
+
+def _run(op, custom, eager, args, tensors, fields):
+    """`custom(*args)`, or on eager plain tensors the planned backend directly when autograd has
+    nothing to record or the backend is plain torch, else the `eager` Function."""
+    if not _eager(tensors):
+        return custom(*args)
+    plan = _plan(op, tensors[0], *fields)
+    if plan.backend not in _TORCH_BACKENDS and _records(tensors):
+        return eager.apply(plan, *args)
+    return _direct_call(op, plan, args)
+
+
 # ---- public functions: validate once, flatten leading dims, draw the dropout mask ---------------
 
 
-def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype):
+_CHECKED: set = set()  # signatures of argument sets that passed the checks below
+
+
+def _signature(op, x, *items):
+    """What the checks read of a call: dtype and device of `x`, dtype, device and shape of each
+    tensor, type and value of each scalar (a QuantizedWeight: shape, device); None when
+    something else comes (then the checks run and name it). Equal signatures pass or fail alike,
+    so one that passed skips them: they are most of a small layer's host time."""
+    if type(x) not in _PLAIN:
+        return None
+    sig = [op, x.dtype, x.device]
+    for t in items:
+        if type(t) in _PLAIN:
+            sig.append((t.dtype, t.device, t.shape))
+        elif t is None or type(t) in (float, int, torch.dtype):
+            sig.append((type(t), t))
+        elif type(t).__name__ == "QuantizedWeight":
+            sig.append((t.shape, t.device))
+        else:
+            return None
+    return tuple(sig)
+
+
+def _passed(sig) -> bool:
+    return sig is not None and sig in _CHECKED
+
+
+def _remember(sig) -> None:
+    if sig is not None:
+        if len(_CHECKED) > 4096:  # bounded: a long run with many shapes starts over
+            _CHECKED.clear()
+        _CHECKED.add(sig)
+
+
+def _rows(x, K):
+    """x as [M, K] (a view where it can be; x itself when 2-D: a view costs autograd a node)."""
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x must have in_features={K} as its last dimension, got shape {tuple(x.shape)}")
+    return x if x.dim() == 2 else x.reshape(-1, K)
+
+
+def _unrows(y, x):
+    """The [M, N] result with x's leading dimensions."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+
+
+def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype):
+    _rows(x, K)
     check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
     check_tensor("lora_B", lora_B, ndim=2, dtypes=(lora_A.dtype,), device=x.device)
     r = lora_A.shape[0]
@@ -229,19 +323,25 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     `dropout_mask` (already scaled by 1/(1-p)) replaces the random draw when given. `W` may be a
     transposed view (GPT-2's Conv1D) and may require grad (then dW is computed).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+    sig = _signature("dense", x, weight, bias, lora_A, lora_B, dropout_p)
+    if not _passed(sig):
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+        N, K = weight.shape
+        _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, x.dtype)
+        _remember(sig)
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
+
+
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None):
+    """`lora_linear` on checked arguments (the PEFT integration checks once per layer state)."""
     N, K = weight.shape
-    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, x.dtype)
-    x2 = x.reshape(-1, K)
+    x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
-    p = _eager_plan("lora_linear_fwd", (x2, weight, bias, lora_A, lora_B, mask), N, K)
-    if p is not None:
-        y, _ = MODULES[p.backend].lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling),
-                                                  mask, p.config)
-    else:
-        y, _ = lora_linear_fwd(x2, weight, bias, lora_A, lora_B, float(scaling), mask)
-    return y.reshape(*x.shape[:-1], N)
+    args = (x2, weight, bias, lora_A, lora_B, float(scaling), mask)
+    y, _ = _run("lora_linear_fwd", lora_linear_fwd, _EagerDense, args, (x2, weight, bias, lora_A, lora_B, mask),
+                (N, K))
+    return _unrows(y, x)
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
@@ -254,24 +354,28 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     result comes back in x's dtype.
     """
     from ..format import QuantizedWeight
-    if not isinstance(qweight, QuantizedWeight):
-        raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
-    cd = x.dtype if compute_dtype is None else compute_dtype
-    check_choice("compute_dtype", cd, FLOAT_DTYPES)
-    N, K = qweight.shape
-    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, cd)
-    if qweight.device != x.device:
-        raise ValueError(f"qweight is on {qweight.device}, expected {x.device} like x")
-    x2 = x.reshape(-1, K)
-    q = qweight
+    sig = _signature("quant", x, qweight, bias, lora_A, lora_B, dropout_p, compute_dtype)
+    cd = compute_dtype or getattr(x, "dtype", None)
+    if not _passed(sig):
+        if not isinstance(qweight, QuantizedWeight):
+            raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        check_choice("compute_dtype", cd, FLOAT_DTYPES)
+        N, K = qweight.shape
+        _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, cd)
+        if qweight.device != x.device:
+            raise ValueError(f"qweight is on {qweight.device}, expected {x.device} like x")
+        _remember(sig)
+    return _qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, cd)
+
+
+def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, compute_dtype):
+    """`qlora_linear` on checked arguments."""
+    N, K = q.shape
+    x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
-    p = _eager_plan("qlora_linear_fwd", (x2, bias, lora_A, lora_B, mask, *qw[:5]), N, K,
-                    q.blocksize, cd)
-    if p is not None:
-        y, _ = MODULES[p.backend].qlora_linear_fwd(x2, qw, N, bias, lora_A, lora_B, float(scaling),
-                                                   mask, cd, p.config)
-    else:
-        y, _ = qlora_linear_fwd(x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, cd)
-    return y.reshape(*x.shape[:-1], N)
+    args = (x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, compute_dtype)
+    y, _ = _run("qlora_linear_fwd", qlora_linear_fwd, _EagerQuant, args,
+                (x2, bias, lora_A, lora_B, mask, *qw[:5]), (N, K, q.blocksize, compute_dtype))
+    return _unrows(y, x)

@@ -16,7 +16,7 @@ def dropped(x, mask):
 
 def lora_input(x, lora_A, mask):
     """`drop(x)` in the LoRA dtype (PEFT casts x to the adapter's dtype)."""
-    return dropped(x.to(lora_A.dtype), mask)
+    return dropped(x if x.dtype == lora_A.dtype else x.to(lora_A.dtype), mask)
 
 
 def lora_xa(x, lora_A, mask):
@@ -30,7 +30,7 @@ def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
     out_dtype = out_dtype or y.dtype
     if mask is None and y.dtype == L.dtype == out_dtype:  # one op, one rounding
         if torch.is_grad_enabled() and y.requires_grad:
-            return torch.addmm(y, L, R2, alpha=scaling)
+            return torch.add(y, L @ R2, alpha=scaling)
         return y.addmm_(L, R2, alpha=scaling)  # y is the caller's fresh result: no new buffer
     wide = torch.promote_types(torch.promote_types(y.dtype, L.dtype), out_dtype)
     return (y.to(wide) + dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)
