@@ -145,7 +145,7 @@ at::Tensor dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absm
                                 const std::optional<at::Tensor>& code8,
                                 const std::optional<at::Tensor>& offset, int64_t quant_type,
                                 int64_t blocksize, int64_t numel, at::ScalarType dtype,
-                                int64_t /*simd_level: CPU only*/) {
+                                int64_t /*simd_level*/, bool /*bf16_products: CPU only*/) {
   TORCH_CHECK(packed.device().is_cuda(), "peftkern_C: packed must be a CUDA tensor here");
   const bool nested = check_dequant_args(packed, absmax, absmax2, code8, offset, quant_type,
                                          blocksize, numel, dtype);
@@ -199,7 +199,14 @@ std::pair<bool, int64_t> check_gemv_args(const at::Tensor& x, const at::Tensor& 
   return {nested, R};
 }
 
+// The CPU GEMV's path for M rows (csrc/cpu/qlora_gemv.cpp `choose`), for plan(...) to report.
+std::string gemv_path(int64_t M, bool bf16_products, int64_t simd_level) {
+  return peftkern::cpu::gemv_path(M, bf16_products, (int)simd_level);
+}
+
 // y [M, N] = x·deq(W)ᵀ + bias + s·xa·Bᵀ for fp32 x [M <= 16, K] (CPU; see csrc/cpu/qlora_gemv.cpp).
+// bf16_products: x and the weights rounded to bf16 before multiplying (bf16 compute), where the
+// CPU has a faster path for it.
 at::Tensor qlora_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                           const std::optional<at::Tensor>& absmax2,
                           const std::optional<at::Tensor>& code8,
@@ -207,7 +214,7 @@ at::Tensor qlora_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           int64_t blocksize, int64_t out_features,
                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& xa,
                           const std::optional<at::Tensor>& lora_B, double scaling,
-                          int64_t simd_level) {
+                          int64_t simd_level, bool bf16_products) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               "peftkern_C: x must be an fp32 CPU tensor here");
   const auto [nested, R] = check_gemv_args(x, packed, absmax, absmax2, code8, offset, quant_type,
@@ -224,7 +231,7 @@ at::Tensor qlora_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                             blocksize, bias ? bias->const_data_ptr<float>() : nullptr,
                             xa ? xa->const_data_ptr<float>() : nullptr,
                             lora_B ? lora_B->const_data_ptr<float>() : nullptr, R, (float)scaling,
-                            y.mutable_data_ptr<float>()};
+                            y.mutable_data_ptr<float>(), bf16_products};
   peftkern::cpu::qlora_gemv(a, (int)simd_level);
   return y;
 }
@@ -239,7 +246,7 @@ at::Tensor qlora_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, const 
                            const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& xa,
                            const std::optional<at::Tensor>& lora_B, double scaling,
-                           int64_t /*simd_level: CPU only*/) {
+                           int64_t /*simd_level*/, bool /*bf16_products: CPU only*/) {
   TORCH_CHECK(x.device().is_cuda() && is_float_type(x.scalar_type()),
               "peftkern_C: x must be a float32/float16/bfloat16 CUDA tensor here");
   const auto [nested, R] = check_gemv_args(x, packed, absmax, absmax2, code8, offset, quant_type,
@@ -284,7 +291,8 @@ TORCH_LIBRARY(peftkern_C, m) {
   m.def("code_table(int quant_type) -> Tensor");
   m.def("qlora_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, "
         "Tensor? offset, int quant_type, int blocksize, int out_features, Tensor? bias, Tensor? xa, "
-        "Tensor? lora_B, float scaling, int simd_level=2) -> Tensor");
+        "Tensor? lora_B, float scaling, int simd_level=2, bool bf16_products=False) -> Tensor");
+  m.def("gemv_path(int M, bool bf16_products, int simd_level=2) -> str");
 }
 
 TORCH_LIBRARY_IMPL(peftkern_C, CPU, m) {
@@ -295,7 +303,10 @@ TORCH_LIBRARY_IMPL(peftkern_C, CPU, m) {
 
 // code_table takes no tensor, so no backend key can be computed from its arguments: register it
 // for every backend.
-TORCH_LIBRARY_IMPL(peftkern_C, CompositeExplicitAutograd, m) { m.impl("code_table", &code_table); }
+TORCH_LIBRARY_IMPL(peftkern_C, CompositeExplicitAutograd, m) {
+  m.impl("code_table", &code_table);
+  m.impl("gemv_path", &gemv_path);
+}
 
 #ifdef PEFTKERN_WITH_CUDA
 TORCH_LIBRARY_IMPL(peftkern_C, CUDA, m) {

@@ -29,9 +29,12 @@ def quantized(W, *args):
     (1, 33, 64, 64, "nf4", True, True), (7, 45, 256, 32, "fp4", False, False),
     (16, 70, 1024, 64, "nf4", True, True), (9, 5, 128, 128, "fp4", True, False),
     (0, 8, 64, 64, "nf4", False, True), (12, 17, 4096, 4096, "nf4", False, True),
-    # AVX2 from M=5 on decodes 4 rows x 256 codes into L1: a partial chunk and row tail (K=320,
-    # N=6), every x-row tail (M=13: 3+3+3+3+1, M=5: 3+2), a chunk shorter than 256 (K=96)
-    (13, 6, 320, 32, "nf4", True, False), (5, 9, 96, 32, "fp4", False, True)])
+    # From M=5 on both ISAs decode 4 rows x 256 codes into L1: a partial chunk and row tail
+    # (K=320, N=6), a chunk shorter than 256 (K=96), and every x-row tail of AVX2's 3-row tiles
+    # (M=13: 3+3+3+3+1, M=5: 3+2) and AVX-512's 6-row tiles (13: 6+6+1, 5, 16: 6+6+4, 9: 6+3,
+    # 14: 6+6+2)
+    (13, 6, 320, 32, "nf4", True, False), (5, 9, 96, 32, "fp4", False, True),
+    (14, 6, 320, 32, "fp4", True, True)])
 def test_cpu_decode_gemv_follows_error_rule(simd, M, N, K, blocksize, qt, dq, bias, gen):
     W = torch.randn(N, K, generator=gen) / K ** 0.5
     q, Wd = quantized(W, qt, blocksize, dq)
@@ -64,6 +67,48 @@ def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
     assert gemv_calls == [M] and y.dtype == dtype
     want = R.lora_linear(x.double(), Wd.double(), b.double(), A.double(), B.double(), 0.5)
     assert_error_rule("y", y, want, R.lora_linear(x, Wd.to(dtype), b, A, B, 0.5))
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("simd", [2, 1, 0], ids=["best", "avx2", "scalar"])
+@pytest.mark.parametrize("M, N, K, blocksize, dq", [
+    # bf16 products (AVX512-BF16 hosts, M >= 5): 4 rows x 512 codes per L1 chunk, 6-row x tiles:
+    # a partial second chunk (K=640), one short chunk (K=96), N tails, x-row tails 5, 6+6+1,
+    # 6+6+4, 6+3; absmax blocks smaller than, equal to and longer than a chunk
+    (5, 9, 96, 32, False), (13, 6, 640, 64, True), (16, 70, 1024, 1024, True),
+    (9, 5, 640, 128, False), (4, 7, 64, 64, True)])
+def test_cpu_gemv_bf16_products_follow_error_rule(simd, M, N, K, blocksize, dq, gen):
+    """bf16_products=True (bf16 compute): x and the scaled weights in bf16, as bnb's bf16 path;
+    where a host has no faster path for it the GEMV computes in fp32. Either way the error rule
+    holds against the bf16 computation."""
+    q, Wd = quantized(torch.randn(N, K, generator=gen) / K ** 0.5, "nf4", blocksize, dq)
+    x = torch.randn(M, K, generator=gen).bfloat16()
+    b = torch.randn(N, generator=gen).bfloat16()
+    A, B = torch.randn(8, K, generator=gen) / K ** 0.5, torch.randn(N, 8, generator=gen) / 8 ** 0.5
+    xa = x.float() @ A.t()
+    got = ops.backends.ext.EXT.qlora_gemv(x.float(), q.data.view(-1), q.absmax, q.absmax2, q.code8,
+                                          None if q.offset is None else q.offset.reshape(1), 0,
+                                          blocksize, N, b.float(), xa, B, 0.5, simd, True)
+    want = R.lora_linear(x.double(), Wd.double(), b.double(), A.double(), B.double(), 0.5)
+    base = R.lora_linear(x, Wd.bfloat16(), b, A.bfloat16(), B.bfloat16(), 0.5)
+    assert_error_rule(f"y ({ops.backends.ext.EXT.gemv_path(M, True, simd)})", got, want, base)
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+def test_cpu_gemv_path_is_reported():
+    """The GEMV's run-time choice is one named path, and plan(...) says which."""
+    ext = ops.backends.ext.EXT
+    paths = {"scalar", "avx2", "avx2-tiled", "avx512", "avx512bf16-tiled"}
+    for M in range(1, 17):
+        for bf16 in (False, True):
+            assert ext.gemv_path(M, bf16, 0) == "scalar"
+            assert ext.gemv_path(M, bf16, 1) in {"scalar", "avx2", "avx2-tiled"}
+            assert ext.gemv_path(M, bf16, 2) in paths
+            assert (ext.gemv_path(M, bf16) == "avx512bf16-tiled") <= bf16  # only if asked for
+    q = peftkern.quantize_4bit(torch.randn(8, 64), "nf4", 64)
+    with ops.use_backend("cpp"):
+        plan = ops.plan("qlora_linear_fwd", torch.empty(9, 64, dtype=torch.bfloat16), q)
+    assert plan.config == "gemv" and f"{ext.gemv_path(9, True)} path" in plan.reason
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")

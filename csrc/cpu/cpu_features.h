@@ -24,6 +24,12 @@ inline bool has_avx512() {
   return ok;
 }
 
+inline bool has_avx512_bf16() {
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16") &&
+                         __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+
 inline bool has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                          __builtin_cpu_supports("f16c");

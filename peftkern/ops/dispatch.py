@@ -214,10 +214,12 @@ def _refine(op, x, N, K, blocksize, dtype, backend, why) -> Plan:
         elif backend == "triton" and fits and forced() is None and "cuda" in available(dev) and \
                 0 < M <= tuning.cuda_gemv_max_m(dev, N, K):
             backend, why = "cuda", why + "; the CUDA GEMV was measured faster here (tuning.json)"
+        if backend == "cpp" and fits:  # the GEMV picks its SIMD path by host and M: say which
+            path = EXT.gemv_path(M, dtype == torch.bfloat16)
+            return Plan("cpp", "gemv", why + f"; C++ decode GEMV (M <= 16, blocks within rows), "
+                                             f"{path} path on this CPU")
         if backend == "cpp":
-            return Plan("cpp", "gemv" if fits else "panels", why + (
-                "; C++ decode GEMV (M <= 16, blocks within rows)" if fits
-                else "; C++ dequantized panels (outside the GEMV's range)"))
+            return Plan("cpp", "panels", why + "; C++ dequantized panels (outside the GEMV's range)")
     if op == "qlora_linear_dx" and backend == "cuda":
         backend, why = _no_cuda_kernel(dev, dtype), why + "; no CUDA dX kernel"
     if backend == "triton" and op in MATMULS and dev.type == "cuda" and forced() is None:

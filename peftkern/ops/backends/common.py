@@ -26,11 +26,12 @@ def lora_xa(x, lora_A, mask):
 
 def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
     """`y + s·(L·R2) [⊙ mask]`, added in the widest dtype involved and rounded once to `out_dtype`
-    (default y's). `y` must be a fresh result the caller owns (it may be updated in place). `L`, `R2` are in the LoRA dtype: fp32 adapters on a 16-bit base stay fp32."""
+    (default y's). `y` must be a fresh result the caller owns (it may be updated in place). `L`,
+    `R2` are in the LoRA dtype: fp32 adapters on a 16-bit base stay fp32."""
     out_dtype = out_dtype or y.dtype
     if mask is None and y.dtype == L.dtype == out_dtype:  # one op, one rounding
         if torch.is_grad_enabled() and y.requires_grad:
-            return torch.add(y, L @ R2, alpha=scaling)
+            return torch.addmm(y, L, R2, alpha=scaling)
         return y.addmm_(L, R2, alpha=scaling)  # y is the caller's fresh result: no new buffer
     wide = torch.promote_types(torch.promote_types(y.dtype, L.dtype), out_dtype)
     return (y.to(wide) + dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)

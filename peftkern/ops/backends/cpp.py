@@ -51,7 +51,8 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
     if config == "gemv":
         y = ext.EXT.qlora_gemv(_f32(xc), packed_bytes(data), absmax, absmax2, code8,
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
-                               out_features, _f32(bias), _f32(xa), _f32(lora_B), float(scaling))
+                               out_features, _f32(bias), _f32(xa), _f32(lora_B), float(scaling),
+                               2, compute_dtype == torch.bfloat16)
         return y.to(x.dtype), xa
     x32 = xc.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
     y = torch.cat([F.linear(x32, w) for _, _, w in weight_panels(qw, out_features, x.shape[1])],
