@@ -30,8 +30,8 @@ def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
     `R2` are in the LoRA dtype: fp32 adapters on a 16-bit base stay fp32."""
     out_dtype = out_dtype or y.dtype
     if mask is None and y.dtype == L.dtype == out_dtype:  # one op, one rounding
-        if torch.is_grad_enabled() and y.requires_grad:
-            return torch.addmm(y, L, R2, alpha=scaling)
+        if torch.is_grad_enabled() and (y.requires_grad or L.requires_grad or R2.requires_grad):
+            return torch.addmm(y, L, R2, alpha=scaling)  # out of place: a cheaper backward
         return y.addmm_(L, R2, alpha=scaling)  # y is the caller's fresh result: no new buffer
     wide = torch.promote_types(torch.promote_types(y.dtype, L.dtype), out_dtype)
     return (y.to(wide) + dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)
