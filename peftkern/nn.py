@@ -17,7 +17,8 @@ from .format import QuantizedWeight
 from .formulas import lora_scaling
 from .integrations.bitsandbytes import from_bnb
 from .ops import dequantize_4bit, quantize_4bit
-from .validation import FLOAT_DTYPES, check_choice, check_probability, check_rank, check_tensor
+from .validation import (FLOAT_DTYPES, check_choice, check_int_in, check_probability, check_rank,
+                         check_tensor)
 
 _QUANT_BUFFERS = ("absmax", "absmax2", "code8", "offset")
 
@@ -77,14 +78,41 @@ class _LoRAMixin:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.merged = False
+        self.active_rank = None  # DyLoRA: None uses all r ranks
+
+    # ---- DyLoRA: an active-rank prefix b <= r ------------------------------------------------
+
+    def set_active_rank(self, b: Optional[int]) -> None:
+        """Compute with the first `b` ranks only (DyLoRA: `s_b·B[:, :b]·A[:b]` with `s_b` the
+        scaling at rank b, so the layer is what a rank-b LoRA would be); None: all `r`.
+        Gradients reach only those ranks."""
+        if b is not None:
+            check_int_in("b", b, 1, self.r, "r=")
+        self.active_rank = b
+
+    def sample_active_rank(self, generator: Optional[torch.Generator] = None) -> int:
+        """Draw b uniformly from 1..r (DyLoRA's per-step sampling), set it, and return it."""
+        b = int(torch.randint(1, self.r + 1, (), generator=generator))
+        self.set_active_rank(b)
+        return b
+
+    def _low_rank(self):
+        """`(A, B, scaling)` at the active rank: views of the parameters' prefixes."""
+        b = self.active_rank
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if b is None or b == self.r:
+            return A, B, self.scaling
+        return A[:b], B[:, :b], lora_scaling(b, self.lora_alpha, self.use_rslora)
 
     def _delta_weight(self) -> torch.Tensor:
-        """`s·B·A` in fp32."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        """`s·B·A` in fp32, at the active rank."""
+        A, B, s = self._low_rank()
+        return s * (B.float() @ A.float())
 
     def extra_repr(self) -> str:
+        rank = "" if self.active_rank is None else f", active_rank={self.active_rank}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"bias={self.bias is not None}, r={self.r}{rank}, lora_alpha={self.lora_alpha}, "
                 f"lora_dropout={self.lora_dropout}, merged={self.merged}")
 
 
@@ -111,8 +139,8 @@ class LoRALinear(_LoRAMixin, AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
-        return ops.lora_linear(x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight,
-                               self.scaling, self._dropout_p())
+        A, B, s = self._low_rank()
+        return ops.lora_linear(x, self.weight, self.bias, A, B, s, self._dropout_p())
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -223,8 +251,9 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
         if self.merged:
             w = dequantize_4bit(self.qweight, self.compute_dtype)
             return nn.functional.linear(x.to(self.compute_dtype), w, self.bias).to(x.dtype)
-        return ops.qlora_linear(x, self.qweight, self.bias, self.lora_A.weight, self.lora_B.weight,
-                                self.scaling, self._dropout_p(), compute_dtype=self.compute_dtype)
+        A, B, s = self._low_rank()
+        return ops.qlora_linear(x, self.qweight, self.bias, A, B, s, self._dropout_p(),
+                                compute_dtype=self.compute_dtype)
 
     @torch.no_grad()
     def merge(self) -> float:

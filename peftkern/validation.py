@@ -47,11 +47,14 @@ def check_blocksize(name: str, blocksize) -> None:
         raise ValueError(f"{name} must be a power of two in [32, 4096], got {blocksize!r}")
 
 
+def check_int_in(name: str, v, lo: int, hi: int, hi_label: str = "") -> None:
+    """`v` is an int (not a bool) in [lo, hi]; `hi_label` names the upper bound in the message."""
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi_label}{hi}], got {v!r}")
+
+
 def check_rank(name: str, r, out_features: int, in_features: int) -> None:
-    limit = min(out_features, in_features)
-    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= limit:
-        raise ValueError(f"{name} must be an int in [1, min(out_features, in_features)={limit}], "
-                         f"got {r!r}")
+    check_int_in(name, r, 1, min(out_features, in_features), "min(out_features, in_features)=")
 
 
 def check_probability(name: str, p) -> None:

@@ -258,6 +258,48 @@ def test_eager_path_equals_the_custom_op(gen, quantized):
             assert torch.equal(a, b), f"{backend}: {name} differs between the eager path and the op"
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_frozen_lora_A_computes_no_dA_and_the_same_rest(gen, quantized):
+    """LoRA-FA (lora_A frozen): no dA, and dX, dB, dbias bit for bit as with A trainable; a frozen
+    bias gets no gradient."""
+    N, K, r = 24, 40, 4
+    W = torch.randn(N, K, generator=gen)
+    q = peftkern.quantize_4bit(W, blocksize=32)
+    bias = torch.randn(N, generator=gen)
+    g = torch.randn(6, N, generator=gen)
+    op = "qlora_linear_fwd" if quantized else "lora_linear_fwd"
+    for backend in [b for b in ops.available(torch.device("cpu")) if b in ops.dispatch.IMPLEMENTS[op]]:
+        runs = []
+        for train_A in (True, False):
+            x = torch.randn(6, K, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+            A = torch.randn(r, K, generator=torch.Generator().manual_seed(2)).requires_grad_(train_A)
+            B = torch.randn(N, r, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+            b = bias.clone().requires_grad_(train_A)  # trainable in the first run only
+            with ops.use_backend(backend):
+                y = (ops.qlora_linear(x, q, b, A, B, 0.5) if quantized
+                     else ops.lora_linear(x, W, b, A, B, 0.5))
+            with _CountOps() as count:
+                y.backward(g)
+            runs.append((x.grad, A.grad, B.grad, b.grad, count.calls))
+        (dx1, dA1, dB1, db1, ops1), (dx2, dA2, dB2, db2, ops2) = runs
+        assert dA1 is not None and db1 is not None and dA2 is None and db2 is None, backend
+        assert torch.equal(dx1, dx2) and torch.equal(dB1, dB2), backend
+        # the backward itself skipped them: one matmul and the bias reduction fewer
+        assert ops2["mm"] == ops1["mm"] - 1 and ops2["sum"] == ops1["sum"] - 1, (backend, ops1, ops2)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops run inside the block, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = __import__("collections").Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_any_k_tiles_no_restriction(gen):
     """The fused kernel masks partial tiles and decodes by flat index: K = 1 or odd is fine."""
     for K in (1, 3, 33):

@@ -30,6 +30,61 @@ def test_lora_merge_unmerge(gen):
     torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_dylora_active_rank_prefix(gen, quantized):
+    """DyLoRA: at active rank b the layer is the rank-b LoRA `s_b·B[:, :b]·A[:b]` (s_b: the
+    scaling at rank b), forward and gradients under the error rule; later ranks get zero grads."""
+    from peftkern import reference as R
+    from peftkern.formulas import lora_scaling
+
+    from helpers import assert_error_rule
+    lin = torch.nn.Linear(64, 24)
+    m = (QLoRALinear.from_linear(lin, r=8, lora_alpha=16, compute_dtype=torch.float32) if quantized
+         else LoRALinear.from_linear(lin, r=8, lora_alpha=16))
+    torch.nn.init.normal_(m.lora_B.weight, generator=gen)
+    W = peftkern.dequantize_4bit(m.qweight, torch.float32) if quantized else lin.weight.detach()
+    x = torch.randn(5, 64, generator=gen)
+    g = torch.randn(5, 24, generator=gen)
+    for b in (3, 8):
+        m.zero_grad()
+        m.set_active_rank(b)
+        y = m(x)
+        y.backward(g)
+        A = m.lora_A.weight.detach()[:b].double().requires_grad_(True)
+        B = m.lora_B.weight.detach()[:, :b].double().requires_grad_(True)
+        want = R.lora_linear(x.double(), W.double(), lin.bias.detach().double(), A, B,
+                             lora_scaling(b, 16, False))
+        want.backward(g.double())
+        A32 = m.lora_A.weight.detach()[:b].clone().requires_grad_(True)
+        B32 = m.lora_B.weight.detach()[:, :b].clone().requires_grad_(True)
+        base = R.lora_linear(x, W, lin.bias.detach(), A32, B32, lora_scaling(b, 16, False))
+        base.backward(g)
+        assert_error_rule(f"y b={b}", y, want.detach(), base.detach())
+        assert_error_rule(f"dA b={b}", m.lora_A.weight.grad[:b], A.grad, A32.grad)
+        assert_error_rule(f"dB b={b}", m.lora_B.weight.grad[:, :b], B.grad, B32.grad)
+        assert not m.lora_A.weight.grad[b:].any() and not m.lora_B.weight.grad[:, b:].any()
+    assert "active_rank=8" in repr(m)
+    draws = {m.sample_active_rank(torch.Generator().manual_seed(i)) for i in range(40)}
+    assert draws <= set(range(1, 9)) and len(draws) > 4 and m.active_rank in draws
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(ValueError, match=r"b must be an int in \[1, r=8\]"):
+            m.set_active_rank(bad)
+    m.set_active_rank(None)
+    assert m.active_rank is None and "active_rank" not in repr(m)
+
+
+def test_dylora_merge_uses_the_active_rank(gen):
+    m = LoRALinear.from_linear(torch.nn.Linear(48, 20), r=8)
+    torch.nn.init.normal_(m.lora_B.weight, generator=gen)
+    x = torch.randn(5, 48, generator=gen)
+    m.set_active_rank(2)
+    y = m(x)
+    m.merge()
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+    m.unmerge()
+    torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+
+
 def test_qlora_merge_is_lossy_measured_and_unmerge_exact(gen):
     lin = torch.nn.Linear(128, 24)
     m = QLoRALinear.from_linear(lin, r=8, compute_dtype=torch.float32)

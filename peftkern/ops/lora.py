@@ -152,15 +152,17 @@ def _dense_weight(ctx, x, saved):
 
 
 def _backward(ctx, dy, _dxa, needs=None):
-    """`needs`: which op inputs need a gradient (default ctx.needs_input_grad)."""
+    """`needs`: which op inputs need a gradient (default ctx.needs_input_grad). Only those are
+    computed: a frozen lora_A (LoRA-FA) costs no dA, a frozen bias no reduction."""
     saved = ctx.saved_tensors  # unpacked once: each read of ctx.saved_tensors unpacks them all
     x, A, B, mask, xa = saved[:5]
     s, needs = ctx.scaling, needs or ctx.needs_input_grad
-    dyl = dy.to(A.dtype)
-    dyb = dyl @ B
-    xl = lora_input(x, A, mask)
-    dx = dw = None
+    i_bias, i_A, i_B = (2, 3, 4) if ctx.dense else (9, 10, 11)
     graph = torch.is_grad_enabled()
+    dyl = dy.to(A.dtype)
+    dyb = dyl @ B if needs[0] or needs[i_A] else None
+    xl = lora_input(x, A, mask) if needs[i_A] or graph else None
+    dx = dw = dA = dB = dbias = None
     if graph:  # create_graph: differentiable torch ops, xA recomputed
         w = _dense_weight(ctx, x, saved)
         xa = xl @ A.t()
@@ -175,9 +177,12 @@ def _backward(ctx, dy, _dxa, needs=None):
         dx = (_quant_dx if _eager((dy, data, A, dyb)) else qlora_linear_dx)(*args)
     if ctx.dense and needs[1]:  # a trainable base weight
         dw = dy.t() @ x
-    dA, dB = dyb.t() @ xl, dyl.t() @ xa
-    dA, dB = (s * dA, s * dB) if graph else (dA.mul_(s), dB.mul_(s))  # fresh results: in place
-    dbias = None if ctx.bias_dtype is None else dy.sum(0).to(ctx.bias_dtype)
+    if needs[i_A]:  # fresh results: scaled in place unless building a graph
+        dA = s * (dyb.t() @ xl) if graph else (dyb.t() @ xl).mul_(s)
+    if needs[i_B]:
+        dB = s * (dyl.t() @ xa) if graph else (dyl.t() @ xa).mul_(s)
+    if needs[i_bias] and ctx.bias_dtype is not None:
+        dbias = dy.sum(0).to(ctx.bias_dtype)
     if ctx.dense:
         return dx, dw, dbias, dA, dB, None, None
     return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None)
