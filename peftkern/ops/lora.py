@@ -5,7 +5,10 @@ Forward: `y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`; backward: `dX` by the 
 requires grad). Each custom op plans its backend (`dispatch.plan`) and calls it
 (`backends/<name>.py`): the fused Triton GEMM with the 4-bit weight decoded in-kernel, the C++ or
 CUDA decode GEMV, dequantized panels, or plain torch. The custom ops take 2-D `x`; the public
-functions validate, reshape and draw the dropout mask.
+functions validate (once per argument signature), reshape and draw the dropout mask. Eager calls
+on plain tensors skip the custom op's dispatch (`_run`): the backend directly, or the `_Eager*`
+autograd Functions around the same forward and backward. Only the gradients asked for are
+computed (a frozen lora_A: no dA).
 """
 from __future__ import annotations
 
@@ -43,14 +46,14 @@ def _records(tensors) -> bool:
 
 
 def _dense_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-                    mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+               lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+               mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     p = _plan("lora_linear_fwd", x, *weight.shape)
     return MODULES[p.backend].lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, p.config)
 
 
 def _dense_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                   dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+              dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
     p = _plan("lora_linear_dx", dy, *weight.shape)
     return MODULES[p.backend].lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, p.config)
 
@@ -59,17 +62,18 @@ lora_linear_fwd = torch.library.custom_op("peftkern::lora_linear_fwd", _dense_fw
 lora_linear_dx = torch.library.custom_op("peftkern::lora_linear_dx", _dense_dx, mutates_args=())
 
 
+
 # ---- 4-bit base weight ---------------------------------------------------------------------------
 # The base GEMM runs in `compute_dtype` (x is cast, as bnb's Linear4bit does), the LoRA branch in
 # the adapters' dtype, and the result is rounded once to x's dtype.
 
 
 def _quant_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
-                     absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
-                     offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
-                     out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
-                     lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
-                     compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
+               offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
+               out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+               lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
+               compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     p = _plan("qlora_linear_fwd", x, out_features, x.shape[1], blocksize, compute_dtype)
     qw = _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize)
     return MODULES[p.backend].qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling,
@@ -77,10 +81,10 @@ def _quant_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
 
 
 def _quant_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
-                    absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
-                    offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
-                    in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
-                    mask: Optional[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
+              absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
+              offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
+              in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
+              mask: Optional[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
     p = _plan("qlora_linear_dx", dy, dy.shape[1], in_features, blocksize, compute_dtype)
     qw = _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize)
     return MODULES[p.backend].qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask,
@@ -224,6 +228,7 @@ class _EagerQuant(torch.autograd.Function):
 
 
 def _direct_call(op, plan, args):
+    """The planned backend's forward on the custom op's arguments."""
     if op == "lora_linear_fwd":
         return MODULES[plan.backend].lora_linear_fwd(*args, plan.config)
     return MODULES[plan.backend].qlora_linear_fwd(args[0], args[1:8], *args[8:], plan.config)
