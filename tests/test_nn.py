@@ -73,6 +73,23 @@ def test_dylora_active_rank_prefix(gen, quantized):
     assert m.active_rank is None and "active_rank" not in repr(m)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora"])
+def test_bitfit_trainable_bias_gets_its_gradient(gen, quantized):
+    """BitFit: a bias made trainable (`layer.bias.requires_grad_(True)`) gets dbias = Σ dY from
+    the fused backward, next to the LoRA gradients; frozen (the default) it gets none."""
+    lin = torch.nn.Linear(64, 24)
+    m = (QLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32) if quantized
+         else LoRALinear.from_linear(lin, r=4))
+    x = torch.randn(3, 5, 64, generator=gen)
+    g = torch.randn(3, 5, 24, generator=gen)
+    m(x).backward(g)
+    assert m.bias.grad is None and m.lora_B.weight.grad is not None
+    m.bias.requires_grad_(True)
+    m.zero_grad()
+    m(x).backward(g)
+    torch.testing.assert_close(m.bias.grad, g.sum((0, 1)))
+
+
 def test_dylora_merge_uses_the_active_rank(gen):
     m = LoRALinear.from_linear(torch.nn.Linear(48, 20), r=8)
     torch.nn.init.normal_(m.lora_B.weight, generator=gen)
