@@ -288,6 +288,31 @@ def test_frozen_lora_A_computes_no_dA_and_the_same_rest(gen, quantized):
         assert ops2["mm"] == ops1["mm"] - 1 and ops2["sum"] == ops1["sum"] - 1, (backend, ops1, ops2)
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "nf4"])
+def test_frozen_lora_A_keeps_no_input(gen, quantized):
+    """LoRA-FA: with lora_A (and the base weight) frozen the fused backward keeps only xA, not x;
+    double backward then asks for the reference backend (plain torch keeps what it needs)."""
+    N, K, r = 24, 40, 4
+    W = torch.randn(N, K, generator=gen)
+    q = peftkern.quantize_4bit(W, blocksize=32)
+    op = "qlora_linear_fwd" if quantized else "lora_linear_fwd"
+    fused = [b for b in ops.available(torch.device("cpu"))
+             if b in ops.dispatch.IMPLEMENTS[op] and b != "reference"]
+    for backend in fused:
+        for train_A in (True, False):
+            x = torch.randn(6, K, generator=gen).requires_grad_(True)
+            A = torch.randn(r, K, generator=gen).requires_grad_(train_A)
+            B = torch.randn(N, r, generator=gen).requires_grad_(True)
+            with ops.use_backend(backend):
+                y = ops.qlora_linear(x, q, None, A, B, 0.5) if quantized else \
+                    ops.lora_linear(x, W, None, A, B, 0.5)
+            kept = y.grad_fn.saved_tensors[0]
+            assert (kept is x) if train_A else (kept is None), (backend, train_A)
+            if not train_A:
+                with pytest.raises(RuntimeError, match="use_backend\\('reference'\\)"):
+                    torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
 class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the aten ops run inside the block, by name."""
 

@@ -126,33 +126,35 @@ def _(dy, data, absmax, absmax2, code8, offset, quant_type, blocksize, in_featur
 # as differentiable torch ops instead, so the gradients themselves can be differentiated.
 
 
-def _save(ctx, x, A, B, s, mask, bias, xa, weight_args):
+def _save(ctx, x, A, B, s, mask, bias, xa, weight_args, keep_x):
+    """Save what the backward reads. x only when a gradient needs it (dA, or dW of a trainable
+    dense weight): with lora_A frozen (LoRA-FA) dB needs only the saved xA."""
     ctx.scaling, ctx.weight_args = s, weight_args
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x, A, B, mask, xa,
+    ctx.save_for_backward(x if keep_x else None, A, B, mask, xa,
                           *[t for t in weight_args if isinstance(t, torch.Tensor)])
 
 
 def _setup_dense(ctx, inputs, output):
     x, weight, bias, A, B, s, mask = inputs
     ctx.dense = True
-    _save(ctx, x, A, B, s, mask, bias, output[1], (weight,))
+    _save(ctx, x, A, B, s, mask, bias, output[1], (weight,), A.requires_grad or weight.requires_grad)
 
 
 def _setup_quant(ctx, inputs, output):
     x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd = inputs
     ctx.dense, ctx.out_features = False, n
     _save(ctx, x, A, B, s, mask, bias, output[1],
-          (data, absmax, absmax2, code8, offset, qt, bs, cd))
+          (data, absmax, absmax2, code8, offset, qt, bs, cd), A.requires_grad)
 
 
-def _dense_weight(ctx, x, saved):
+def _dense_weight(ctx, K, saved):
     """The base weight as a matrix: the dense one, or the 4-bit one dequantized (create_graph)."""
     if ctx.dense:
         return saved[5]
     data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
     return dequantize_blocks(data, absmax, absmax2, code8, offset, qt, bs,
-                             [ctx.out_features, x.shape[1]], cd)
+                             [ctx.out_features, K], cd)
 
 
 def _backward(ctx, dy, _dxa, needs=None):
@@ -163,13 +165,18 @@ def _backward(ctx, dy, _dxa, needs=None):
     s, needs = ctx.scaling, needs or ctx.needs_input_grad
     i_bias, i_A, i_B = (2, 3, 4) if ctx.dense else (9, 10, 11)
     graph = torch.is_grad_enabled()
+    if graph and x is None and needs[0]:
+        raise RuntimeError("double backward (create_graph=True) through a fused LoRA op with a "
+                           "frozen lora_A needs the op's input, which is not kept then (LoRA-FA); "
+                           "run it under peftkern.ops.use_backend('reference')")
+    K = A.shape[1]
     dyl = dy.to(A.dtype)
     dyb = dyl @ B if needs[0] or needs[i_A] else None
-    xl = lora_input(x, A, mask) if needs[i_A] or graph else None
+    xl = lora_input(x, A, mask) if x is not None and (needs[i_A] or graph) else None
     dx = dw = dA = dB = dbias = None
-    if graph:  # create_graph: differentiable torch ops, xA recomputed
-        w = _dense_weight(ctx, x, saved)
-        xa = xl @ A.t()
+    if graph:  # create_graph: differentiable torch ops, xA recomputed (from x, when kept)
+        w = _dense_weight(ctx, K, saved)
+        xa = xa if xl is None else xl @ A.t()
         if needs[0]:
             dx = add_lora(dy.to(w.dtype) @ w, dyb, A, s, mask, out_dtype=dy.dtype)
     elif needs[0] and ctx.dense:
@@ -177,7 +184,7 @@ def _backward(ctx, dy, _dxa, needs=None):
         dx = (_dense_dx if _eager(args[:4]) else lora_linear_dx)(*args)
     elif needs[0]:
         data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
-        args = (dy, data, absmax, absmax2, code8, offset, qt, bs, x.shape[1], A, dyb, s, mask, cd)
+        args = (dy, data, absmax, absmax2, code8, offset, qt, bs, K, A, dyb, s, mask, cd)
         dx = (_quant_dx if _eager((dy, data, A, dyb)) else qlora_linear_dx)(*args)
     if ctx.dense and needs[1]:  # a trainable base weight
         dw = dy.t() @ x
