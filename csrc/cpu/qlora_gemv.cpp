@@ -11,7 +11,6 @@
 #include <immintrin.h>
 
 #include <algorithm>
-#include <type_traits>
 #include <cstring>
 #include <vector>
 
@@ -213,8 +212,9 @@ struct Avx2 {
   }
 
   // y[:, n .. n + rows) for all M rows of x (x in XChunked(a, kChunk, kLaneOrder) layout).
-  __attribute__((target("avx2,fma"))) void run_tiled(const GemvArgs& a, const Scales& scale,
-                                                     int64_t n, int64_t rows) const {
+  __attribute__((target("avx2,fma"))) void run_tiled(const GemvArgs& a, const float* x,
+                                                     const Scales& scale, int64_t n,
+                                                     int64_t rows) const {
     alignas(32) float w[kWRows * kChunk];
     std::fill(w + rows * kChunk, w + kWRows * kChunk, 0.0f);  // rows past N: never written
     __m256 acc[kMaxGemvRows * kWRows];
@@ -222,7 +222,7 @@ struct Avx2 {
     for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
       const int64_t len = std::min(kChunk, a.K - k0);
       decode_rows(a, scale, n, rows, k0, len, w);
-      const float* xc = a.x + k0 * a.M;
+      const float* xc = x + k0 * a.M;
       int64_t m0 = 0;
       for (; m0 + kXRows <= a.M; m0 += kXRows)
         micro<kXRows>(xc + m0 * len, len, w, acc + m0 * kWRows);
@@ -405,8 +405,7 @@ void run_tiled(const GemvArgs& a, const X* x, const Scales& scale) {
 #pragma omp parallel for schedule(static) if (a.M * a.N * a.K >= kParallelMinWork)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t n = b * Isa::kWRows, rows = std::min<int64_t>(Isa::kWRows, a.N - n);
-    if constexpr (std::is_same_v<Isa, Avx2>) isa.run_tiled(a, scale, n, rows);
-    else isa.run_tiled(a, x, scale, n, rows);
+    isa.run_tiled(a, x, scale, n, rows);
     for (int64_t m = 0; m < a.M; ++m)
       for (int64_t r = n; r < n + rows; ++r) a.y[m * a.N + r] = epilogue(a, m, r, a.y[m * a.N + r]);
   }
@@ -437,13 +436,14 @@ void qlora_gemv(const GemvArgs& a, int simd_level) {
     }
     case Path::kAvx512:
       return run_rows<Avx512>(a, scale);
-    case Path::kAvx2:
-    case Path::kAvx2Tiled: {  // x in decode32's lane order (and chunked when tiled)
-      const bool tiled = a.M >= kTiledMinRows;
-      const XChunked xp(a, tiled ? Avx2::kChunk : a.K, Avx2::kLaneOrder);
+    case Path::kAvx2Tiled: {  // x chunked, in decode32's lane order
+      const XChunked xp(a, Avx2::kChunk, Avx2::kLaneOrder);
+      return run_tiled<Avx2>(a, xp.data, scale);
+    }
+    case Path::kAvx2: {  // x in decode32's lane order
+      const XChunked xp(a, a.K, Avx2::kLaneOrder);
       GemvArgs arranged = a;
       arranged.x = xp.data;
-      if (tiled) return run_tiled<Avx2, float>(arranged, nullptr, scale);
       return run_rows<Avx2>(arranged, scale);
     }
     case Path::kScalar:

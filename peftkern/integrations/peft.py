@@ -105,7 +105,7 @@ def _active(layer) -> list[str]:
 
 def _dropout_p(layer, name) -> float:
     drop = _mods(_mods(layer)["lora_dropout"])[name]
-    return drop.p if type(drop) is nn.Dropout and drop.training else 0.0
+    return drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
 
 
 def _static_reason(layer, cache) -> tuple:

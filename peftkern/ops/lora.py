@@ -6,8 +6,8 @@ requires grad). Each custom op plans its backend (`dispatch.plan`) and calls it
 (`backends/<name>.py`): the fused Triton GEMM with the 4-bit weight decoded in-kernel, the C++ or
 CUDA decode GEMV, dequantized panels, or plain torch. The custom ops take 2-D `x`; the public
 functions validate (once per argument signature), reshape and draw the dropout mask. Eager calls
-on plain tensors skip the custom op's dispatch (`_run`): the backend directly, or the `_Eager*`
-autograd Functions around the same forward and backward. Only the gradients asked for are
+on plain tensors skip the custom op's dispatch (`_run`): the backend directly, or the `_Eager`
+autograd Function around the same forward and backward. Only the gradients asked for are
 computed (a frozen lora_A: no dA).
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ..format import QuantizedWeight
 from ..validation import FLOAT_DTYPES, check_choice, check_probability, check_tensor
 from .backends import MODULES
 from .backends.common import add_lora, lora_input
@@ -203,35 +204,22 @@ lora_linear_fwd.register_autograd(_backward, setup_context=_setup_dense)
 qlora_linear_fwd.register_autograd(_backward, setup_context=_setup_quant)
 
 
-class _EagerDense(torch.autograd.Function):
-    """`lora_linear_fwd` and its backward as an autograd Function, for eager calls on plain
-    tensors: the same functions without the dispatcher's host cost. `apply(plan, *op_args)`.
+class _Eager(torch.autograd.Function):
+    """A fused op's forward and backward as an autograd Function, for eager calls on plain
+    tensors: the same functions without the dispatcher's host cost. `apply(op, plan, *op_args)`.
     (ctx-style forward: with a separate setup_context, every `apply` binds its arguments through
     `inspect.signature`.)"""
 
     @staticmethod
-    def forward(ctx, plan, *args):
-        out = _direct_call("lora_linear_fwd", plan, args)
-        _setup_dense(ctx, args, out)
+    def forward(ctx, op, plan, *args):
+        out = _direct_call(op, plan, args)
+        (_setup_dense if op == "lora_linear_fwd" else _setup_quant)(ctx, args, out)
         ctx.mark_non_differentiable(out[1])
         return out
 
     @staticmethod
-    def backward(ctx, dy, dxa):  # the plan, then the op's inputs
-        return (None,) + _backward(ctx, dy, dxa, ctx.needs_input_grad[1:])
-
-
-class _EagerQuant(torch.autograd.Function):
-    """`qlora_linear_fwd` likewise."""
-
-    @staticmethod
-    def forward(ctx, plan, *args):
-        out = _direct_call("qlora_linear_fwd", plan, args)
-        _setup_quant(ctx, args, out)
-        ctx.mark_non_differentiable(out[1])
-        return out
-
-    backward = _EagerDense.backward
+    def backward(ctx, dy, dxa):  # the op and the plan, then the op's inputs
+        return (None, None) + _backward(ctx, dy, dxa, ctx.needs_input_grad[2:])
 
 
 def _direct_call(op, plan, args):
@@ -241,14 +229,14 @@ def _direct_call(op, plan, args):
     return MODULES[plan.backend].qlora_linear_fwd(args[0], args[1:8], *args[8:], plan.config)
 
 
-def _run(op, custom, eager, args, tensors, fields):
+def _run(op, custom, args, tensors, fields):
     """`custom(*args)`, or on eager plain tensors the planned backend directly when autograd has
-    nothing to record or the backend is plain torch, else the `eager` Function."""
+    nothing to record or the backend is plain torch, else the `_Eager` Function."""
     if not _eager(tensors):
         return custom(*args)
     plan = _plan(op, tensors[0], *fields)
     if plan.backend not in _TORCH_BACKENDS and _records(tensors):
-        return eager.apply(plan, *args)
+        return _Eager.apply(op, plan, *args)
     return _direct_call(op, plan, args)
 
 
@@ -271,7 +259,7 @@ def _signature(op, x, *items):
             sig.append((t.dtype, t.device, t.shape))
         elif t is None or type(t) in (float, int, torch.dtype):
             sig.append((type(t), t))
-        elif type(t).__name__ == "QuantizedWeight":
+        elif type(t) is QuantizedWeight:
             sig.append((t.shape, t.device))
         else:
             return None
@@ -356,7 +344,7 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropou
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     args = (x2, weight, bias, lora_A, lora_B, float(scaling), mask)
-    y, _ = _run("lora_linear_fwd", lora_linear_fwd, _EagerDense, args, (x2, weight, bias, lora_A, lora_B, mask),
+    y, _ = _run("lora_linear_fwd", lora_linear_fwd, args, (x2, weight, bias, lora_A, lora_B, mask),
                 (N, K))
     return _unrows(y, x)
 
@@ -370,7 +358,6 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     does, and `bias` must be in it), the LoRA branch in the adapters' dtype on x itself, and the
     result comes back in x's dtype.
     """
-    from ..format import QuantizedWeight
     sig = _signature("quant", x, qweight, bias, lora_A, lora_B, dropout_p, compute_dtype)
     cd = compute_dtype or getattr(x, "dtype", None)
     if not _passed(sig):
@@ -393,6 +380,6 @@ def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, 
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
     args = (x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, compute_dtype)
-    y, _ = _run("qlora_linear_fwd", qlora_linear_fwd, _EagerQuant, args,
+    y, _ = _run("qlora_linear_fwd", qlora_linear_fwd, args,
                 (x2, bias, lora_A, lora_B, mask, *qw[:5]), (N, K, q.blocksize, compute_dtype))
     return _unrows(y, x)

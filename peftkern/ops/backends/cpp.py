@@ -49,6 +49,7 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
     xa = lora_xa(x, lora_A, mask)
     xc = x.to(compute_dtype)
     if config == "gemv":
+        # the best SIMD level; bf16 products (as bnb's bf16 compute) only for bf16 compute
         y = ext.EXT.qlora_gemv(_f32(xc), packed_bytes(data), absmax, absmax2, code8,
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
                                out_features, _f32(bias), _f32(xa), _f32(lora_B), float(scaling),
