@@ -103,11 +103,11 @@ def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
-              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
-              HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_IEEE: tl.constexpr,
-              BLOCK_R: tl.constexpr):
-    """out = acc + s·(L·R2) [⊙ mask] + bias, for the tile (offs_m, offs_p); L = xA (forward) or
-    dY·B (backward), precomputed in the LoRA dtype (fp32 adapters stay exact fp32: LORA_IEEE)."""
+              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om,
+              stride_op, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+              LORA_IEEE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out = (acc + s·(L·R2) [⊙ mask]) [⊙ scale] + bias, for the tile (offs_m, offs_p); L = xA
+    (forward) or dY·B (backward), precomputed in the LoRA dtype (fp32 adapters stay exact fp32: LORA_IEEE)."""
     rows = offs_m[:, None].to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     lo = tl.load(l_ptr + rows * stride_lm + offs_r[None, :] * stride_lr,
@@ -124,6 +124,8 @@ def _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, st
         lora *= tl.load(mask_ptr + rows * stride_mm + offs_p[None, :] * stride_mp, mask=out_mask,
                         other=0.0).to(tl.float32)
     acc += lora
+    if HAS_SCALE:  # a per-output-feature scale (DoRA's m / ‖W + s·B·A‖) before the bias
+        acc *= tl.load(scale_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows * stride_om + offs_p[None, :] * stride_op,
@@ -136,8 +138,9 @@ def _lora_matmul_kernel(
         w_ptr, P, stride_wq, stride_wp,
         absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, blocksize,
         l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
-        mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op, ws_ptr,
+        mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om, stride_op, ws_ptr,
         QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr,
         IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, ROWS: tl.constexpr, W_T: tl.constexpr,
         BS: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
@@ -179,8 +182,8 @@ def _lora_matmul_kernel(
         acc = tl.trans(acc)
     if SPLIT_K == 1:
         _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
-                  stride_rp, R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr,
-                  stride_om, stride_op, HAS_MASK, HAS_BIAS, LORA_IEEE, BLOCK_R)
+                  stride_rp, R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr,
+                  stride_om, stride_op, HAS_MASK, HAS_BIAS, HAS_SCALE, LORA_IEEE, BLOCK_R)
     else:  # fp32 partial sums to ws[s, m, p]; _split_k_epilogue_kernel adds them in order
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * P + rows * P + offs_p[None, :]
         tl.store(ws, acc, mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
@@ -189,9 +192,9 @@ def _lora_matmul_kernel(
 @triton.jit
 def _split_k_epilogue_kernel(
         ws_ptr, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
-        mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
-        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, LORA_IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+        mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om, stride_op,
+        HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+        LORA_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     """Sum the SPLIT_K partials in a fixed order (deterministic: no atomics), then the epilogue."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -201,8 +204,8 @@ def _split_k_epilogue_kernel(
     for s in range(SPLIT_K):
         acc += tl.load(ws_ptr + s * (tl.cast(M, tl.int64) * P) + idx, mask=valid, other=0.0)
     _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
-              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, out_ptr, stride_om, stride_op,
-              HAS_MASK, HAS_BIAS, LORA_IEEE, BLOCK_R)
+              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om, stride_op,
+              HAS_MASK, HAS_BIAS, HAS_SCALE, LORA_IEEE, BLOCK_R)
 
 
 # Tile configurations a GPU tuning run chooses from (`python -m peftkern.bench.tune`), per batch
@@ -285,7 +288,7 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=None, *,
                 stride_wq: int, stride_wp: int, P: int, config: dict | None = None,
-                out_dtype: torch.dtype | None = None):
+                out_dtype: torch.dtype | None = None, scale=None):
     """Launch the fused kernel; see the module docstring.
 
     `weight` is the dense weight, or the packed uint8 codes when `wq` holds the 4-bit state
@@ -294,6 +297,7 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     `L` is [M, R] and `R2` is [R, P], both in the LoRA dtype (the activation dtype, or fp32 for
     fp32 adapters). `config` (tile sizes, warps, stages) overrides the rule-based choice; the
     interpreter ignores warps and stages. `out_dtype` (default: inp's) is rounded to once.
+    `scale` ([P], optional) multiplies each output column before the bias is added.
     """
     M, Q = inp.shape
     R = L.shape[1]
@@ -320,10 +324,11 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     ws = torch.empty((split, M, P), dtype=torch.float32, device=inp.device) if split > 1 else out
     m = mask if mask is not None else out
     epilogue_args = (L, L.stride(0), L.stride(1), R2, R2.stride(0), R2.stride(1), R, float(scaling),
-                     m, m.stride(0), m.stride(1), bias if bias is not None else out, out,
+                     m, m.stride(0), m.stride(1), bias if bias is not None else out,
+                     scale if scale is not None else out, out,
                      out.stride(0), out.stride(1))
     flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-                 LORA_IEEE=L.dtype == torch.float32)
+                 HAS_SCALE=scale is not None, LORA_IEEE=L.dtype == torch.float32)
     _lora_matmul_kernel[grid + (split,)](
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,

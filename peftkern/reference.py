@@ -113,10 +113,17 @@ def qlora_linear(x, packed, absmax, quant_type, blocksize, shape, bias, lora_A, 
 # --------------------------------------------------------------------------------------------
 
 
-def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude):
-    """`y = (m / ‖W + s·B·A‖_row) ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias`; the norm is detached."""
-    w_norm = (weight + scaling * (lora_B @ lora_A)).norm(p=2, dim=1).detach()
-    y = (magnitude / w_norm) * (x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t()))
+def dora_weight_norm(weight, lora_A, lora_B, scaling):
+    """`‖W + s·B·A‖₂` of every row (DoRA's column norm in PEFT's words: W is [out, in])."""
+    return (weight + scaling * (lora_B @ lora_A)).norm(p=2, dim=1)
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_mask=None):
+    """PEFT's DoRA: `base(x) + (g − 1)·(drop(x)·Wᵀ) + g·s·(drop(x)·Aᵀ)·Bᵀ` with
+    `g = m / ‖W + s·B·A‖_row` (the norm detached). Without dropout: `g ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`."""
+    g = magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling).detach()
+    xd = x if dropout_mask is None else x * dropout_mask
+    y = x @ weight.t() + (g - 1) * (xd @ weight.t()) + g * (scaling * ((xd @ lora_A.t()) @ lora_B.t()))
     return y if bias is None else y + bias
 
 

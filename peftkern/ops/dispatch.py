@@ -49,6 +49,7 @@ IMPLEMENTS = {
     "quantize_4bit": ("triton", "cpp", "reference"),
     "dequantize_4bit": ("triton", "cpp", "cuda", "reference"),
     "adalora_update_ipt": ("triton", "reference"),
+    "dora_norm": ("triton", "cpp", "reference"),
 }
 MATMULS = ("lora_linear_fwd", "lora_linear_dx", "qlora_linear_fwd", "qlora_linear_dx")
 _state = threading.local()
@@ -169,7 +170,7 @@ def _decide(op, device, M, N, K, blocksize, dtype, same_layout) -> Plan:
         have.remove("triton")
         why = "fp32 on CUDA: cuBLAS (the fused Triton FFMA kernels spill); "
     if dtype == torch.bfloat16 and dev.type == "cpu" and interpreting() and "triton" in have \
-            and op in MATMULS + ("adalora_update_ipt",):
+            and op in MATMULS + ("adalora_update_ipt", "dora_norm"):
         if name == "triton":
             raise RuntimeError("backend 'triton' refuses bfloat16 under TRITON_INTERPRET=1: the "
                                "interpreter's bf16 arithmetic is wrong (triton-lang/triton#11584); "
@@ -229,7 +230,7 @@ def _refine(op, x, N, K, blocksize, dtype, backend, why) -> Plan:
     if backend == "cublas" and op.startswith("qlora"):
         deq = _plan("dequantize_4bit", x, dtype=dtype).backend
         return Plan("cublas", deq, why + f"; weight dequantized by {deq}, then cuBLAS")
-    if backend == "reference" and op in ("qlora_linear_fwd", "qlora_linear_dx"):
+    if backend == "reference" and op in ("qlora_linear_fwd", "qlora_linear_dx", "dora_norm"):
         deq = _plan("dequantize_4bit", x, dtype=dtype) if forced() != "reference" \
             else Plan("reference", None, "")
         return Plan("reference", deq.backend, why + f"; weight dequantized by {deq.backend}")

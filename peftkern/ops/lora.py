@@ -48,9 +48,11 @@ def _records(tensors) -> bool:
 
 def _dense_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-               mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+               mask: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     p = _plan("lora_linear_fwd", x, *weight.shape)
-    return MODULES[p.backend].lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, p.config)
+    return MODULES[p.backend].lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask,
+                                              scale, p.config)
 
 
 def _dense_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -74,11 +76,12 @@ def _quant_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
                out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
-               compute_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+               compute_dtype: torch.dtype, scale: Optional[torch.Tensor] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     p = _plan("qlora_linear_fwd", x, out_features, x.shape[1], blocksize, compute_dtype)
     qw = _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize)
     return MODULES[p.backend].qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling,
-                                               mask, compute_dtype, p.config)
+                                               mask, compute_dtype, scale, p.config)
 
 
 def _quant_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
@@ -100,13 +103,13 @@ qlora_linear_dx = torch.library.custom_op("peftkern::qlora_linear_dx", _quant_dx
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, mask):
+def _(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None):
     return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[0])
 
 
 @qlora_linear_fwd.register_fake
 def _(x, data, absmax, absmax2, code8, offset, quant_type, blocksize, out_features, bias, lora_A,
-      lora_B, scaling, mask, compute_dtype):
+      lora_B, scaling, mask, compute_dtype, scale=None):
     return x.new_empty(x.shape[0], out_features), lora_A.new_empty(x.shape[0], lora_A.shape[0])
 
 
@@ -136,14 +139,22 @@ def _save(ctx, x, A, B, s, mask, bias, xa, weight_args, keep_x):
                           *[t for t in weight_args if isinstance(t, torch.Tensor)])
 
 
+def _no_scale(scale):
+    if scale is not None:  # the public ops pass one only to calls autograd does not record
+        raise RuntimeError("the fused ops' output scale has no gradient: differentiate through "
+                           "peftkern.ops.dora_linear, which applies a trainable magnitude itself")
+
+
 def _setup_dense(ctx, inputs, output):
-    x, weight, bias, A, B, s, mask = inputs
+    x, weight, bias, A, B, s, mask, scale = inputs
+    _no_scale(scale)
     ctx.dense = True
     _save(ctx, x, A, B, s, mask, bias, output[1], (weight,), A.requires_grad or weight.requires_grad)
 
 
 def _setup_quant(ctx, inputs, output):
-    x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd = inputs
+    x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd, scale = inputs
+    _no_scale(scale)
     ctx.dense, ctx.out_features = False, n
     _save(ctx, x, A, B, s, mask, bias, output[1],
           (data, absmax, absmax2, code8, offset, qt, bs, cd), A.requires_grad)
@@ -196,8 +207,8 @@ def _backward(ctx, dy, _dxa, needs=None):
     if needs[i_bias] and ctx.bias_dtype is not None:
         dbias = dy.sum(0).to(ctx.bias_dtype)
     if ctx.dense:
-        return dx, dw, dbias, dA, dB, None, None
-    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None)
+        return dx, dw, dbias, dA, dB, None, None, None
+    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None, None)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_dense)
@@ -306,6 +317,22 @@ def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype):
     check_probability("dropout_p", dropout_p)
 
 
+def check_lora(x, weight, bias, lora_A, lora_B, dropout_p, compute_dtype=None, name="weight"):
+    """The fused ops' argument checks: a dense `weight` in x's dtype, or a QuantizedWeight with
+    `compute_dtype` (the bias's dtype then)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    if isinstance(weight, QuantizedWeight):
+        check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+        if weight.device != x.device:
+            raise ValueError(f"{name} is on {weight.device}, expected {x.device} like x")
+        base_dtype = compute_dtype
+    else:
+        check_tensor(name, weight, ndim=2, dtypes=(x.dtype,), device=x.device)
+        base_dtype = x.dtype
+    N, K = weight.shape
+    _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype)
+
+
 def _mask(x2, dropout_p, dropout_mask, dtype):
     """The dropout mask (scaled by 1/(1-p)) in the LoRA dtype, or None when nothing is dropped."""
     if dropout_mask is not None:
@@ -330,22 +357,21 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     """
     sig = _signature("dense", x, weight, bias, lora_A, lora_B, dropout_p)
     if not _passed(sig):
-        check_tensor("x", x, dtypes=FLOAT_DTYPES)
-        check_tensor("weight", weight, ndim=2, dtypes=(x.dtype,), device=x.device)
-        N, K = weight.shape
-        _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, x.dtype)
+        check_lora(x, weight, bias, lora_A, lora_B, dropout_p)
         _remember(sig)
     return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
 
 
-def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None):
-    """`lora_linear` on checked arguments (the PEFT integration checks once per layer state)."""
+def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None,
+                 scale=None):
+    """`lora_linear` on checked arguments (the PEFT integration checks once per layer state).
+    `scale` ([N], for calls autograd does not record): `(x·Wᵀ + LoRA) ⊙ scale + bias`."""
     N, K = weight.shape
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
-    args = (x2, weight, bias, lora_A, lora_B, float(scaling), mask)
-    y, _ = _run("lora_linear_fwd", lora_linear_fwd, args, (x2, weight, bias, lora_A, lora_B, mask),
-                (N, K))
+    args = (x2, weight, bias, lora_A, lora_B, float(scaling), mask, scale)
+    y, _ = _run("lora_linear_fwd", lora_linear_fwd, args,
+                (x2, weight, bias, lora_A, lora_B, mask, scale), (N, K))
     return _unrows(y, x)
 
 
@@ -363,23 +389,20 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     if not _passed(sig):
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
-        check_tensor("x", x, dtypes=FLOAT_DTYPES)
-        check_choice("compute_dtype", cd, FLOAT_DTYPES)
-        N, K = qweight.shape
-        _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, cd)
-        if qweight.device != x.device:
-            raise ValueError(f"qweight is on {qweight.device}, expected {x.device} like x")
+        check_lora(x, qweight, bias, lora_A, lora_B, dropout_p, cd, "qweight")
         _remember(sig)
     return _qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, cd)
 
 
-def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, compute_dtype):
-    """`qlora_linear` on checked arguments."""
+def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, compute_dtype,
+                  scale=None):
+    """`qlora_linear` on checked arguments (`scale`: as in `_lora_linear`)."""
     N, K = q.shape
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
-    args = (x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, compute_dtype)
+    args = (x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, compute_dtype, scale)
     y, _ = _run("qlora_linear_fwd", qlora_linear_fwd, args,
-                (x2, bias, lora_A, lora_B, mask, *qw[:5]), (N, K, q.blocksize, compute_dtype))
+                (x2, bias, lora_A, lora_B, mask, scale, *qw[:5]),
+                (N, K, q.blocksize, compute_dtype))
     return _unrows(y, x)

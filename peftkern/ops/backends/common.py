@@ -37,6 +37,21 @@ def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
     return (y.to(wide) + dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)
 
 
+def scaled_output(z, scale, bias, out_dtype):
+    """DoRA's epilogue: `z ⊙ scale + bias` (scale per output feature), computed in the widest
+    dtype involved and rounded once to `out_dtype`. Differentiable (the training path uses it)."""
+    wide = torch.promote_types(z.dtype, scale.dtype)
+    y = z.to(wide) * scale.to(wide)
+    return (y if bias is None else y + bias.to(wide)).to(out_dtype)
+
+
+def add_scaled_lora(y, xa, lora_B, scaling, scale, bias, out_dtype):
+    """`(y + s·xa·Bᵀ) ⊙ scale + bias` for a fresh base result `y` without its bias: the forward's
+    last step when a scale is given (the base and LoRA terms summed wide, then scaled)."""
+    z = add_lora(y, xa, lora_B.t(), scaling, out_dtype=torch.promote_types(y.dtype, xa.dtype))
+    return scaled_output(z, scale, bias, out_dtype)
+
+
 def packed_bytes(data):
     return data.reshape(-1).view(torch.uint8)
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ... import codes
 from . import ext
-from .common import add_lora, lora_xa, offset_1d, packed_bytes, quant_type_id
+from .common import (add_lora, add_scaled_lora, lora_xa, offset_1d, packed_bytes,
+                     quant_type_id, scaled_output)
 
 PANEL_ELEMS = 1 << 20  # dequantize ~4 MB of fp32 weight at a time, so it stays in cache
 
@@ -21,8 +22,9 @@ def _f32(t):
     return None if t is None else t.float().contiguous()
 
 
-def weight_panels(qw, N, K):
-    """Yield `(n0, n1, W[n0:n1])` in fp32, panel by panel.
+def weight_panels(qw, N, K, decode=None):
+    """Yield `(n0, n1, W[n0:n1])` in fp32, panel by panel, decoded by `decode` (a backend's
+    `dequantize_4bit`; default this one's).
 
     Panels start at element multiples of the absmax block (and of the nested block of 256 absmax
     when double-quantized), so each one is a valid 4-bit weight of its own; blocks may span rows.
@@ -38,26 +40,29 @@ def weight_panels(qw, N, K):
         b0, b1 = e0 // blocksize, -(-e1 // blocksize)
         a2 = None if absmax2 is None else absmax2[b0 // codes.NESTED_BLOCKSIZE:
                                                  -(-b1 // codes.NESTED_BLOCKSIZE)]
-        w = dequantize_4bit(packed[e0 // 2:(e1 + 1) // 2], absmax[b0:b1], a2, code8, offset,
-                            quant_type, blocksize, e1 - e0, torch.float32)
+        w = (decode or dequantize_4bit)(packed[e0 // 2:(e1 + 1) // 2], absmax[b0:b1], a2, code8,
+                                        offset, quant_type, blocksize, e1 - e0, torch.float32)
         yield n0, n1, w.view(n1 - n0, K)
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     config="panels"):
+                     scale=None, config="panels"):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
     xc = x.to(compute_dtype)
     if config == "gemv":
-        # the best SIMD level; bf16 products (as bnb's bf16 compute) only for bf16 compute
+        # the best SIMD level; bf16 products (as bnb's bf16 compute) only for bf16 compute; a
+        # scale applies to the fp32 result before the bias
         y = ext.EXT.qlora_gemv(_f32(xc), packed_bytes(data), absmax, absmax2, code8,
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
-                               out_features, _f32(bias), _f32(xa), _f32(lora_B), float(scaling),
-                               2, compute_dtype == torch.bfloat16)
-        return y.to(x.dtype), xa
+                               out_features, _f32(bias) if scale is None else None, _f32(xa),
+                               _f32(lora_B), float(scaling), 2, compute_dtype == torch.bfloat16)
+        return (y.to(x.dtype) if scale is None else scaled_output(y, scale, bias, x.dtype)), xa
     x32 = xc.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
     y = torch.cat([F.linear(x32, w) for _, _, w in weight_panels(qw, out_features, x.shape[1])],
                   dim=1)
+    if scale is not None:
+        return add_scaled_lora(y, xa, lora_B, scaling, scale, bias, x.dtype), xa
     if bias is not None:
         y += bias
     return add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype), xa
@@ -70,6 +75,28 @@ def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dty
     for n0, n1, w in weight_panels(qw, dy.shape[1], in_features):
         dx.addmm_(dy32[:, n0:n1], w)
     return add_lora(dx, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
+
+
+def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
+    return dora_norm_panels(weight, qw, lora_A, lora_B, scaling, N, K)
+
+
+def dora_norm_panels(weight, qw, lora_A, lora_B, scaling, N, K, decode=None):
+    """`‖W + s·B·A‖` per row, panel by panel of rows (dense slices, or 4-bit panels decoded in
+    fp32): neither `B·A` nor the whole dequantized weight exists at once. Summed in fp32 (in the
+    adapters' dtype when wider), returned in the adapters' dtype."""
+    wide = torch.promote_types(torch.float32, lora_A.dtype)
+    A = lora_A.to(wide)
+    if qw is None:
+        rows = max(1, PANEL_ELEMS // max(K, 1))
+        panels = ((n0, min(N, n0 + rows), weight[n0:n0 + rows]) for n0 in range(0, N, rows))
+    else:
+        panels = weight_panels(qw, N, K, decode)
+    out = torch.empty(N, dtype=wide, device=lora_A.device)
+    for n0, n1, w in panels:
+        torch.linalg.vector_norm(torch.addmm(w.to(wide), lora_B[n0:n1].to(wide), A, alpha=scaling),
+                                 dim=1, out=out[n0:n1])
+    return out.to(lora_A.dtype)
 
 
 def quantize_4bit(A, quant_type, blocksize):

@@ -3,19 +3,26 @@ blocks within rows, in the compute dtype throughout, and dequantize. Other calls
 (dispatch.plan)."""
 from __future__ import annotations
 
+import torch
+
 from . import ext
-from .common import add_lora, lora_xa, offset_1d, packed_bytes, quant_type_id
+from .common import add_lora, lora_xa, offset_1d, packed_bytes, quant_type_id, scaled_output
 from .cpp import dequantize_4bit  # noqa: F401  (the same extension op, on CUDA tensors)
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     config=None):
+                     scale=None, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
     fuse = lora_A.dtype == compute_dtype  # else the LoRA term is added after, in its dtype
     y = ext.EXT.qlora_gemv(x.to(compute_dtype).contiguous(), packed_bytes(data), absmax, absmax2,
                            code8, offset_1d(offset), quant_type_id(quant_type), blocksize,
-                           out_features, bias, xa.contiguous() if fuse else None,
+                           out_features, bias if scale is None else None,
+                           xa.contiguous() if fuse else None,
                            lora_B.contiguous() if fuse else None, float(scaling))
+    if scale is not None:  # (base + LoRA) ⊙ scale + bias, in the widest dtype
+        z = y if fuse else add_lora(y, xa, lora_B.t(), scaling,
+                                    out_dtype=torch.promote_types(y.dtype, xa.dtype))
+        return scaled_output(z, scale, bias, x.dtype), xa
     y = y.to(x.dtype) if fuse else add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype)
     return y, xa

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 
 from ... import reference
 from . import cpp, triton
-from .common import add_lora, lora_xa, packed_bytes
+from .common import add_lora, add_scaled_lora, lora_xa, packed_bytes
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, config=None):
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, config=None):
     xa = lora_xa(x, lora_A, mask)
+    if scale is not None:
+        return add_scaled_lora(F.linear(x, weight), xa, lora_B, scaling, scale, bias, x.dtype), xa
     return add_lora(F.linear(x, weight, bias), xa, lora_B.t(), scaling), xa
 
 
@@ -31,9 +33,12 @@ def dense_weight(qw, N, K, dtype, config):
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     config=None):
+                     scale=None, config=None):
     xa = lora_xa(x, lora_A, mask)
     w = dense_weight(qw, out_features, x.shape[1], compute_dtype, config)
+    if scale is not None:
+        return add_scaled_lora(F.linear(x.to(compute_dtype), w), xa, lora_B, scaling, scale,
+                               bias, x.dtype), xa
     y = F.linear(x.to(compute_dtype), w, bias)
     return add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype), xa
 
@@ -41,6 +46,13 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
 def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):
     w = dense_weight(qw, dy.shape[1], in_features, compute_dtype, config)
     return add_lora(dy.to(compute_dtype) @ w, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
+
+
+def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
+    """Panel by panel (bounded memory), 4-bit panels decoded by backend `config` (None: torch)."""
+    decode = {"cpp": cpp.dequantize_4bit, "triton": triton.dequantize_4bit}.get(config,
+                                                                               dequantize_4bit)
+    return cpp.dora_norm_panels(weight, qw, lora_A, lora_B, scaling, N, K, decode)
 
 
 def quantize_4bit(A, quant_type, blocksize):

@@ -8,8 +8,8 @@ from .common import lora_xa, packed_bytes
 
 
 def _kernels():
-    from ...kernels import adalora, lora_linear, quant_4bit
-    return lora_linear, quant_4bit, adalora
+    from ...kernels import adalora, dora_norm, lora_linear, quant_4bit
+    return lora_linear, quant_4bit, adalora, dora_norm
 
 
 def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
@@ -17,11 +17,11 @@ def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
             codes.byte_pair_table(quant_type, device=device), blocksize)
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, config=None):
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, config=None):
     xa = lora_xa(x, lora_A, mask)
     y = _kernels()[0].lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
                                   stride_wq=weight.stride(1), stride_wp=weight.stride(0),
-                                  P=weight.shape[0], config=config)
+                                  P=weight.shape[0], config=config, scale=scale)
     return y, xa
 
 
@@ -32,14 +32,14 @@ def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, config=None):
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     config=None):
+                     scale=None, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
     K = x.shape[1]
     q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
     y = _kernels()[0].lora_matmul(x.to(compute_dtype), packed_bytes(data), q, xa, lora_B.t(),
                                   scaling, None, bias, stride_wq=1, stride_wp=K, P=out_features,
-                                  config=config, out_dtype=x.dtype)
+                                  config=config, out_dtype=x.dtype, scale=scale)
     return y, xa
 
 
@@ -62,6 +62,14 @@ def dequantize_4bit(data, absmax, absmax2, code8, offset, quant_type, blocksize,
     table = codes.code_table(quant_type, device=data.device)
     return _kernels()[1].dequantize_4bit(packed_bytes(data), absmax, absmax2, code8, offset, table,
                                          blocksize, numel, dtype)
+
+
+def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
+    if qw is None:
+        return _kernels()[3].dora_norm(weight, None, lora_A, lora_B, scaling, N, K)
+    data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
+    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, data.device)
+    return _kernels()[3].dora_norm(packed_bytes(data), q, lora_A, lora_B, scaling, N, K)
 
 
 def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim):
