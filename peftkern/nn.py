@@ -1,4 +1,5 @@
-"""Drop-in `nn.Linear` replacements: `LoRALinear` (dense base) and `QLoRALinear` (4-bit base).
+"""Drop-in `nn.Linear` replacements: `LoRALinear` (dense base) and `QLoRALinear` (4-bit base), and
+their DoRA forms `DoRALinear` / `QDoRALinear`.
 
 They own parameters and call `peftkern.ops`; they do no math of their own. Parameter names and
 init follow PEFT (`lora_A.weight` kaiming-uniform(a=√5), `lora_B.weight` zeros); only the LoRA
@@ -265,7 +266,7 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
         if self.merged:
             return self.merge_error
         q = self.qweight
-        target = dequantize_4bit(q, torch.float32) + self._delta_weight()
+        target = self._merge_target(q)
         merged = quantize_4bit(target.to(q.dtype), q.quant_type, q.blocksize, q.nested,
                                q.quant_storage)
         self.merge_error = float((dequantize_4bit(merged, torch.float32) - target).abs().max())
@@ -274,9 +275,130 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
         self.merged = True
         return self.merge_error
 
+    def _merge_target(self, q) -> torch.Tensor:
+        """The fp32 weight that merging quantizes: `W + s·B·A`."""
+        return dequantize_4bit(q, torch.float32) + self._delta_weight()
+
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             self._set_qweight(self._unmerged_qweight.to(self.weight.device))
             self._unmerged_qweight = None
             self.merged = False
+
+
+class _DoRAMixin:
+    """DoRA on top of a LoRA layer (PEFT's `use_dora=True`): a trainable magnitude `m [N]`
+    (`lora_magnitude_vector.weight`, PEFT's name without the adapter key), initialised to the
+    row norms of `W + s·B·A`, and `y = (m / ‖W + s·B·A‖) ⊙ (x·Wᵀ + s·B·A·x) + b` with the norm
+    detached. `cache_norm=True` keeps the norm between eval-mode calls (PEFT's
+    ENABLE_DORA_CACHING) until the adapters' versions or storage change or `train()` is called;
+    a write through `.data` in eval mode is invisible to it."""
+
+    def _init_dora(self, cache_norm: bool) -> None:
+        self.lora_magnitude_vector = nn.Module()
+        self.lora_magnitude_vector.weight = nn.Parameter(self.weight_norm())
+        self.cache_norm = bool(cache_norm)
+        self._norm_cache = None
+
+    def weight_norm(self) -> torch.Tensor:
+        """`‖W + s·B·A‖` per output row at the active rank (no gradient)."""
+        A, B, s = self._low_rank()
+        return ops.dora_weight_norm(self._base_weight(), A, B, s)
+
+    def _norm(self):
+        if not self.cache_norm or self.training:
+            self._norm_cache = None
+            return None  # dora_linear computes it
+        A, B, s = self._low_rank()
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.shape[0], s,
+               id(self._base_weight_key()))
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            self._norm_cache = (key, self.weight_norm())
+        return self._norm_cache[1]
+
+    def train(self, mode: bool = True):
+        self._norm_cache = None
+        return super().train(mode)
+
+    def _dora_forward(self, x, compute_dtype=None):
+        A, B, s = self._low_rank()
+        return ops.dora_linear(x, self._base_weight(), self.bias, A, B, s,
+                               self.lora_magnitude_vector.weight, self._dropout_p(),
+                               weight_norm=self._norm(), compute_dtype=compute_dtype)
+
+    def _dora_factor(self) -> torch.Tensor:
+        """`m / ‖W + s·B·A‖` as a column `[N, 1]` in fp32 (merging)."""
+        return (self.lora_magnitude_vector.weight.float() / self.weight_norm().float())[:, None]
+
+
+class DoRALinear(_DoRAMixin, LoRALinear):
+    """DoRA over a frozen dense base weight; the arguments of `LoRALinear`, plus `cache_norm`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 device=None, dtype=None, cache_norm: bool = False):
+        super().__init__(in_features, out_features, bias, r, lora_alpha, lora_dropout, use_rslora,
+                         device, dtype)
+        self._init_dora(cache_norm)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 8, lora_alpha: float = 16,
+                    lora_dropout: float = 0.0, use_rslora: bool = False,
+                    cache_norm: bool = False) -> "DoRALinear":
+        self = super().from_linear(linear, r, lora_alpha, lora_dropout, use_rslora)
+        self._init_dora(cache_norm)
+        return self
+
+    def _base_weight(self):
+        return self.weight
+
+    def _base_weight_key(self):
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return nn.functional.linear(x, self.weight, self.bias)
+        return self._dora_forward(x)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """`W ← (m / ‖W + s·B·A‖) ⊙ (W + s·B·A)` (PEFT's DoRA merge); the factor is kept so that
+        `unmerge` divides by the same one."""
+        if not self.merged:
+            self._merged_factor = self._dora_factor()
+            self.weight.copy_(self._merged_factor * (self.weight.float() + self._delta_weight()))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.copy_(self.weight.float() / self._merged_factor - self._delta_weight())
+            self.merged = False
+
+
+class QDoRALinear(_DoRAMixin, QLoRALinear):
+    """DoRA over a frozen 4-bit base weight (QDoRA); the arguments of `QLoRALinear`, plus
+    `cache_norm`. The norm decodes the 4-bit rows exactly (fp32), in the same pass."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: Optional[torch.Tensor] = None, r: int = 8,
+                 lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+                 compute_dtype: torch.dtype = torch.bfloat16, cache_norm: bool = False):
+        super().__init__(qweight, bias, r, lora_alpha, lora_dropout, use_rslora, compute_dtype)
+        self._init_dora(cache_norm)
+
+    def _base_weight(self):
+        return self.qweight
+
+    def _base_weight_key(self):
+        return self.weight  # the packed bytes' buffer: replaced when the weight is
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return super().forward(x)
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        return self._dora_forward(x, self.compute_dtype)
+
+    def _merge_target(self, q) -> torch.Tensor:
+        """`(m / ‖W + s·B·A‖) ⊙ (W + s·B·A)`: merging requantizes it (lossy, as for QLoRA)."""
+        return self._dora_factor() * (dequantize_4bit(q, torch.float32) + self._delta_weight())

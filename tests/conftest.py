@@ -50,3 +50,22 @@ def gemv_calls(monkeypatch):
 
     monkeypatch.setattr(ops.backends.ext, "EXT", Spy())
     return calls
+
+
+@pytest.fixture
+def shared_dropout_masks(monkeypatch):
+    """PEFT's nn.Dropout and peftkern's mask draw the same mask for the same input size."""
+    def mask(numel, p, dtype):
+        g = torch.Generator().manual_seed(numel)
+        return torch.empty(numel).bernoulli_(1 - p, generator=g).div_(1 - p).to(dtype)
+
+    real_dropout = torch.nn.functional.dropout
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return real_dropout(x, p, training, inplace)
+        return x * mask(x.numel(), p, x.dtype).view(x.shape)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    monkeypatch.setattr(ops.lora, "_mask", lambda x2, p, given, dtype: None if p == 0 else
+                        mask(x2.numel(), p, dtype).view(x2.shape))

@@ -72,13 +72,13 @@ def test_custom_module_route_builds_fused_layers():
 
 
 def test_unsupported_features_fall_back_with_one_log_line(caplog):
-    model = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], r=4, use_dora=True))
+    model = get_peft_model(llama(), LoraConfig(target_modules=["q_proj"], r=4, alora_invocation_tokens=[3, 4]))
     ids = tokens()
     want = model(input_ids=ids).logits
     with caplog.at_level(logging.WARNING, logger="peftkern"):
         assert pk.enable(model) == 0
     lines = [r.getMessage() for r in caplog.records if r.name == "peftkern"]
-    assert len(lines) == 1 and "DoraLinearVariant" in lines[0] and "q_proj" in lines[0]
+    assert len(lines) == 1 and "ALoraLinearVariant" in lines[0] and "q_proj" in lines[0]
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
 
 
@@ -144,13 +144,13 @@ def llama_4bit_dir(tmp_path_factory):
     return str(d)
 
 
-def _load_4bit(path):
+def _load_4bit(path, **cfg):
     q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                         bnb_4bit_use_double_quant=True,
                                         bnb_4bit_compute_dtype=torch.float32)
     model = transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=q, device_map="cpu",
                                                           dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(target_modules=LINEARS, r=4, lora_alpha=8))
+    model = get_peft_model(model, LoraConfig(target_modules=LINEARS, r=4, lora_alpha=8, **cfg))
     randomize_lora(model)
     return model.train()  # eval mode would let bnb repack weights into its bf16 CPU layout
 
@@ -164,6 +164,19 @@ def test_enable_on_transformers_4bit_model_matches_peft_and_shares_bytes(llama_4
     assert pk.enable(model) == 2 * len(LINEARS)
     logits, _, grads = loss_and_grads(model, ids)
     assert q_proj.base_layer.weight.data_ptr() == ptr  # the bnb bytes are used in place
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+    for n in want_grads:
+        torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-3, atol=1e-5)
+
+
+def test_enable_on_a_4bit_dora_model_matches_peft(llama_4bit_dir):
+    """QDoRA: PEFT's DoRA over bnb Linear4bit layers; the norm decodes the 4-bit rows itself."""
+    model = _load_4bit(llama_4bit_dir, use_dora=True)
+    ids = tokens()
+    want_logits, _, want_grads = loss_and_grads(model, ids)
+    assert pk.enable(model) == 2 * len(LINEARS) and pk.coverage(model) == {"fused": 14}
+    logits, _, grads = loss_and_grads(model, ids)
+    assert sum("lora_magnitude_vector" in n for n in grads) == 14
     torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
     for n in want_grads:
         torch.testing.assert_close(grads[n], want_grads[n], rtol=1e-3, atol=1e-5)

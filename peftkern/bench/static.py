@@ -7,8 +7,9 @@ What it does. Every kernel the dispatcher can launch is compiled ahead of time f
 (`_lora_matmul_kernel`) for every tile config in `CANDIDATES` plus the non-interpreter rule
 `_config(M, capability)` (`RULE`: a candidate per regime and arch family), dense / nf4 / fp4
 weights with plain or nested (double-quantized) absmax, fp16 (rule configs only) / bf16 / fp32, forward and dX, the split-K
-epilogue kernel, quantize (every bnb blocksize), dequantize and the AdaLoRA sensitivity update.
-Reduced sets: bias (forward), dropout mask (dX) and fp32 adapters only on the rule configs, dense
+epilogue kernel, quantize (every bnb blocksize), dequantize, the AdaLoRA sensitivity update and
+the DoRA weight norm (`_dora_norm_kernel`: dense, 4-bit plain and nested, each dtype).
+Reduced sets: bias and the DoRA output scale (forward), dropout mask (dX) and fp32 adapters only on the rule configs, dense
 and nf4-nested, bf16; M = 1 (Triton makes an int == 1 a constexpr) on the small rule config.
 `--quick`: the rule configs, the first split-K small and one more large candidate; dense and
 nf4-nested; bf16 and fp32; no epilogue extras; quantize/dequantize at blocksize 64; AdaLoRA fp32. The arguments are the real ones: `JITFunction.run` is replaced by a
@@ -105,7 +106,7 @@ QUICK_DTYPES = ("bf16", "fp32")
 
 @dataclass(frozen=True)
 class Variant:
-    """One launch to record: `kind` is gemm, quantize, dequantize or adalora."""
+    """One launch to record: `kind` is gemm, quantize, dequantize, adalora or dora (the norm)."""
     kind: str
     dtype: str
     weight: str = "-"
@@ -113,7 +114,7 @@ class Variant:
     regime: str = "-"
     index: int = -1          # position in CANDIDATES[regime]; -1: the rule's own config
     M: int = 0
-    extra: str = ""          # bias, mask, lora-fp32 (GEMM), blocksize / tensor (others)
+    extra: str = ""          # bias, mask, lora-fp32, scale (GEMM), blocksize / tensor (others)
     blocksize: int = BLOCKSIZE
 
 
@@ -178,6 +179,7 @@ def _extra_variants(weights, dtypes) -> list[Variant]:
     for regime in ("small", "large"):
         for i, w in itertools.product(rule_indices(regime), w2):
             out += [Variant("gemm", dt, w, "fwd", regime, i, M_OF[regime], "bias"),
+                    Variant("gemm", dt, w, "fwd", regime, i, M_OF[regime], "scale"),
                     Variant("gemm", dt, w, "dx", regime, i, M_OF[regime], "mask")]
             out += [Variant("gemm", dt, w, p, regime, i, M_OF[regime], "lora-fp32")
                     for p in PASSES if dt != "fp32"]
@@ -198,6 +200,9 @@ def other_variants(kinds, quick) -> list[Variant]:
     if "adalora" in kinds:
         out += [Variant("adalora", d, extra=t) for d in ("fp32",) + (() if quick else ("bf16",))
                 for t in ("lora_A", "lora_E", "lora_B")]
+    if "dora" in kinds:
+        out += [Variant("dora", d, w) for d in qdt
+                for w in (QUICK_WEIGHTS + ("nf4",) if quick else WEIGHTS)]
     return out
 
 
@@ -265,12 +270,13 @@ def call_gemm(v: Variant, N: int, K: int):
     A, B = _cpu((RANK, K), ldt), _cpu((N, RANK), ldt)
     if v.pass_ == "fwd":
         x = _cpu((v.M, K), dt)
-        bias = _cpu(N, dt) if v.extra == "bias" else None
+        bias = _cpu(N, dt) if v.extra in ("bias", "scale") else None
+        scale = _cpu(N, _torch_dtype("fp32")) if v.extra == "scale" else None  # DoRA's m / norm
         if v.weight == "dense":
-            return lora.lora_linear_fwd(x, _cpu((N, K), dt), bias, A, B, 2.0, None)
+            return lora.lora_linear_fwd(x, _cpu((N, K), dt), bias, A, B, 2.0, None, scale)
         data, am, am2, c8, off, qt = _qstate(v.weight, N, K, v.blocksize)
         return lora.qlora_linear_fwd(x, data, am, am2, c8, off, qt, v.blocksize, N, bias, A, B,
-                                     2.0, None, dt)
+                                     2.0, None, dt, scale)
     dy, dyb = _cpu((v.M, N), dt), _cpu((v.M, RANK), ldt)
     mask = _cpu((v.M, K), ldt) if v.extra == "mask" else None
     if v.weight == "dense":
@@ -282,8 +288,15 @@ def call_gemm(v: Variant, N: int, K: int):
 
 def call_other(v: Variant, N: int = 4096, K: int = 4096):
     from peftkern import ops
-    from peftkern.ops import quant
+    from peftkern.ops import dora, quant
     dt = _torch_dtype(v.dtype)
+    if v.kind == "dora":  # the norm's custom-op body; adapters in the variant's dtype
+        A, B = _cpu((RANK, K), dt), _cpu((N, RANK), dt)
+        if v.weight == "dense":
+            return dora._norm(_cpu((N, K), dt), None, None, None, None, None, "nf4", 0, A, B, 2.0,
+                              N, K)
+        data, am, am2, c8, off, qt = _qstate(v.weight, N, K, v.blocksize)
+        return dora._norm(None, data, am, am2, c8, off, qt, v.blocksize, A, B, 2.0, N, K)
     if v.kind == "quantize":
         return quant.quantize_blocks(_cpu((N, K), dt), v.weight, v.blocksize)
     if v.kind == "dequantize":
@@ -641,6 +654,8 @@ def _other_config(v, launch) -> str:
     k = launch.kwargs
     if v.kind == "quantize":
         return f"BLOCKSIZE={k['BLOCKSIZE']}"
+    if v.kind == "dora":
+        return f"{k['BLOCK_N']}x{k['BLOCK_K']}x{k['BLOCK_R']}"
     return f"BLOCK={k.get('BLOCK')}" + (f"/{v.extra}" if v.extra else "")
 
 
@@ -810,7 +825,8 @@ def parse_args(argv):
     p.add_argument("--configs", choices=("rule", "quick", "all"), help="override the config set")
     p.add_argument("--dtypes", help=f"comma-separated subset of {','.join(DTYPES)}")
     p.add_argument("--weights", help=f"comma-separated subset of {','.join(WEIGHTS)}")
-    p.add_argument("--kernels", default="gemm,quant,adalora", help="gemm, quant, adalora")
+    p.add_argument("--kernels", default="gemm,quant,adalora,dora",
+                   help="gemm, quant, adalora, dora (the DoRA weight norm)")
     p.add_argument("--no-cache", action="store_true", help="recompile everything")
     p.add_argument("--cache-dir", default=CACHE_DEFAULT)
     return p.parse_args(argv)

@@ -7,11 +7,13 @@ Two routes, same math:
   already have (loaded adapters, QLoRA models).
 - `custom_modules()` is a mapping for `LoraConfig._register_custom_module`, so that
   `get_peft_model` builds peftkern-backed layers directly. PEFT marks that hook experimental.
-A layer that uses something peftkern does not fuse (DoRA and other LoRA variants, custom dropout,
-`target_parameters`, other base layers) keeps PEFT's own forward: `enable` logs one line naming
-those layers and why, and `coverage(model)` counts them by reason. At call time, whatever PEFT
-handles specially (adapters disabled, merged weights, `adapter_names` batches, autocast, dtypes
-peftkern does not fuse, several adapters with dropout in training) also goes to PEFT.
+DoRA layers (`use_dora=True`) run `ops.dora_linear`, with PEFT's eval-time norm cache when
+`peft.tuners.lora.dora.ENABLE_DORA_CACHING` is on. A layer that uses something peftkern does not
+fuse (other LoRA variants, custom dropout, `target_parameters`, other base
+layers) keeps PEFT's own forward: `enable` logs one line naming those layers and why, and
+`coverage(model)` counts them by reason. At call time, whatever PEFT handles specially (adapters
+disabled, merged weights, `adapter_names` batches, autocast, dtypes peftkern does not fuse,
+several adapters with dropout in training or with DoRA) also goes to PEFT.
 """
 from __future__ import annotations
 
@@ -86,11 +88,23 @@ def unsupported_reason(layer) -> str | None:
     if _base_kind(base) is None:
         return f"base layer {type(base).__name__} is not nn.Linear, Conv1D or bnb Linear4bit"
     for name in layer.lora_A:
-        if name in getattr(layer, "lora_variant", {}):
-            return f"LoRA variant {type(layer.lora_variant[name]).__name__} (e.g. DoRA)"
+        variant = getattr(layer, "lora_variant", {}).get(name)
+        if variant is not None and type(variant) is not _dora_variant():
+            return f"LoRA variant {type(variant).__name__}"
         if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
             return f"dropout module {type(layer.lora_dropout[name]).__name__}"
     return None
+
+
+def _dora_variant():
+    from peft.tuners.lora.variants import DoraLinearVariant
+    return DoraLinearVariant
+
+
+def _dora_layer(layer, name):
+    """PEFT's DoraLinearLayer of adapter `name` (holding the magnitude), or None."""
+    mags = _mods(layer).get("lora_magnitude_vector")
+    return None if mags is None else _mods(mags).get(name)
 
 
 def _lora_A(layer, name) -> torch.Tensor:
@@ -149,6 +163,8 @@ def _call_reason(layer, x, args, kwargs, cache=None, names=None) -> str | None:
         return "input dtype differs from the base weight's"
     if len(names) > 1 and any(_dropout_p(layer, a) > 0 for a in names):
         return "several active adapters with dropout in training"
+    if len(names) > 1 and any(_dora_layer(layer, a) is not None for a in names):
+        return "several active adapters with DoRA"
     return None
 
 
@@ -202,17 +218,37 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, cache=None, **kwa
     p = _dropout_p(layer, names[0])
     _, base, kind = cache["static"]
     bias = _param(base, "bias")
+    dora = _dora_layer(layer, names[0])
     if kind == "4bit":  # computed in bnb's compute_dtype, returned in x's dtype, as bnb does
-        q = _qweight(base, cache)
-        cd = base.compute_dtype or x.dtype
-        y = ops.qlora_linear(x, q, None if bias is None else bias.to(cd), A, B, s, p,
-                             compute_dtype=cd)
+        w, cd = _qweight(base, cache), base.compute_dtype or x.dtype
+        bias = None if bias is None else bias.to(cd)
     else:
-        w = _param(base, "weight")
-        y = ops.lora_linear(x, w if kind == "dense" else w.t(), bias, A, B, s, p)  # Conv1D: [in, out]
+        w, cd = _param(base, "weight"), None
+        w = w if kind == "dense" else w.t()  # Conv1D: [in, out]
+    if dora is not None:
+        return ops.dora_linear(x, w, bias, A, B, s, _param(dora, "weight"), p,
+                               weight_norm=_dora_norm(dora, names[0], w, A, B, s),
+                               compute_dtype=cd)
+    if kind == "4bit":
+        y = ops.qlora_linear(x, w, bias, A, B, s, p, compute_dtype=cd)
+    else:
+        y = ops.lora_linear(x, w, bias, A, B, s, p)
     if lora_bias is not None:  # lora_bias=True: PEFT adds s·b_B after the base result
         y = (y.to(lora_bias.dtype) + lora_bias).to(y.dtype)
     return y
+
+
+def _dora_norm(dora, name, w, A, B, s):
+    """PEFT's DoRA norm cache: kept in the DoraLinearLayer's own cache, under PEFT's key, in eval
+    mode when ENABLE_DORA_CACHING is on (else cleared, as PEFT does; None: computed per call)."""
+    from peft.tuners.lora import dora as peft_dora
+    if not peft_dora.ENABLE_DORA_CACHING or dora.training:
+        dora._cache_clear()
+        return None
+    key = f"weight-norm-{name}"
+    if dora._cache_get(key, None) is None:
+        dora._cache_store(key, ops.dora_weight_norm(w, A, B, s))
+    return dora._cache_get(key, None)
 
 
 class _FusedForward:

@@ -23,8 +23,9 @@ from ..validation import FLOAT_DTYPES, check_tensor
 from .backends import MODULES
 from .backends.common import scaled_output
 from .dispatch import _plan
-from .lora import (_eager, _lora_linear, _mask, _passed, _qlora_linear, _remember, _rows,
-                   _signature, check_lora)
+from . import lora
+from .lora import (_eager, _lora_linear, _passed, _qlora_linear, _remember, _rows, _signature,
+                   check_lora)
 
 
 def _norm(weight: Optional[torch.Tensor], data: Optional[torch.Tensor],
@@ -135,7 +136,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
     g = magnitude / norm
     N, K = weight.shape
     x2 = _rows(x, K)
-    mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
+    mask = lora._mask(x2, dropout_p, dropout_mask, lora_A.dtype)  # one draw for both terms
     if mask is None:
         tensors = (x2, lora_A, lora_B, magnitude, bias, weight if not quant else None)
         if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
