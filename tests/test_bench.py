@@ -58,7 +58,7 @@ def test_a_failing_baseline_is_reported_not_raised():
 
 
 def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):
-    rc = cli.main(["--ops", "dequantize,decode,qlora_fwd_bwd", "--shapes", "96x128", "--M", "1,3",
+    rc = cli.main(["--ops", "dequantize,decode,qlora_fwd_bwd,qdora_step", "--shapes", "96x128", "--M", "1,3",
                    "--out", str(tmp_path)])
     assert rc == 0
     folder = next(tmp_path.iterdir())
@@ -67,7 +67,9 @@ def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):
     for key in ("device", "date", "torch", "triton", "peftkern_commit", "roofline", "command"):
         assert key in meta
     assert meta["roofline"]["memory_GBps"] > 0 and meta["roofline"]["matmul_TFLOPs"] > 0
-    assert {r["op"] for r in rows} == {"dequantize", "decode", "qlora_fwd_bwd"}
+    assert {r["op"] for r in rows} == {"dequantize", "decode", "qlora_fwd_bwd", "qdora_step"}
+    assert {r["impl"] for r in rows if r["op"] == "qdora_step"} == \
+        {"peftkern", "peftkern-lora", "peft-dora", "peft-lora"}
     assert {(r["op"], r["M"]) for r in rows} >= {("decode", 1), ("decode", 3), ("dequantize", 0)}
     for r in rows:
         assert not r.get("error"), r

@@ -1,4 +1,5 @@
-"""Training-step cases: one AdaLoRA layer with its allocator, and a small random Llama.
+"""Training-step cases: one AdaLoRA layer with its allocator, one DoRA layer (dense or bnb 4-bit
+base) against LoRA and PEFT, and a small random Llama.
 
 A step is forward, backward (into `.grad`, as an optimizer needs) and, for AdaLoRA, the rank
 allocator's `update_and_allocate`; no optimizer update, which costs the same for every contender.
@@ -15,7 +16,8 @@ from ..adalora import AdaLoRALinear, RankAllocator
 from ..integrations.bitsandbytes import to_bnb
 from ..ops import quantize_4bit
 from ..nn import LoRALinear
-from .cases import BLOCKSIZE, Case, Impl, _linear, _peft, _peft_lora, forced, has
+from .cases import (BLOCKSIZE, Case, Impl, _call, _linear, _peft, _peft_lora, _randomize_B,
+                    forced, has)
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOTAL_STEP = 10**6  # a long schedule: every timed step updates sensitivities and re-masks
@@ -85,6 +87,42 @@ def _peft_adalora_step(N, K, r, x, gy):
     return step
 
 
+# ---- one DoRA layer: fused vs PEFT, and vs LoRA on the same layer ------------------------------
+
+
+def _dora_layer_case(op, N, K, M, r, dtype, device, four_bit) -> Case:
+    """fwd + bwd (dX, dA, dB, dm) of one PEFT layer with `use_dora=True`: through `pk.enable`
+    ("peftkern") and PEFT itself, and the same layer as plain LoRA both ways (DoRA's overhead)."""
+    case = Case(op, N, K, M, r, dtype, device, flops=6 * M * N * K)
+    x = torch.randn(M, K, dtype=dtype, device=device)
+
+    def build(dora, enable):
+        from peft import LoraConfig
+        lin = _linear(N, K, dtype, device)
+        base = nn.Sequential(_bnb_4bit(lin, dtype) if four_bit else lin)
+        model = _randomize_B(_peft(base, LoraConfig(target_modules=["0"], r=r, lora_alpha=2 * r,
+                                                    use_dora=dora)))
+        if enable:
+            from ..integrations import peft as pk
+            pk.enable(model)
+        return _call(model, x, "fwd_bwd", N), 0
+
+    if has("peft") and (has("bitsandbytes") or not four_bit):
+        case.impls = [Impl("peftkern", lambda: build(True, True)),
+                      Impl("peftkern-lora", lambda: build(False, True)),
+                      Impl("peft-dora", lambda: build(True, False)),
+                      Impl("peft-lora", lambda: build(False, False))]
+    return case
+
+
+def dora_step(N, K, M, r, dtype, device) -> Case:
+    return _dora_layer_case("dora_step", N, K, M, r, dtype, device, four_bit=False)
+
+
+def qdora_step(N, K, M, r, dtype, device) -> Case:
+    return _dora_layer_case("qdora_step", N, K, M, r, dtype, device, four_bit=True)
+
+
 # ---- a small random Llama --------------------------------------------------------------------
 
 
@@ -100,18 +138,24 @@ def _llama(hidden, intermediate, dtype, device):
     return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def _to_bnb_4bit(model, dtype):
-    """Swap the decoder's `nn.Linear`s for bnb `Linear4bit` (NF4, double quant), as
-    `BitsAndBytesConfig(load_in_4bit=True)` would, without a round trip through disk."""
+def _bnb_4bit(lin, dtype):
+    """A bnb `Linear4bit` (NF4, double quant) holding `lin`'s weight, as
+    `BitsAndBytesConfig(load_in_4bit=True)` would build it, without a round trip through disk."""
     import bitsandbytes as bnb
+    b4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                           compute_dtype=dtype, quant_type="nf4", device=lin.weight.device)
+    b4.weight = to_bnb(quantize_4bit(lin.weight.detach(), "nf4", BLOCKSIZE, True))
+    return b4
+
+
+def _to_bnb_4bit(model, dtype):
+    """Swap the decoder's `nn.Linear`s for bnb `Linear4bit`s (`_bnb_4bit`)."""
     for layer in model.model.layers:
         for name, lin in list(layer.named_modules()):
             if isinstance(lin, nn.Linear):
-                b4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                       compute_dtype=dtype, quant_type="nf4", device=lin.weight.device)
-                b4.weight = to_bnb(quantize_4bit(lin.weight.detach(), "nf4", BLOCKSIZE, True))
                 parent, _, child = name.rpartition(".")
-                setattr(layer.get_submodule(parent) if parent else layer, child, b4)
+                setattr(layer.get_submodule(parent) if parent else layer, child,
+                        _bnb_4bit(lin, dtype))
     return model
 
 

@@ -46,6 +46,12 @@ OPS = {
                            _by(L8B, SQ, SQ), _by([2048, 8192], [128], [64]), _by([16], [16], [16])),
     "adalora_step": OpSpec(steps.adalora_step, "AdaLoRA layer step: fwd + bwd + rank allocator",
                            _by(SQ, SQ, [(1024, 1024)]), _by([4096], [256], [64]), _by([12], [12], [12])),
+    "dora_step": OpSpec(steps.dora_step, "DoRA layer fwd + bwd (dense base) vs LoRA and PEFT",
+                        _by(L8B, SQ, [(1024, 1024)]), _by([2048, 8192], [128], [64]),
+                        _by([16], [16], [16])),
+    "qdora_step": OpSpec(steps.qdora_step, "QDoRA layer fwd + bwd (bnb 4-bit base) vs QLoRA and "
+                         "PEFT", _by(L8B, SQ, [(1024, 1024)]), _by([2048, 8192], [128], [64]),
+                         _by([16], [16], [16])),
     "model_step": OpSpec(steps.model_step, "small random Llama QLoRA training step (NxK = "
                          "intermediate x hidden, M tokens)",
                          _by([(5632, 2048)], [(1376, 512)], [(688, 256)]), _by([4096], [256], [128]),
