@@ -108,6 +108,19 @@ def qlora_linear(x, packed, absmax, quant_type, blocksize, shape, bias, lora_A, 
     return lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask)
 
 
+def multi_lora_linear(x, weight, bias, A_stack, B_stack, scalings, adapter_index):
+    """Mixed-adapter LoRA: row t gets `s[a]·(x[t]·A[a]ᵀ)·B[a]ᵀ` with `a = adapter_index[t]`
+    (-1: none) on top of `x·Wᵀ + bias` (PEFT's `adapter_names` batches, one row per entry)."""
+    idx = adapter_index.reshape(-1).long()
+    x2 = x.reshape(-1, x.shape[-1])
+    a = idx.clamp(min=0)
+    xa = torch.einsum("tk,trk->tr", x2, A_stack[a]) * torch.as_tensor(scalings, dtype=x.dtype)[a, None]
+    lora = torch.einsum("tr,tnr->tn", xa, B_stack[a]) * (idx >= 0)[:, None]
+    y = x2 @ weight.t() + lora
+    y = y if bias is None else y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 # --------------------------------------------------------------------------------------------
 # DoRA (PEFT semantics)
 # --------------------------------------------------------------------------------------------

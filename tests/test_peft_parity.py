@@ -474,6 +474,79 @@ def test_several_adapters_with_dropout_in_training_go_to_peft():
     assert "several active adapters" in pk._call_reason(layer.train(), torch.zeros(1, 64), (), {})
 
 
+# ---- mixed-adapter batches (adapter_names) ---------------------------------------------------------
+
+
+def _three_adapters(model):
+    """`default` on every linear, `b` (rank 2) on q/v only, `c` (rank 8, rsLoRA) everywhere."""
+    model.add_adapter("b", LoraConfig(target_modules=["q_proj", "v_proj"], r=2, lora_alpha=4))
+    model.add_adapter("c", LoraConfig(target_modules=LINEARS, r=8, lora_alpha=8, use_rslora=True))
+    randomize_lora(model, seed=7)
+    return model.eval()
+
+
+@pytest.fixture
+def grouped_calls(monkeypatch):
+    """How many layer calls ran the grouped op (the calls still run)."""
+    from peftkern.ops import multi_lora
+    calls, real = [], multi_lora.grouped_lora_linear
+    monkeypatch.setattr(multi_lora, "grouped_lora_linear",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_mixed_adapter_batch_matches_peft(grouped_calls):
+    model = _three_adapters(_llama_lora())
+    ids = tokens(batch=6)
+    names = ["default", "b", "__base__", "c", "b", "default"]
+    with torch.no_grad():
+        want = model(input_ids=ids, adapter_names=names).logits
+        pk.enable(model)
+        for backend in [b for b in ops.available(torch.device("cpu")) if b in ("triton", "reference")]:
+            grouped_calls.clear()
+            with ops.use_backend(backend):
+                torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits, want,
+                                           rtol=1e-5, atol=1e-5)
+            assert len(grouped_calls) == 14  # every layer grouped, none delegated to PEFT
+        # a batch of one adapter, and one that names no adapter of the k_proj layers ("b")
+        for names in (["c"] * 6, ["b", "__base__"] * 3):
+            pk.disable(model)
+            want = model(input_ids=ids, adapter_names=names).logits
+            pk.enable(model)
+            torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits, want,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_adapter_batch_over_4bit_matches_peft(gen, grouped_calls):
+    model = _three_adapters_one_layer(_peft(_one_layer(gen, torch.float32, True, torch.float32)))
+    layer = model.base_model.model[0]
+    layer.get_base_layer().train()  # eval mode would let bnb repack its CPU weights
+    x = torch.randn(4, 3, K, generator=gen)
+    names = ["other", "default", "__base__", "other"]
+    with torch.no_grad():
+        want = layer(x, adapter_names=names)
+        pk.enable(model)
+        torch.testing.assert_close(layer(x, adapter_names=names), want, rtol=1e-5, atol=1e-5)
+    assert len(grouped_calls) == 1
+
+
+def _three_adapters_one_layer(model):
+    model.add_adapter("other", LoraConfig(target_modules=["0"], r=2, lora_alpha=4))
+    randomize_lora(model, seed=7)
+    return model.eval()
+
+
+def test_mixed_adapter_batch_with_dora_goes_to_peft():
+    model = _llama_lora()
+    model.add_adapter("d", LoraConfig(target_modules=["q_proj"], r=2, use_dora=True))
+    pk.enable(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.zeros(2, 3, 64)
+    assert pk._call_reason(layer.eval(), x, (), {"adapter_names": ["d", "default"]}) == \
+        "adapter_names with DoRA or lora_bias"
+    assert pk._call_reason(layer, x, (), {"adapter_names": ["default", "__base__"]}) is None
+
+
 def test_coverage_counts_layers_by_reason():
     model = get_peft_model(llama(), LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"],
                                                r=4))

@@ -7,13 +7,16 @@ Two routes, same math:
   already have (loaded adapters, QLoRA models).
 - `custom_modules()` is a mapping for `LoraConfig._register_custom_module`, so that
   `get_peft_model` builds peftkern-backed layers directly. PEFT marks that hook experimental.
+Mixed-adapter batches (`adapter_names=[...]`, one adapter per sample) run the grouped
+`ops.multi_lora` path: one base product, every adapter's LoRA term in one shrink and one expand.
 DoRA layers (`use_dora=True`) run `ops.dora_linear`, with PEFT's eval-time norm cache when
 `peft.tuners.lora.dora.ENABLE_DORA_CACHING` is on. A layer that uses something peftkern does not
 fuse (other LoRA variants, custom dropout, `target_parameters`, other base
 layers) keeps PEFT's own forward: `enable` logs one line naming those layers and why, and
 `coverage(model)` counts them by reason. At call time, whatever PEFT handles specially (adapters
-disabled, merged weights, `adapter_names` batches, autocast, dtypes peftkern does not fuse,
-several adapters with dropout in training or with DoRA) also goes to PEFT.
+disabled, merged weights, `adapter_names` batches with DoRA or dropout in training, autocast,
+dtypes peftkern does not fuse, several adapters with dropout in training or with DoRA) also goes
+to PEFT.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
 from .. import ops
+from ..ops import multi_lora
 from .bitsandbytes import from_bnb
 from ..validation import FLOAT_DTYPES
 
@@ -136,15 +140,32 @@ def _static_reason(layer, cache) -> tuple:
     return cache["static"]
 
 
+def _mixed(args, kwargs):
+    """The `adapter_names` list of a mixed-adapter call (and nothing else), else None."""
+    if args or set(kwargs) != {"adapter_names"} or not isinstance(kwargs["adapter_names"],
+                                                                     (list, tuple)):
+        return None
+    return kwargs["adapter_names"]
+
+
+def _used(layer, adapter_names) -> list[str]:
+    """The adapters of this layer that a mixed batch names, in the layer's order."""
+    wanted = set(adapter_names)
+    return [a for a in _adapters(layer) if a in wanted]
+
+
 def _call_reason(layer, x, args, kwargs, cache=None, names=None) -> str | None:
     """Why this call goes to PEFT, or None when it runs fused (`names`: the active adapters,
     when the caller has them)."""
-    if names is None:
-        names = _active(layer)
     if cache is None:
         cache = {}
+    mixed = _mixed(args, kwargs)
+    if mixed is not None:
+        return _mixed_reason(layer, x, mixed, cache)
+    if names is None:
+        names = _active(layer)
     if args or kwargs:
-        return "extra forward arguments (adapter_names, ...)"
+        return "extra forward arguments"
     if layer.disable_adapters or layer.merged:
         return "adapters disabled or merged"
     if not names:
@@ -152,6 +173,15 @@ def _call_reason(layer, x, args, kwargs, cache=None, names=None) -> str | None:
     static, base, kind = _static_reason(layer, cache)
     if static is not None:
         return static
+    if len(names) > 1 and any(_dropout_p(layer, a) > 0 for a in names):
+        return "several active adapters with dropout in training"
+    if len(names) > 1 and any(_dora_layer(layer, a) is not None for a in names):
+        return "several active adapters with DoRA"
+    return _dtype_reason(layer, x, names, base, kind)
+
+
+def _dtype_reason(layer, x, names, base, kind) -> str | None:
+    """Why the dtypes of x, the adapters `names` and the base keep the call on PEFT, or None."""
     if torch.is_autocast_enabled(x.device.type):
         return "autocast"  # PEFT's layers follow autocast's dtypes; the fused ops do not
     ld = _lora_A(layer, names[0]).dtype
@@ -161,11 +191,28 @@ def _call_reason(layer, x, args, kwargs, cache=None, names=None) -> str | None:
         return "input dtype casting disabled"
     if kind != "4bit" and _param(base, "weight").dtype != x.dtype:
         return "input dtype differs from the base weight's"
-    if len(names) > 1 and any(_dropout_p(layer, a) > 0 for a in names):
-        return "several active adapters with dropout in training"
-    if len(names) > 1 and any(_dora_layer(layer, a) is not None for a in names):
-        return "several active adapters with DoRA"
     return None
+
+
+def _mixed_reason(layer, x, adapter_names, cache) -> str | None:
+    """Why a mixed-adapter (`adapter_names`) call goes to PEFT, or None when it runs grouped."""
+    if layer.disable_adapters or layer.merged:
+        return "adapters disabled or merged"
+    static, base, kind = _static_reason(layer, cache)
+    if static is not None:
+        return static
+    if "lora_E" in _mods(layer):
+        return "adapter_names with AdaLoRA"
+    if len(adapter_names) != x.shape[0] or x.dim() < 2:
+        return "adapter_names does not match the batch"
+    used = _used(layer, adapter_names)
+    if not used:
+        return "no adapter of this layer in adapter_names"
+    if any(_dora_layer(layer, a) is not None or _factors(layer, a)[3] is not None for a in used):
+        return "adapter_names with DoRA or lora_bias"
+    if any(_dropout_p(layer, a) > 0 for a in used):
+        return "adapter_names with dropout in training"
+    return _dtype_reason(layer, x, used, base, kind)
 
 
 def _param(module, name):
@@ -211,31 +258,82 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, cache=None, **kwa
     `cache` (a dict kept per layer) saves the per-call checks that only change with the layer."""
     if cache is None or torch.compiler.is_compiling():  # traced once: no identities to compare
         cache = {}
+    mixed = _mixed(args, kwargs)
+    if mixed is not None:
+        if _mixed_reason(layer, x, mixed, cache) is not None:
+            return peft_forward(x, *args, **kwargs)
+        return _mixed_forward(layer, x, mixed, cache)
     names = _active(layer)
     if _call_reason(layer, x, args, kwargs, cache, names) is not None:
         return peft_forward(x, *args, **kwargs)
     A, B, s, lora_bias = _low_rank([_factors(layer, a) for a in names])
     p = _dropout_p(layer, names[0])
-    _, base, kind = cache["static"]
-    bias = _param(base, "bias")
+    w, bias, cd = _base_operand(layer, x, cache)
     dora = _dora_layer(layer, names[0])
-    if kind == "4bit":  # computed in bnb's compute_dtype, returned in x's dtype, as bnb does
-        w, cd = _qweight(base, cache), base.compute_dtype or x.dtype
-        bias = None if bias is None else bias.to(cd)
-    else:
-        w, cd = _param(base, "weight"), None
-        w = w if kind == "dense" else w.t()  # Conv1D: [in, out]
     if dora is not None:
         return ops.dora_linear(x, w, bias, A, B, s, _param(dora, "weight"), p,
                                weight_norm=_dora_norm(dora, names[0], w, A, B, s),
                                compute_dtype=cd)
-    if kind == "4bit":
+    if cd is not None:
         y = ops.qlora_linear(x, w, bias, A, B, s, p, compute_dtype=cd)
     else:
         y = ops.lora_linear(x, w, bias, A, B, s, p)
     if lora_bias is not None:  # lora_bias=True: PEFT adds s·b_B after the base result
         y = (y.to(lora_bias.dtype) + lora_bias).to(y.dtype)
     return y
+
+
+def _base_operand(layer, x, cache):
+    """`(weight, bias, compute_dtype)` of the base layer as the fused ops take them."""
+    _, base, kind = cache["static"]
+    bias = _param(base, "bias")
+    if kind == "4bit":  # computed in bnb's compute_dtype, returned in x's dtype, as bnb does
+        cd = base.compute_dtype or x.dtype
+        return _qweight(base, cache), None if bias is None else bias.to(cd), cd
+    w = _param(base, "weight")
+    return (w if kind == "dense" else w.t()), bias, None  # Conv1D: [in, out]
+
+
+def _stacks(layer, used, cache):
+    """`(A [n, r, K], B [n, N, r], scalings [n])` of the adapters `used`, ranks zero-padded;
+    cached while the parameters keep their storage and version, unless autograd records."""
+    factors = [_factors(layer, a)[:3] for a in used]
+    grad = torch.is_grad_enabled() and any(A.requires_grad or B.requires_grad
+                                           for A, B, _ in factors)
+    key = tuple((id(A), A._version, A.data_ptr(), id(B), B._version, B.data_ptr(), s)
+                for A, B, s in factors)
+    if grad or cache.get("stack_key") != key:
+        r = max(A.shape[0] for A, _, _ in factors)
+        A = torch.stack([torch.nn.functional.pad(A, (0, 0, 0, r - A.shape[0])) for A, _, _ in factors])
+        B = torch.stack([torch.nn.functional.pad(B, (0, r - B.shape[1])) for _, B, _ in factors])
+        s = torch.tensor([s for _, _, s in factors], dtype=torch.float32, device=A.device)
+        if grad:
+            return A, B, s
+        cache["stack_key"], cache["stacks"] = key, (A, B, s)
+    return cache["stacks"]
+
+
+def _row_index(adapter_names, used, x, cache):
+    """Each row's adapter (its position in `used`, -1 for "__base__" or one this layer lacks),
+    one entry per sample repeated over its tokens, and the kernels' block table; cached for
+    the last list seen."""
+    key = (tuple(adapter_names), tuple(used), tuple(x.shape[:-1]), x.device)
+    if cache.get("index_key") != key:
+        pos = {a: i for i, a in enumerate(used)}
+        per_sample = torch.tensor([pos.get(a, -1) for a in adapter_names], device=x.device)
+        idx = per_sample.repeat_interleave(x[0, ..., 0].numel())
+        cache["index_key"] = key
+        cache["index"] = (idx, multi_lora.block_table(idx, len(used)))
+    return cache["index"]
+
+
+def _mixed_forward(layer, x, adapter_names, cache):
+    """PEFT's `_mixed_batch_forward` through the grouped op."""
+    used = _used(layer, adapter_names)
+    w, bias, cd = _base_operand(layer, x, cache)
+    A, B, s = _stacks(layer, used, cache)
+    idx, table = _row_index(adapter_names, used, x, cache)
+    return multi_lora.grouped_lora_linear(x, w, bias, A, B, s, idx, cd, table)
 
 
 def _dora_norm(dora, name, w, A, B, s):

@@ -50,6 +50,7 @@ IMPLEMENTS = {
     "dequantize_4bit": ("triton", "cpp", "cuda", "reference"),
     "adalora_update_ipt": ("triton", "reference"),
     "dora_norm": ("triton", "cpp", "reference"),
+    "grouped_lora": ("triton", "reference"),
 }
 MATMULS = ("lora_linear_fwd", "lora_linear_dx", "qlora_linear_fwd", "qlora_linear_dx")
 _state = threading.local()
@@ -170,7 +171,7 @@ def _decide(op, device, M, N, K, blocksize, dtype, same_layout) -> Plan:
         have.remove("triton")
         why = "fp32 on CUDA: cuBLAS (the fused Triton FFMA kernels spill); "
     if dtype == torch.bfloat16 and dev.type == "cpu" and interpreting() and "triton" in have \
-            and op in MATMULS + ("adalora_update_ipt", "dora_norm"):
+            and op in MATMULS + ("adalora_update_ipt", "dora_norm", "grouped_lora"):
         if name == "triton":
             raise RuntimeError("backend 'triton' refuses bfloat16 under TRITON_INTERPRET=1: the "
                                "interpreter's bf16 arithmetic is wrong (triton-lang/triton#11584); "

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from ..format import QuantizedWeight
 from ..validation import FLOAT_DTYPES, check_tensor
@@ -25,7 +24,7 @@ from .backends.common import scaled_output
 from .dispatch import _plan
 from . import lora
 from .lora import (_eager, _lora_linear, _passed, _qlora_linear, _remember, _rows, _signature,
-                   check_lora)
+                   base_linear, check_lora)
 
 
 def _norm(weight: Optional[torch.Tensor], data: Optional[torch.Tensor],
@@ -93,17 +92,6 @@ def _fused(x, weight, bias, A, B, s, compute_dtype, scale=None):
     return _lora_linear(x, weight, bias, A, B, s, scale=scale)
 
 
-def _base(x, weight, bias, A, compute_dtype):
-    """`x·Wᵀ + bias` alone, differentiable in x (the dropout case's second base product). A
-    4-bit weight goes through the fused op with the LoRA term switched off (scaling 0, frozen
-    factors: its rank-r extra is a few percent of the product)."""
-    if isinstance(weight, QuantizedWeight):
-        zero = A.new_zeros(1, A.shape[1])
-        return _qlora_linear(x, weight, bias, zero, zero.new_zeros(weight.shape[0], 1), 0.0, 0.0,
-                             None, compute_dtype)
-    return F.linear(x, weight, bias)
-
-
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torch.Tensor,
                 dropout_p: float = 0.0, dropout_mask: Optional[torch.Tensor] = None,
                 weight_norm: Optional[torch.Tensor] = None,
@@ -146,7 +134,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
                               x.dtype)
     else:
         xd = (x2.to(lora_A.dtype) * mask).to(x.dtype)
-        rest = _base(x2 - xd, weight, bias, lora_A, cd)
+        rest = base_linear(x2 - xd, weight, bias, cd)
         u = _fused(xd, weight, None, lora_A, lora_B, scaling, cd)
         y = scaled_output(u, g, rest.to(u.dtype), x.dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)

@@ -394,6 +394,17 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
     return _qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, cd)
 
 
+def base_linear(x, weight, bias, compute_dtype=None):
+    """`x·Wᵀ + bias` alone for checked 2-D x, differentiable in x, in x's dtype: torch for a dense
+    weight; a 4-bit one through the fused op with its LoRA term switched off (scaling 0, a frozen
+    zero rank-1 factor: a few percent of the product), so it takes the same decode paths."""
+    if not isinstance(weight, QuantizedWeight):
+        return torch.nn.functional.linear(x, weight, bias)
+    zero = x.new_zeros(1, x.shape[1], dtype=torch.float32)
+    return _qlora_linear(x, weight, bias, zero, zero.new_zeros(weight.shape[0], 1), 0.0, 0.0, None,
+                         compute_dtype or x.dtype)
+
+
 def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, compute_dtype,
                   scale=None):
     """`qlora_linear` on checked arguments (`scale`: as in `_lora_linear`)."""

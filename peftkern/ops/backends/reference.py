@@ -6,6 +6,7 @@ multiplied by torch (cuBLAS on CUDA). The only compute-path module that may use 
 from __future__ import annotations
 
 
+import torch
 import torch.nn.functional as F
 
 from ... import reference
@@ -53,6 +54,26 @@ def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
     decode = {"cpp": cpp.dequantize_4bit, "triton": triton.dequantize_4bit}.get(config,
                                                                                dequantize_4bit)
     return cpp.dora_norm_panels(weight, qw, lora_A, lora_B, scaling, N, K, decode)
+
+
+def add_grouped_lora(y, x, A, B, scalings, adapter_index, table=None):
+    """`y + s[a]·x·A[a]ᵀ·B[a]ᵀ` per row (adapter a = adapter_index[row], -1: none), out of place
+    and differentiable: the rows sorted by adapter, one product pair per adapter present, summed
+    with y in the widest dtype and rounded once. (Reads the row counts: a host sync.)"""
+    n, N = A.shape[0], B.shape[1]
+    key = torch.where(adapter_index < 0, n, adapter_index.long())
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=n + 1).tolist()
+    xs = x[order].to(A.dtype)
+    pieces, start = [], 0
+    for a, c in enumerate(counts[:n]):
+        if c:
+            pieces.append(((xs[start:start + c] @ A[a].t()) * scalings[a]) @ B[a].t())
+        start += c
+    pieces.append(xs.new_zeros(counts[n], N))
+    lora = torch.cat(pieces)[torch.argsort(order)]
+    wide = torch.promote_types(y.dtype, lora.dtype)
+    return (y.to(wide) + lora.to(wide)).to(y.dtype)
 
 
 def quantize_4bit(A, quant_type, blocksize):

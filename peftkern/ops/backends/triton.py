@@ -8,8 +8,8 @@ from .common import lora_xa, packed_bytes
 
 
 def _kernels():
-    from ...kernels import adalora, dora_norm, lora_linear, quant_4bit
-    return lora_linear, quant_4bit, adalora, dora_norm
+    from ...kernels import adalora, dora_norm, lora_linear, multi_lora, quant_4bit
+    return lora_linear, quant_4bit, adalora, dora_norm, multi_lora
 
 
 def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
@@ -70,6 +70,15 @@ def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, data.device)
     return _kernels()[3].dora_norm(packed_bytes(data), q, lora_A, lora_B, scaling, N, K)
+
+
+def add_grouped_lora(y, x, A, B, scalings, adapter_index, table=None):
+    """In place on y (a fresh base result): the shrink and expand kernels, no autograd."""
+    return _kernels()[4].add_grouped_lora(y, x, A, B, scalings, adapter_index, table)
+
+
+def block_table(adapter_index, n):
+    return _kernels()[4].block_table(adapter_index, n)
 
 
 def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim):
