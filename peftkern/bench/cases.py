@@ -257,3 +257,42 @@ def lora_fwd(N, K, M, r, dtype, device):
 
 def lora_fwd_bwd(N, K, M, r, dtype, device):
     return _linear_case("lora_fwd_bwd", N, K, M, r, dtype, device, "fwd+bwd", False)
+
+
+# ---- mixed-adapter batches ---------------------------------------------------------------------
+
+SAMPLES = 16  # sequences per mixed batch: M tokens in all, adapters assigned round robin
+
+
+def mixed_batch(n_adapters, N, K, M, r, dtype, device) -> Case:
+    """One PEFT LoRA layer holding `n_adapters` adapters, called with `adapter_names` (one per
+    sequence, round robin) in inference: through `pk.enable` (grouped) and PEFT (one masked pass
+    per adapter). The time should not grow with the adapter count."""
+    op = f"mixed_{n_adapters}"
+    elt = torch.finfo(dtype).bits // 8
+    case = Case(op, N, K, M, r, dtype, device, flops=2 * M * N * K + 2 * M * r * (K + N),
+                bytes=N * K * elt + n_adapters * r * (K + N) * elt + M * (K + N) * elt)
+    seqs = min(SAMPLES, M)
+    x = torch.randn(seqs, M // seqs, K, dtype=dtype, device=device)
+    names = [f"a{i % n_adapters}" for i in range(seqs)]
+
+    def build(enable):
+        from peft import LoraConfig
+        model = _peft(nn.Sequential(_linear(N, K, dtype, device)),
+                      LoraConfig(target_modules=["0"], r=r, lora_alpha=2 * r))
+        for i in range(n_adapters):
+            model.add_adapter(f"a{i}", LoraConfig(target_modules=["0"], r=r, lora_alpha=2 * r))
+        _randomize_B(model).eval()
+        if enable:
+            from ..integrations import peft as pk
+            pk.enable(model)
+        layer = model.base_model.model[0]
+
+        def call():
+            with torch.no_grad():
+                return layer(x, adapter_names=names)
+        return call, N * K * elt
+
+    if has("peft"):
+        case.impls = [Impl("peftkern", lambda: build(True)), Impl("peft", lambda: build(False))]
+    return case

@@ -1,6 +1,7 @@
 """The sweep: which cases each op runs by default, and the loop that times every implementation."""
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import time
@@ -52,6 +53,11 @@ OPS = {
     "qdora_step": OpSpec(steps.qdora_step, "QDoRA layer fwd + bwd (bnb 4-bit base) vs QLoRA and "
                          "PEFT", _by(L8B, SQ, [(1024, 1024)]), _by([2048, 8192], [128], [64]),
                          _by([16], [16], [16])),
+    **{f"mixed_{n}": OpSpec(functools.partial(cases.mixed_batch, n),
+                            f"LoRA inference, a batch of 16 sequences mixing {n} adapter(s) "
+                            "(adapter_names)", _by(SQ, SQ, [(1024, 1024)]),
+                            _by([16, 4096], [16, 512], [64]), _by([16], [16], [16]))
+       for n in (1, 4, 16)},
     "model_step": OpSpec(steps.model_step, "small random Llama QLoRA training step (NxK = "
                          "intermediate x hidden, M tokens)",
                          _by([(5632, 2048)], [(1376, 512)], [(688, 256)]), _by([4096], [256], [128]),
