@@ -110,6 +110,41 @@ class _LoRAMixin:
         A, B, s = self._low_rank()
         return s * (B.float() @ A.float())
 
+    # ---- (IA)³: a learned scale on the output ----------------------------------------------
+
+    def add_output_scale(self) -> None:
+        """(IA)³ on this layer: a trainable `ia3_l [out_features]` (ones: the layer is unchanged),
+        `y = ia3_l ⊙ (x·Wᵀ + b + s·B·A·drop(x))`, applied in the fused op's epilogue."""
+        if self.merged:
+            raise RuntimeError("add_output_scale: unmerge the layer first")
+        if "lora_magnitude_vector" in self._modules:
+            raise RuntimeError("add_output_scale: a DoRA layer scales its output by its magnitude")
+        A = self.lora_A.weight
+        self.ia3_l = nn.Parameter(torch.ones(self.out_features, device=A.device, dtype=A.dtype))
+
+    def _scale_and_bias(self):
+        """`(scale or None, bias)` for the fused op: with (IA)³ the bias is scaled too."""
+        scale = self._parameters.get("ia3_l")
+        if scale is None or self.bias is None:
+            return scale, self.bias
+        return scale, (scale * self.bias).to(self.bias.dtype)
+
+    @torch.no_grad()
+    def _fold_output_scale(self, weight: torch.Tensor, undo: bool = False) -> torch.Tensor:
+        """Merging with (IA)³: `weight` (fp32, W + s·B·A) times the scale, the bias scaled in
+        place; `undo` divides instead (unmerge)."""
+        scale = self._parameters.get("ia3_l")
+        if scale is None:
+            return weight
+        if not undo and bool((scale == 0).any()):
+            raise ValueError("merge: ia3_l has zero entries; the merged layer could not be "
+                             "unmerged")
+        col = scale.float()[:, None]
+        if self.bias is not None:
+            self.bias.copy_(self.bias.float() / scale.float() if undo else
+                            self.bias.float() * scale.float())
+        return weight / col if undo else weight * col
+
     def extra_repr(self) -> str:
         rank = "" if self.active_rank is None else f", active_rank={self.active_rank}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -141,19 +176,22 @@ class LoRALinear(_LoRAMixin, AdapterLayer):
         if self.merged:
             return nn.functional.linear(x, self.weight, self.bias)
         A, B, s = self._low_rank()
-        return ops.lora_linear(x, self.weight, self.bias, A, B, s, self._dropout_p())
+        scale, bias = self._scale_and_bias()
+        return ops.lora_linear(x, self.weight, bias, A, B, s, self._dropout_p(), scale=scale)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """`W += s·B·A` (exact up to the rounding of W's dtype); forward then skips the LoRA branch."""
+        """`W += s·B·A` (exact up to the rounding of W's dtype; with (IA)³ `W ← l ⊙ (W + s·B·A)`,
+        `b ← l ⊙ b`); forward then skips the LoRA branch."""
         if not self.merged:
-            self.weight.copy_(self.weight.float() + self._delta_weight())
+            self.weight.copy_(self._fold_output_scale(self.weight.float() + self._delta_weight()))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.weight.copy_(self.weight.float() - self._delta_weight())
+            w = self._fold_output_scale(self.weight.float(), undo=True)
+            self.weight.copy_(w - self._delta_weight())
             self.merged = False
 
 
@@ -253,8 +291,9 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
             w = dequantize_4bit(self.qweight, self.compute_dtype)
             return nn.functional.linear(x.to(self.compute_dtype), w, self.bias).to(x.dtype)
         A, B, s = self._low_rank()
-        return ops.qlora_linear(x, self.qweight, self.bias, A, B, s, self._dropout_p(),
-                                compute_dtype=self.compute_dtype)
+        scale, bias = self._scale_and_bias()
+        return ops.qlora_linear(x, self.qweight, bias, A, B, s, self._dropout_p(),
+                                compute_dtype=self.compute_dtype, scale=scale)
 
     @torch.no_grad()
     def merge(self) -> float:
@@ -276,14 +315,16 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
         return self.merge_error
 
     def _merge_target(self, q) -> torch.Tensor:
-        """The fp32 weight that merging quantizes: `W + s·B·A`."""
-        return dequantize_4bit(q, torch.float32) + self._delta_weight()
+        """The fp32 weight that merging quantizes: `W + s·B·A` (times the (IA)³ scale)."""
+        return self._fold_output_scale(dequantize_4bit(q, torch.float32) + self._delta_weight())
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             self._set_qweight(self._unmerged_qweight.to(self.weight.device))
             self._unmerged_qweight = None
+            if self.bias is not None and "ia3_l" in self._parameters:
+                self._fold_output_scale(self.bias, undo=True)  # only the bias: bytes restored
             self.merged = False
 
 

@@ -337,3 +337,52 @@ def test_any_k_tiles_no_restriction(gen):
             want = R.lora_linear(x.double(), peftkern.dequantize_4bit(q, torch.float32).double(), None,
                                  A.double(), B.double(), 1.0)
             assert_error_rule(f"K={K}", y, want, R.lora_linear(x, peftkern.dequantize_4bit(q), None, A, B, 1.0))
+
+
+# ---- (IA)³: the output scale ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_kind, dt", [("dense", "fp16"), ("nf4-dq", "fp32"),
+                                             ("dense", "fp32"), ("fp4", "fp16")])
+def test_output_scale_forward_and_gradients_follow_error_rule(backend, weight_kind, dt, gen):
+    """`(x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) ⊙ scale + bias`: y and every gradient (dscale too), and the
+    inference epilogue equal to the training path."""
+    dtype = DT[dt]
+    W32, q, x, A, B, b, mask, dy = _inputs(gen, weight_kind, dtype, 9, 4, 37, 96, True, 0.1, "3d")
+    scale = torch.rand(37, generator=gen) + 0.5
+    s = 0.75
+
+    def ours(x_, A_, B_, b_, sc_):
+        m = mask.to(dtype)
+        if q is None:
+            return ops.lora_linear(x_, W32.to(dtype), b_, A_, B_, s, dropout_mask=m, scale=sc_)
+        return ops.qlora_linear(x_, q, b_, A_, B_, s, dropout_mask=m, scale=sc_)
+
+    def ref(dtype_):
+        def f(x_, A_, B_, b_, sc_):
+            return R.lora_linear(x_, W32.to(dtype_), None, A_, B_, s, mask.to(dtype_)) * sc_ + b_
+        leaves = [t.to(dtype_).clone().requires_grad_() for t in (x, A, B, b, scale)]
+        y = f(*leaves)
+        y.backward(dy.to(dtype_))
+        return [y] + [t.grad for t in leaves]
+
+    leaves = [t.to(dtype).clone().requires_grad_() for t in (x, A, B, b, scale)]
+    with ops.use_backend(backend):
+        y = ours(*leaves)
+        y.backward(dy.to(dtype))
+        with torch.no_grad():
+            y_inf = ours(*[t.detach() for t in leaves])
+    got = [y] + [t.grad for t in leaves]
+    oracle, baseline = ref(torch.float64), ref(dtype)
+    for name, g, o, t in zip(["y", "dx", "dA", "dB", "dbias", "dscale"], got, oracle, baseline):
+        assert_error_rule(name, g, o, t)
+    assert_error_rule("y (epilogue)", y_inf, oracle[0], baseline[0])
+
+
+def test_output_scale_is_checked(gen):
+    W32, _, x, A, B, b, _, _ = _inputs(gen, "dense", torch.float32, 4, 4, 37, 96, True, 0.0, "2d")
+    with pytest.raises(ValueError, match="scale must have out_features=37"):
+        ops.lora_linear(x, W32, b, A, B, 0.5, scale=torch.ones(36))
+    with pytest.raises(TypeError, match="scale must be a torch.Tensor"):
+        ops.lora_linear(x, W32, b, A, B, 0.5, scale=[1.0] * 37)

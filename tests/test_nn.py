@@ -198,3 +198,32 @@ def test_parity_with_peft_lora_over_bnb_linear4bit(gen):
 
 
 # ---- torch.compile -------------------------------------------------------------------------------
+
+
+# ---- (IA)³ ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dense", "4bit"])
+def test_output_scale_scales_the_layer_trains_and_merges(kind, gen):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 40)
+    layer = LoRALinear.from_linear(lin, r=4) if kind == "dense" else \
+        QLoRALinear.from_linear(lin, r=4, compute_dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1, generator=gen)
+    x = torch.randn(5, 64, generator=gen)
+    plain = layer(x).detach()
+    layer.add_output_scale()
+    torch.testing.assert_close(layer(x), plain)  # ones: unchanged
+    with torch.no_grad():
+        layer.ia3_l.uniform_(0.5, 1.5, generator=gen)
+    y = layer(x)
+    torch.testing.assert_close(y, plain * layer.ia3_l, rtol=1e-5, atol=1e-5)  # bias scaled too
+    y.square().sum().backward()
+    assert layer.ia3_l.grad is not None and layer.lora_A.weight.grad is not None
+    want = y.detach()
+    layer.merge()
+    tol = 1e-5 if kind == "dense" else layer.merge_error * x.abs().sum(1).max().item()
+    assert (layer(x) - want).abs().max() <= tol
+    layer.unmerge()
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)

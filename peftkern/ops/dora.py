@@ -7,9 +7,8 @@
 The second line is PEFT's `base(x) + (g − 1)·base(xd) + g·s·lora(xd)` rearranged: with dropout
 PEFT runs the base layer twice, and so does this. The norm is one pass over the weight (the
 Triton kernel decodes 4-bit rows in-kernel; elsewhere panels of rows), never `B·A` or the whole
-dequantized weight. The rest is the fused LoRA op: where autograd records, it gives the
-pre-scale result and torch applies `g` (so that `m` gets its gradient); otherwise `g` is
-applied in the fused op's epilogue.
+dequantized weight. The rest is the fused LoRA op with `g` as its output scale (in the
+epilogue; after it where autograd records, so that `m` gets its gradient).
 """
 from __future__ import annotations
 
@@ -125,13 +124,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
     N, K = weight.shape
     x2 = _rows(x, K)
     mask = lora._mask(x2, dropout_p, dropout_mask, lora_A.dtype)  # one draw for both terms
-    if mask is None:
-        tensors = (x2, lora_A, lora_B, magnitude, bias, weight if not quant else None)
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-            y = _fused(x2, weight, bias, lora_A, lora_B, scaling, cd, scale=g)  # the epilogue
-        else:
-            y = scaled_output(_fused(x2, weight, None, lora_A, lora_B, scaling, cd), g, bias,
-                              x.dtype)
+    if mask is None:  # the scale in the fused op's epilogue, or after it under autograd
+        y = _fused(x2, weight, bias, lora_A, lora_B, scaling, cd, scale=g)
     else:
         xd = (x2.to(lora_A.dtype) * mask).to(x.dtype)
         rest = base_linear(x2 - xd, weight, bias, cd)

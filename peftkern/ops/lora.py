@@ -19,7 +19,7 @@ import torch
 from ..format import QuantizedWeight
 from ..validation import FLOAT_DTYPES, check_choice, check_probability, check_tensor
 from .backends import MODULES
-from .backends.common import add_lora, lora_input
+from .backends.common import add_lora, lora_input, scaled_output
 from .dispatch import _plan
 from .quant import dequantize_blocks
 
@@ -346,52 +346,76 @@ def _mask(x2, dropout_p, dropout_mask, dtype):
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
-                dropout_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                dropout_mask: Optional[torch.Tensor] = None,
+                scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ` for `x [..., K]`, `W [N, K]`, `A [r, K]`, `B [N, r]`.
 
     `x`, `W` and `bias` share one dtype. `A` and `B` may be in another (PEFT's fp32 adapters on a
     16-bit base): the LoRA branch and its gradients are computed in theirs, and the result is
     rounded once to x's. Dropout (PEFT semantics) applies to the LoRA input only;
     `dropout_mask` (already scaled by 1/(1-p)) replaces the random draw when given. `W` may be a
-    transposed view (GPT-2's Conv1D) and may require grad (then dW is computed).
+    transposed view (GPT-2's Conv1D) and may require grad (then dW is computed). `scale` ([N],
+    optional, may be trainable: (IA)³'s learned vector) multiplies each output feature before
+    the bias: `(x·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) ⊙ scale + bias`.
     """
-    sig = _signature("dense", x, weight, bias, lora_A, lora_B, dropout_p)
+    sig = _signature("dense", x, weight, bias, lora_A, lora_B, dropout_p, scale)
     if not _passed(sig):
         check_lora(x, weight, bias, lora_A, lora_B, dropout_p)
+        _check_scale(scale, weight.shape[0], x.device)
         _remember(sig)
-    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask)
+    return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, scale)
+
+
+def _check_scale(scale, N, device):
+    if scale is not None:
+        check_tensor("scale", scale, ndim=1, dtypes=FLOAT_DTYPES, device=device)
+        if scale.shape[0] != N:
+            raise ValueError(f"scale must have out_features={N} elements, got {scale.shape[0]}")
+
+
+def _scaled(run, tensors, bias, scale, out_dtype):
+    """`run(bias, scale)` gives the fused result. Where autograd records (the scale trainable,
+    or anything else), the fused op gives the unscaled result and torch scales it, so that the
+    scale gets its gradient; otherwise the op's epilogue applies the scale."""
+    if scale is None or not _records(tensors + (scale,)):
+        return run(bias, scale)
+    return scaled_output(run(None, None), scale, bias, out_dtype)
 
 
 def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None,
                  scale=None):
-    """`lora_linear` on checked arguments (the PEFT integration checks once per layer state).
-    `scale` ([N], for calls autograd does not record): `(x·Wᵀ + LoRA) ⊙ scale + bias`."""
+    """`lora_linear` on checked arguments (the PEFT integration checks once per layer state)."""
     N, K = weight.shape
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
-    args = (x2, weight, bias, lora_A, lora_B, float(scaling), mask, scale)
-    y, _ = _run("lora_linear_fwd", lora_linear_fwd, args,
-                (x2, weight, bias, lora_A, lora_B, mask, scale), (N, K))
-    return _unrows(y, x)
+
+    def run(b, sc):
+        args = (x2, weight, b, lora_A, lora_B, float(scaling), mask, sc)
+        return _run("lora_linear_fwd", lora_linear_fwd, args,
+                    (x2, weight, b, lora_A, lora_B, mask, sc), (N, K))[0]
+    return _unrows(_scaled(run, (x2, weight, bias, lora_A, lora_B), bias, scale, x.dtype), x)
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
                  dropout_mask: Optional[torch.Tensor] = None,
-                 compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                 compute_dtype: Optional[torch.dtype] = None,
+                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`lora_linear` over a 4-bit `peftkern.QuantizedWeight` (decoded in-kernel, never stored).
 
     The base GEMM runs in `compute_dtype` (default: x's; x is cast to it, as bnb's Linear4bit
     does, and `bias` must be in it), the LoRA branch in the adapters' dtype on x itself, and the
-    result comes back in x's dtype.
+    result comes back in x's dtype. `scale`: as in `lora_linear`.
     """
-    sig = _signature("quant", x, qweight, bias, lora_A, lora_B, dropout_p, compute_dtype)
+    sig = _signature("quant", x, qweight, bias, lora_A, lora_B, dropout_p, compute_dtype, scale)
     cd = compute_dtype or getattr(x, "dtype", None)
     if not _passed(sig):
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
         check_lora(x, qweight, bias, lora_A, lora_B, dropout_p, cd, "qweight")
+        _check_scale(scale, qweight.shape[0], x.device)
         _remember(sig)
-    return _qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, cd)
+    return _qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, cd,
+                         scale)
 
 
 def base_linear(x, weight, bias, compute_dtype=None):
@@ -407,13 +431,14 @@ def base_linear(x, weight, bias, compute_dtype=None):
 
 def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, compute_dtype,
                   scale=None):
-    """`qlora_linear` on checked arguments (`scale`: as in `_lora_linear`)."""
+    """`qlora_linear` on checked arguments."""
     N, K = q.shape
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
-    args = (x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, compute_dtype, scale)
-    y, _ = _run("qlora_linear_fwd", qlora_linear_fwd, args,
-                (x2, bias, lora_A, lora_B, mask, scale, *qw[:5]),
-                (N, K, q.blocksize, compute_dtype))
-    return _unrows(y, x)
+
+    def run(b, sc):
+        args = (x2, *qw, N, b, lora_A, lora_B, float(scaling), mask, compute_dtype, sc)
+        return _run("qlora_linear_fwd", qlora_linear_fwd, args,
+                    (x2, b, lora_A, lora_B, mask, sc, *qw[:5]), (N, K, q.blocksize, compute_dtype))[0]
+    return _unrows(_scaled(run, (x2, bias, lora_A, lora_B), bias, scale, x.dtype), x)
