@@ -121,6 +121,18 @@ def multi_lora_linear(x, weight, bias, A_stack, B_stack, scalings, adapter_index
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def expert_lora_linear(x, weight, bias, lora_A, lora_B, scaling, group_sizes):
+    """MoE expert linear with per-expert LoRA: rows grouped by expert (`group_sizes[e]` each),
+    `y = x·(W[e] + s·B[e]·A[e])ᵀ + bias[e]` (PEFT's target_parameters delta, materialised)."""
+    out, start = [], 0
+    for e, c in enumerate(group_sizes):
+        w = weight[e] if lora_A is None else weight[e] + scaling * (lora_B[e] @ lora_A[e])
+        y = x[start:start + c] @ w.t()
+        out.append(y if bias is None else y + bias[e])
+        start += c
+    return torch.cat(out)
+
+
 # --------------------------------------------------------------------------------------------
 # DoRA (PEFT semantics)
 # --------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ Two routes, same math:
 Mixed-adapter batches (`adapter_names=[...]`, one adapter per sample) run the grouped
 `ops.multi_lora` path: one base product, every adapter's LoRA term in one shrink and one expand.
 DoRA layers (`use_dora=True`) run `ops.dora_linear`, with PEFT's eval-time norm cache when
-`peft.tuners.lora.dora.ENABLE_DORA_CACHING` is on. A layer that uses something peftkern does not
-fuse (other LoRA variants, custom dropout, `target_parameters`, other base
+`peft.tuners.lora.dora.ENABLE_DORA_CACHING` is on. `target_parameters` LoRA on transformers'
+expert weights runs `ops.moe` (`peft_moe.py`). A layer that uses something peftkern does not
+fuse (other LoRA variants, custom dropout, `target_parameters` on other modules, other base
 layers) keeps PEFT's own forward: `enable` logs one line naming those layers and why, and
 `coverage(model)` counts them by reason. At call time, whatever PEFT handles specially (adapters
 disabled, merged weights, `adapter_names` batches with DoRA or dropout in training, autocast,
@@ -30,6 +31,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import multi_lora
+from . import peft_moe
 from .bitsandbytes import from_bnb
 from ..validation import FLOAT_DTYPES
 
@@ -87,7 +89,7 @@ def _adapters(layer):
 def unsupported_reason(layer) -> str | None:
     """Why `layer` (a PEFT LoRA or AdaLoRA layer) cannot run fused, or None when it can."""
     if isinstance(layer, lora_layer.ParamWrapper):
-        return "target_parameters (PEFT ParamWrapper)"
+        return peft_moe.static_reason(layer)
     base = layer.get_base_layer()
     if _base_kind(base) is None:
         return f"base layer {type(base).__name__} is not nn.Linear, Conv1D or bnb Linear4bit"
@@ -159,6 +161,8 @@ def _call_reason(layer, x, args, kwargs, cache=None, names=None) -> str | None:
     when the caller has them)."""
     if cache is None:
         cache = {}
+    if isinstance(layer, lora_layer.ParamWrapper):
+        return peft_moe.call_reason(layer, args, kwargs)
     mixed = _mixed(args, kwargs)
     if mixed is not None:
         return _mixed_reason(layer, x, mixed, cache)
@@ -258,6 +262,10 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, cache=None, **kwa
     `cache` (a dict kept per layer) saves the per-call checks that only change with the layer."""
     if cache is None or torch.compiler.is_compiling():  # traced once: no identities to compare
         cache = {}
+    if isinstance(layer, lora_layer.ParamWrapper):  # target_parameters on expert weights
+        if peft_moe.call_reason(layer, args, kwargs) is not None:
+            return peft_forward(x, *args, **kwargs)
+        return peft_moe.forward(layer, x, *args)
     mixed = _mixed(args, kwargs)
     if mixed is not None:
         if _mixed_reason(layer, x, mixed, cache) is not None:
@@ -400,11 +408,15 @@ def _install(m) -> None:
 
 
 def _lora_layers(model):
-    # PEFT's LoRA layers and AdaLoRA's SVD layers (which AdaLoRA's custom-module hook ignores)
+    # PEFT's LoRA layers and AdaLoRA's SVD layers (which AdaLoRA's custom-module hook ignores);
+    # of nested ParamWrappers (several parameters of one module targeted) only the outermost,
+    # which runs them all
     from peft.tuners.adalora.layer import AdaLoraLayer
-    for name, m in model.named_modules():
+    modules = list(model.named_modules())
+    inner = {id(m.base_layer) for _, m in modules if isinstance(m, lora_layer.ParamWrapper)}
+    for name, m in modules:
         if isinstance(m, (lora_layer.LoraLayer, AdaLoraLayer)) and isinstance(m, nn.Module) \
-                and hasattr(m, "lora_A"):
+                and hasattr(m, "lora_A") and id(m) not in inner:
             yield name, m
 
 
