@@ -1,5 +1,6 @@
 """Training-step cases: one AdaLoRA layer with its allocator, one DoRA layer (dense or bnb 4-bit
-base) against LoRA and PEFT, and a small random Llama.
+base) against LoRA and PEFT, one MoE experts block with LoRA on its expert weights, and a small
+random Llama.
 
 A step is forward, backward (into `.grad`, as an optimizer needs) and, for AdaLoRA, the rank
 allocator's `update_and_allocate`; no optimizer update, which costs the same for every contender.
@@ -121,6 +122,66 @@ def dora_step(N, K, M, r, dtype, device) -> Case:
 
 def qdora_step(N, K, M, r, dtype, device) -> Case:
     return _dora_layer_case("qdora_step", N, K, M, r, dtype, device, four_bit=True)
+
+
+# ---- LoRA on MoE expert weights (PEFT target_parameters) --------------------------------------
+
+MOE_EXPERTS, MOE_TOP_K = 8, 2
+
+
+class _MoEBlock(nn.Module):
+    """transformers' Qwen2-MoE experts (gate_up [E, 2N, K], down [E, K, N]) on fixed routing."""
+
+    def __init__(self, N, K, dtype, device):
+        import transformers
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeExperts
+        cfg = transformers.Qwen2MoeConfig(hidden_size=K, moe_intermediate_size=N,
+                                          num_experts=MOE_EXPERTS)
+        cfg._experts_implementation = "grouped_mm"
+        super().__init__()
+        self.experts = Qwen2MoeExperts(cfg).to(device=device, dtype=dtype)
+        with torch.no_grad():
+            for p in self.experts.parameters():
+                p.normal_(std=K ** -0.5)
+        self.experts.requires_grad_(False)
+
+    def forward(self, x, index, weights):
+        return self.experts(x, index, weights)
+
+
+def moe_step(N, K, M, r, dtype, device) -> Case:
+    """fwd + bwd of an experts block (8 experts, top-2, M tokens) with LoRA on both expert
+    projections: through `pk.enable` and PEFT (`target_parameters`), and without LoRA."""
+    flops = 2 * 3 * M * MOE_TOP_K * 3 * N * K  # gate_up (2N) + down (N), fwd + 2 bwd
+    case = Case("moe_step", N, K, M, r, dtype, device, flops=flops)
+    x = torch.randn(M, K, dtype=dtype, device=device).requires_grad_()
+    g = torch.Generator(device="cpu").manual_seed(0)
+    index = torch.stack([torch.randperm(MOE_EXPERTS, generator=g)[:MOE_TOP_K]
+                         for _ in range(M)]).to(device)
+    weights = torch.rand(M, MOE_TOP_K, generator=g).to(device=device, dtype=dtype)
+    gy = torch.randn(M, K, dtype=dtype, device=device)
+
+    def build(lora, enable):
+        block = _MoEBlock(N, K, dtype, device)
+        if lora:
+            from peft import LoraConfig
+            block = _randomize_B(_peft(block, LoraConfig(
+                target_modules=[], r=r, lora_alpha=2 * r,
+                target_parameters=["experts.gate_up_proj", "experts.down_proj"])))
+        if enable:
+            from ..integrations import peft as pk
+            pk.enable(block)
+        params = [p for p in block.parameters() if p.requires_grad]
+
+        def step():
+            torch.autograd.grad((block(x, index, weights) * gy).sum(), [x, *params])
+        return step, 0
+
+    if has("peft") and has("transformers"):
+        case.impls = [Impl("peftkern", lambda: build(True, True)),
+                      Impl("peft", lambda: build(True, False)),
+                      Impl("no-lora", lambda: build(False, False))]
+    return case
 
 
 # ---- a small random Llama --------------------------------------------------------------------

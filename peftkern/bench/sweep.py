@@ -58,6 +58,10 @@ OPS = {
                             "(adapter_names)", _by(SQ, SQ, [(1024, 1024)]),
                             _by([16, 4096], [16, 512], [64]), _by([16], [16], [16]))
        for n in (1, 4, 16)},
+    "moe_step": OpSpec(steps.moe_step, "MoE experts block (8 experts, top-2) fwd + bwd with LoRA "
+                       "on its expert weights (NxK = expert intermediate x hidden, M tokens)",
+                       _by([(1536, 4096)], [(512, 1024)], [(128, 256)]), _by([4096], [256], [64]),
+                       _by([16], [16], [8])),
     "model_step": OpSpec(steps.model_step, "small random Llama QLoRA training step (NxK = "
                          "intermediate x hidden, M tokens)",
                          _by([(5632, 2048)], [(1376, 512)], [(688, 256)]), _by([4096], [256], [128]),
