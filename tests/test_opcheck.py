@@ -43,6 +43,29 @@ def test_lora_ops(gen, backend, dtype, lora_dtype):
         torch.library.opcheck(L.qlora_linear_fwd, (x, *qa, N, b, A, B, 0.5, None, dtype))
         torch.library.opcheck(L.qlora_linear_fwd, (x, *qa, N, None, A, B, 0.5, mask, dtype))
         torch.library.opcheck(L.qlora_linear_dx, (dy, *qa, K, A.detach(), dyb, 0.5, mask, dtype))
+        scale = torch.rand(N, generator=gen) + 0.5  # the epilogue scale: calls without autograd
+        with torch.no_grad():
+            args = [t.detach() for t in (x, A, B)]
+            if backend != "cpp":
+                torch.library.opcheck(L.lora_linear_fwd, (args[0], W, b, *args[1:], 0.5, None, scale))
+            torch.library.opcheck(L.qlora_linear_fwd, (args[0], *qa, N, b, *args[1:], 0.5, None,
+                                                       dtype, scale))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dora_norm_op(gen, backend, dtype):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 never runs on the Triton interpreter")
+    from peftkern.ops import dora
+    W = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype)
+    A, B = torch.randn(R, K, generator=gen).to(dtype), torch.randn(N, R, generator=gen).to(dtype)
+    q = peftkern.quantize_4bit(W.float())
+    with ops.use_backend(backend):
+        torch.library.opcheck(dora.dora_norm_op, (W, None, None, None, None, None, "nf4", 0, A, B,
+                                                  0.5, N, K))
+        torch.library.opcheck(dora.dora_norm_op, (None, q.data, q.absmax, q.absmax2, q.code8,
+                                                  q.offset, "nf4", 64, A, B, 0.5, N, K))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

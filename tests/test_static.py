@@ -159,7 +159,8 @@ def test_rule_configs_are_candidates_the_dispatcher_may_pick():
             assert L.CANDIDATES[regime][i] in L.candidates(regime, (arch // 10, 0))
 
 
-OTHER_KERNELS = ("_quantize_4bit_kernel", "_dequantize_4bit_kernel", "_ipt_kernel")
+OTHER_KERNELS = ("_quantize_4bit_kernel", "_dequantize_4bit_kernel", "_ipt_kernel", "_dora_norm_kernel",
+                 "_shrink_kernel", "_expand_kernel")
 
 
 @pytest.mark.parametrize("check", ["compiled", "shared", "local", "div64"])

@@ -8,7 +8,8 @@ What it does. Every kernel the dispatcher can launch is compiled ahead of time f
 `_config(M, capability)` (`RULE`: a candidate per regime and arch family), dense / nf4 / fp4
 weights with plain or nested (double-quantized) absmax, fp16 (rule configs only) / bf16 / fp32, forward and dX, the split-K
 epilogue kernel, quantize (every bnb blocksize), dequantize, the AdaLoRA sensitivity update and
-the DoRA weight norm (`_dora_norm_kernel`: dense, 4-bit plain and nested, each dtype).
+the DoRA weight norm (`_dora_norm_kernel`: dense, 4-bit plain and nested, each dtype) and the
+mixed-adapter grouped LoRA (`_shrink_kernel`, `_expand_kernel`, each dtype).
 Reduced sets: bias and the DoRA output scale (forward), dropout mask (dX) and fp32 adapters only on the rule configs, dense
 and nf4-nested, bf16; M = 1 (Triton makes an int == 1 a constexpr) on the small rule config.
 `--quick`: the rule configs, the first split-K small and one more large candidate; dense and
@@ -106,7 +107,8 @@ QUICK_DTYPES = ("bf16", "fp32")
 
 @dataclass(frozen=True)
 class Variant:
-    """One launch to record: `kind` is gemm, quantize, dequantize, adalora or dora (the norm)."""
+    """One launch to record: `kind` is gemm, quantize, dequantize, adalora, dora (the norm) or
+    grouped (the mixed-adapter shrink and expand)."""
     kind: str
     dtype: str
     weight: str = "-"
@@ -203,6 +205,8 @@ def other_variants(kinds, quick) -> list[Variant]:
     if "dora" in kinds:
         out += [Variant("dora", d, w) for d in qdt
                 for w in (QUICK_WEIGHTS + ("nf4",) if quick else WEIGHTS)]
+    if "grouped" in kinds:
+        out += [Variant("grouped", d) for d in qdt]
     return out
 
 
@@ -289,7 +293,14 @@ def call_gemm(v: Variant, N: int, K: int):
 def call_other(v: Variant, N: int = 4096, K: int = 4096):
     from peftkern import ops
     from peftkern.ops import dora, quant
+    import torch
     dt = _torch_dtype(v.dtype)
+    if v.kind == "grouped":  # 4 adapters of rank 16 over 64 rows, every row adapter 0
+        from peftkern.kernels import multi_lora
+        T, n = 64, 4
+        A, B = _cpu((n, RANK, K), dt), _cpu((n, N, RANK), dt)
+        return multi_lora.add_grouped_lora(_cpu((T, N), dt), _cpu((T, K), dt), A, B,
+                                           _cpu(n, torch.float32), torch.zeros(T, dtype=torch.long))
     if v.kind == "dora":  # the norm's custom-op body; adapters in the variant's dtype
         A, B = _cpu((RANK, K), dt), _cpu((N, RANK), dt)
         if v.weight == "dense":
@@ -656,6 +667,8 @@ def _other_config(v, launch) -> str:
         return f"BLOCKSIZE={k['BLOCKSIZE']}"
     if v.kind == "dora":
         return f"{k['BLOCK_N']}x{k['BLOCK_K']}x{k['BLOCK_R']}"
+    if v.kind == "grouped":
+        return f"{k['BLOCK_M']}x{k.get('BLOCK_K', k.get('BLOCK_N'))}x{k['BLOCK_R']}"
     return f"BLOCK={k.get('BLOCK')}" + (f"/{v.extra}" if v.extra else "")
 
 
@@ -825,8 +838,9 @@ def parse_args(argv):
     p.add_argument("--configs", choices=("rule", "quick", "all"), help="override the config set")
     p.add_argument("--dtypes", help=f"comma-separated subset of {','.join(DTYPES)}")
     p.add_argument("--weights", help=f"comma-separated subset of {','.join(WEIGHTS)}")
-    p.add_argument("--kernels", default="gemm,quant,adalora,dora",
-                   help="gemm, quant, adalora, dora (the DoRA weight norm)")
+    p.add_argument("--kernels", default="gemm,quant,adalora,dora,grouped",
+                   help="gemm, quant, adalora, dora (the DoRA weight norm), grouped (the "
+                        "mixed-adapter shrink / expand)")
     p.add_argument("--no-cache", action="store_true", help="recompile everything")
     p.add_argument("--cache-dir", default=CACHE_DEFAULT)
     return p.parse_args(argv)
