@@ -329,3 +329,32 @@ def test_dora_with_several_active_adapters_goes_to_peft():
         pk.enable(model)
         torch.testing.assert_close(q_proj(x), want, rtol=0, atol=0)  # PEFT's own forward
         assert pk._call_reason(q_proj, x, (), {}) == "several active adapters with DoRA"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_enable_on_a_16bit_dora_llama_keeps_peft_precision(dtype):
+    """fp32 adapters and magnitude on a 16-bit model (PEFT's default): logits and every gradient
+    within the error rule of a float64 copy of the same model, PEFT's own error the baseline."""
+    peft = pytest.importorskip("peft")
+    from helpers import LINEARS, llama, loss_and_grads, randomize_lora, tokens
+    import peftkern.integrations.peft as pk
+
+    def model(dt):
+        m = peft.get_peft_model(llama(dtype=dt), peft.LoraConfig(target_modules=LINEARS, r=4,
+                                                                 lora_alpha=8, use_dora=True))
+        randomize_lora(m)
+        return m
+
+    ours = model(dtype)
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype \
+        == torch.float32
+    oracle_model = model(torch.float64)
+    oracle_model.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    ids = tokens()
+    want, oracle = loss_and_grads(ours, ids), loss_and_grads(oracle_model, ids)
+    assert pk.enable(ours) == 14
+    got = loss_and_grads(ours, ids)
+    assert_error_rule("logits", got[0], oracle[0], want[0])
+    for n in oracle[2]:
+        assert got[2][n].dtype == want[2][n].dtype, n
+        assert_error_rule(n, got[2][n], oracle[2][n], want[2][n])

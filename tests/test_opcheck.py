@@ -50,6 +50,12 @@ def test_lora_ops(gen, backend, dtype, lora_dtype):
                 torch.library.opcheck(L.lora_linear_fwd, (args[0], W, b, *args[1:], 0.5, None, scale))
             torch.library.opcheck(L.qlora_linear_fwd, (args[0], *qa, N, b, *args[1:], 0.5, None,
                                                        dtype, scale))
+        # a wide output (the widest of x's and the adapters' dtypes), with autograd
+        wide = torch.promote_types(dtype, lora_dtype)
+        if backend != "cpp":
+            torch.library.opcheck(L.lora_linear_fwd, (x, W, None, A, B, 0.5, mask, None, wide))
+        torch.library.opcheck(L.qlora_linear_fwd, (x, *qa, N, None, A, B, 0.5, mask, dtype, None,
+                                                   wide))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

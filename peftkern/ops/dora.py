@@ -84,11 +84,11 @@ def _check_vector(name, t, N, device):
         raise ValueError(f"{name} must have out_features={N} elements, got {t.shape[0]}")
 
 
-def _fused(x, weight, bias, A, B, s, compute_dtype, scale=None):
+def _fused(x, weight, bias, A, B, s, compute_dtype, scale=None, out_dtype=None):
     """The fused (Q)LoRA forward without dropout: `(x·Wᵀ + s·x·Aᵀ·Bᵀ) [⊙ scale] + bias`."""
     if isinstance(weight, QuantizedWeight):
-        return _qlora_linear(x, weight, bias, A, B, s, 0.0, None, compute_dtype, scale)
-    return _lora_linear(x, weight, bias, A, B, s, scale=scale)
+        return _qlora_linear(x, weight, bias, A, B, s, 0.0, None, compute_dtype, scale, out_dtype)
+    return _lora_linear(x, weight, bias, A, B, s, scale=scale, out_dtype=out_dtype)
 
 
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torch.Tensor,
@@ -129,6 +129,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
     else:
         xd = (x2.to(lora_A.dtype) * mask).to(x.dtype)
         rest = base_linear(x2 - xd, weight, bias, cd)
-        u = _fused(xd, weight, None, lora_A, lora_B, scaling, cd)
+        u = _fused(xd, weight, None, lora_A, lora_B, scaling, cd,
+                   out_dtype=torch.promote_types(x.dtype, lora_A.dtype))  # wide until scaled
         y = scaled_output(u, g, rest.to(u.dtype), x.dtype)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)

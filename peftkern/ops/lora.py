@@ -48,11 +48,11 @@ def _records(tensors) -> bool:
 
 def _dense_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
-               mask: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               mask: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None,
+               out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     p = _plan("lora_linear_fwd", x, *weight.shape)
     return MODULES[p.backend].lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask,
-                                              scale, p.config)
+                                              scale, out_dtype, p.config)
 
 
 def _dense_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -68,7 +68,8 @@ lora_linear_dx = torch.library.custom_op("peftkern::lora_linear_dx", _dense_dx, 
 
 # ---- 4-bit base weight ---------------------------------------------------------------------------
 # The base GEMM runs in `compute_dtype` (x is cast, as bnb's Linear4bit does), the LoRA branch in
-# the adapters' dtype, and the result is rounded once to x's dtype.
+# the adapters' dtype, and the result is rounded once to x's dtype (or `out_dtype`: the forward ops
+# can return the widest of x's and the adapters' dtypes, for a scale applied after them).
 
 
 def _quant_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
@@ -76,12 +77,12 @@ def _quant_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
                out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
-               compute_dtype: torch.dtype, scale: Optional[torch.Tensor] = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               compute_dtype: torch.dtype, scale: Optional[torch.Tensor] = None,
+               out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     p = _plan("qlora_linear_fwd", x, out_features, x.shape[1], blocksize, compute_dtype)
     qw = _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize)
     return MODULES[p.backend].qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling,
-                                               mask, compute_dtype, scale, p.config)
+                                               mask, compute_dtype, scale, out_dtype, p.config)
 
 
 def _quant_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
@@ -103,14 +104,16 @@ qlora_linear_dx = torch.library.custom_op("peftkern::qlora_linear_dx", _quant_dx
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None):
-    return x.new_empty(x.shape[0], weight.shape[0]), lora_A.new_empty(x.shape[0], lora_A.shape[0])
+def _(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None):
+    return (x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype),
+            lora_A.new_empty(x.shape[0], lora_A.shape[0]))
 
 
 @qlora_linear_fwd.register_fake
 def _(x, data, absmax, absmax2, code8, offset, quant_type, blocksize, out_features, bias, lora_A,
-      lora_B, scaling, mask, compute_dtype, scale=None):
-    return x.new_empty(x.shape[0], out_features), lora_A.new_empty(x.shape[0], lora_A.shape[0])
+      lora_B, scaling, mask, compute_dtype, scale=None, out_dtype=None):
+    return (x.new_empty(x.shape[0], out_features, dtype=out_dtype or x.dtype),
+            lora_A.new_empty(x.shape[0], lora_A.shape[0]))
 
 
 @lora_linear_dx.register_fake
@@ -133,7 +136,7 @@ def _(dy, data, absmax, absmax2, code8, offset, quant_type, blocksize, in_featur
 def _save(ctx, x, A, B, s, mask, bias, xa, weight_args, keep_x):
     """Save what the backward reads. x only when a gradient needs it (dA, or dW of a trainable
     dense weight): with lora_A frozen (LoRA-FA) dB needs only the saved xA."""
-    ctx.scaling, ctx.weight_args = s, weight_args
+    ctx.scaling, ctx.weight_args, ctx.x_dtype = s, weight_args, x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
     ctx.save_for_backward(x if keep_x else None, A, B, mask, xa,
                           *[t for t in weight_args if isinstance(t, torch.Tensor)])
@@ -146,14 +149,14 @@ def _no_scale(scale):
 
 
 def _setup_dense(ctx, inputs, output):
-    x, weight, bias, A, B, s, mask, scale = inputs
+    x, weight, bias, A, B, s, mask, scale, _ = inputs
     _no_scale(scale)
     ctx.dense = True
     _save(ctx, x, A, B, s, mask, bias, output[1], (weight,), A.requires_grad or weight.requires_grad)
 
 
 def _setup_quant(ctx, inputs, output):
-    x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd, scale = inputs
+    x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd, scale, _ = inputs
     _no_scale(scale)
     ctx.dense, ctx.out_features = False, n
     _save(ctx, x, A, B, s, mask, bias, output[1],
@@ -183,6 +186,7 @@ def _backward(ctx, dy, _dxa, needs=None):
                            "run it under peftkern.ops.use_backend('reference')")
     K = A.shape[1]
     dyl = dy.to(A.dtype)
+    dy = dy.to(ctx.x_dtype)  # a wide output (out_dtype): the base path's gradient in x's dtype
     dyb = dyl @ B if needs[0] or needs[i_A] else None
     xl = lora_input(x, A, mask) if x is not None and (needs[i_A] or graph) else None
     dx = dw = dA = dB = dbias = None
@@ -207,8 +211,8 @@ def _backward(ctx, dy, _dxa, needs=None):
     if needs[i_bias] and ctx.bias_dtype is not None:
         dbias = dy.sum(0).to(ctx.bias_dtype)
     if ctx.dense:
-        return dx, dw, dbias, dA, dB, None, None, None
-    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None, None)
+        return dx, dw, dbias, dA, dB, None, None, None, None
+    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None, None, None)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_dense)
@@ -373,27 +377,32 @@ def _check_scale(scale, N, device):
             raise ValueError(f"scale must have out_features={N} elements, got {scale.shape[0]}")
 
 
-def _scaled(run, tensors, bias, scale, out_dtype):
-    """`run(bias, scale)` gives the fused result. Where autograd records (the scale trainable,
-    or anything else), the fused op gives the unscaled result and torch scales it, so that the
-    scale gets its gradient; otherwise the op's epilogue applies the scale."""
+def _scaled(run, tensors, bias, scale, out_dtype, lora_dtype):
+    """`run(bias, scale, out_dtype)` gives the fused result. Where autograd records (the scale
+    trainable, or anything else), the fused op gives the unscaled result, kept in the wider of
+    x's and the adapters' dtypes (one rounding, and a wide gradient for the LoRA factors), and
+    torch scales it, so that the scale gets its gradient; otherwise the op's epilogue applies
+    the scale. `out_dtype` (no scale): the fused op's output dtype (None: x's)."""
     if scale is None or not _records(tensors + (scale,)):
-        return run(bias, scale)
-    return scaled_output(run(None, None), scale, bias, out_dtype)
+        return run(bias, scale, out_dtype)
+    wide = torch.promote_types(tensors[0].dtype, lora_dtype)
+    return scaled_output(run(None, None, wide), scale, bias, out_dtype or tensors[0].dtype)
 
 
 def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None,
-                 scale=None):
-    """`lora_linear` on checked arguments (the PEFT integration checks once per layer state)."""
+                 scale=None, out_dtype=None):
+    """`lora_linear` on checked arguments (the PEFT integration checks once per layer state);
+    `out_dtype`: see `_scaled`."""
     N, K = weight.shape
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
 
-    def run(b, sc):
-        args = (x2, weight, b, lora_A, lora_B, float(scaling), mask, sc)
+    def run(b, sc, out_dtype):
+        args = (x2, weight, b, lora_A, lora_B, float(scaling), mask, sc, out_dtype)
         return _run("lora_linear_fwd", lora_linear_fwd, args,
                     (x2, weight, b, lora_A, lora_B, mask, sc), (N, K))[0]
-    return _unrows(_scaled(run, (x2, weight, bias, lora_A, lora_B), bias, scale, x.dtype), x)
+    return _unrows(_scaled(run, (x2, weight, bias, lora_A, lora_B), bias, scale, out_dtype,
+                           lora_A.dtype), x)
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
@@ -430,15 +439,16 @@ def base_linear(x, weight, bias, compute_dtype=None):
 
 
 def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, compute_dtype,
-                  scale=None):
+                  scale=None, out_dtype=None):
     """`qlora_linear` on checked arguments."""
     N, K = q.shape
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
 
-    def run(b, sc):
-        args = (x2, *qw, N, b, lora_A, lora_B, float(scaling), mask, compute_dtype, sc)
+    def run(b, sc, out_dtype):
+        args = (x2, *qw, N, b, lora_A, lora_B, float(scaling), mask, compute_dtype, sc, out_dtype)
         return _run("qlora_linear_fwd", qlora_linear_fwd, args,
                     (x2, b, lora_A, lora_B, mask, sc, *qw[:5]), (N, K, q.blocksize, compute_dtype))[0]
-    return _unrows(_scaled(run, (x2, bias, lora_A, lora_B), bias, scale, x.dtype), x)
+    return _unrows(_scaled(run, (x2, bias, lora_A, lora_B), bias, scale, out_dtype,
+                           lora_A.dtype), x)

@@ -46,9 +46,10 @@ def weight_panels(qw, N, K, decode=None):
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     scale=None, config="panels"):
+                     scale=None, out_dtype=None, config="panels"):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
+    out = out_dtype or x.dtype
     xc = x.to(compute_dtype)
     if config == "gemv":
         # the best SIMD level; bf16 products (as bnb's bf16 compute) only for bf16 compute; a
@@ -57,15 +58,15 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
                                out_features, _f32(bias) if scale is None else None, _f32(xa),
                                _f32(lora_B), float(scaling), 2, compute_dtype == torch.bfloat16)
-        return (y.to(x.dtype) if scale is None else scaled_output(y, scale, bias, x.dtype)), xa
+        return (y.to(out) if scale is None else scaled_output(y, scale, bias, out)), xa
     x32 = xc.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
     y = torch.cat([F.linear(x32, w) for _, _, w in weight_panels(qw, out_features, x.shape[1])],
                   dim=1)
     if scale is not None:
-        return add_scaled_lora(y, xa, lora_B, scaling, scale, bias, x.dtype), xa
+        return add_scaled_lora(y, xa, lora_B, scaling, scale, bias, out), xa
     if bias is not None:
         y += bias
-    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype), xa
+    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=out), xa
 
 
 def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):

@@ -11,9 +11,10 @@ from .cpp import dequantize_4bit  # noqa: F401  (the same extension op, on CUDA 
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     scale=None, config=None):
+                     scale=None, out_dtype=None, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
+    out = out_dtype or x.dtype
     fuse = lora_A.dtype == compute_dtype  # else the LoRA term is added after, in its dtype
     y = ext.EXT.qlora_gemv(x.to(compute_dtype).contiguous(), packed_bytes(data), absmax, absmax2,
                            code8, offset_1d(offset), quant_type_id(quant_type), blocksize,
@@ -23,6 +24,6 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
     if scale is not None:  # (base + LoRA) ⊙ scale + bias, in the widest dtype
         z = y if fuse else add_lora(y, xa, lora_B.t(), scaling,
                                     out_dtype=torch.promote_types(y.dtype, xa.dtype))
-        return scaled_output(z, scale, bias, x.dtype), xa
-    y = y.to(x.dtype) if fuse else add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype)
+        return scaled_output(z, scale, bias, out), xa
+    y = y.to(out) if fuse else add_lora(y, xa, lora_B.t(), scaling, out_dtype=out)
     return y, xa

@@ -14,11 +14,13 @@ from . import cpp, triton
 from .common import add_lora, add_scaled_lora, lora_xa, packed_bytes
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, config=None):
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None,
+                    config=None):
     xa = lora_xa(x, lora_A, mask)
     if scale is not None:
-        return add_scaled_lora(F.linear(x, weight), xa, lora_B, scaling, scale, bias, x.dtype), xa
-    return add_lora(F.linear(x, weight, bias), xa, lora_B.t(), scaling), xa
+        return add_scaled_lora(F.linear(x, weight), xa, lora_B, scaling, scale, bias,
+                               out_dtype or x.dtype), xa
+    return add_lora(F.linear(x, weight, bias), xa, lora_B.t(), scaling, out_dtype=out_dtype), xa
 
 
 def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, config=None):
@@ -34,14 +36,14 @@ def dense_weight(qw, N, K, dtype, config):
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     scale=None, config=None):
+                     scale=None, out_dtype=None, config=None):
     xa = lora_xa(x, lora_A, mask)
     w = dense_weight(qw, out_features, x.shape[1], compute_dtype, config)
     if scale is not None:
         return add_scaled_lora(F.linear(x.to(compute_dtype), w), xa, lora_B, scaling, scale,
-                               bias, x.dtype), xa
+                               bias, out_dtype or x.dtype), xa
     y = F.linear(x.to(compute_dtype), w, bias)
-    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=x.dtype), xa
+    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=out_dtype or x.dtype), xa
 
 
 def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):

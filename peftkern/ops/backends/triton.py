@@ -17,11 +17,13 @@ def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
             codes.byte_pair_table(quant_type, device=device), blocksize)
 
 
-def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, config=None):
+def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None,
+                    config=None):
     xa = lora_xa(x, lora_A, mask)
     y = _kernels()[0].lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
                                   stride_wq=weight.stride(1), stride_wp=weight.stride(0),
-                                  P=weight.shape[0], config=config, scale=scale)
+                                  P=weight.shape[0], config=config, scale=scale,
+                                  out_dtype=out_dtype)
     return y, xa
 
 
@@ -32,14 +34,14 @@ def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, config=None):
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     scale=None, config=None):
+                     scale=None, out_dtype=None, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
     K = x.shape[1]
     q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
     y = _kernels()[0].lora_matmul(x.to(compute_dtype), packed_bytes(data), q, xa, lora_B.t(),
                                   scaling, None, bias, stride_wq=1, stride_wp=K, P=out_features,
-                                  config=config, out_dtype=x.dtype, scale=scale)
+                                  config=config, out_dtype=out_dtype or x.dtype, scale=scale)
     return y, xa
 
 
