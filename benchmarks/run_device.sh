@@ -7,7 +7,8 @@
 # tile tuning, each stage under its own time budget (below), so that one call stays inside the
 # device tool's 10 minutes and a stage that overruns still leaves the others' results. The stages alone
 # (each in its own call; the build is kept while the machine stays warm):
-#   test   build + GPU tests;   bench   the full sweep;   tune   the full tile tuning.
+#   test   build + GPU tests;   bench   the full sweep;   tune   the full tile tuning;
+#   family the DoRA, mixed-adapter and MoE cases at 4096x4096, M=2048 (issue 16's GPU figures).
 # The device machine has no network: pip never reaches an index here. Its image has torch, Triton,
 # peft, transformers and pytest but not bitsandbytes; carry it as a wheel (the PEFT + bnb baseline
 # is skipped without it). Once, on the dev machine, in the repo root:
@@ -65,7 +66,10 @@ run_stage() {  # run_stage NAME BUDGET CMD...: CMD under min(BUDGET, time left)
     test) run_stage "GPU tests" 580 $PY -m pytest -q -m gpu tests/ ;;
     bench) run_stage sweep 580 $PY -m peftkern.bench --device cuda --out "$OUT/results" ;;
     tune) run_stage "tile tuning" 580 $PY -m peftkern.bench.tune --out "$OUT/results" ;;
-    *) echo "unknown stage $STAGE (all|test|bench|tune)"; exit 2 ;;
+    family) run_stage "DoRA, mixed adapters, MoE" 580 $PY -m peftkern.bench --device cuda \
+        --ops dora_step,qdora_step,mixed_1,mixed_4,mixed_16,moe_step --shapes 4096x4096 --M 2048 \
+        --out "$OUT/results" ;;
+    *) echo "unknown stage $STAGE (all|test|bench|tune|family)"; exit 2 ;;
   esac
   # the table as it would be committed: every tuning file of this run merged into a copy
   for f in "$OUT"/results/*/tuning_lora_matmul.json "$OUT"/results/*/tuning_cuda_gemv.json; do
