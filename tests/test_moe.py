@@ -2,6 +2,7 @@
 float64 reference under the DESIGN.md error rule, forward and every gradient, on every CPU
 backend (Triton interpreted); PEFT `target_parameters` parity on tiny random MoE models."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -137,3 +138,29 @@ def test_enable_fuses_expert_lora_and_matches_peft(kind, monkeypatch):
         assert sum(".experts." in n and "lora_" in n for n in got[2]) == 8
         assert_same_run(got, want)
     assert pk.disable(model) == 4
+
+
+def test_grouped_mm_path_matches_the_per_expert_path(gen):
+    """The CUDA path (torch._grouped_mm: one launch per product for all experts) has the
+    per-expert path's values; checked here on CPU tensors, forward only (torch's CPU grouped GEMM
+    has no backward), and where dispatch takes it."""
+    from peftkern.ops import dispatch, moe
+    from peftkern.ops.backends import cublas
+    sizes = (5, 0, 3, 8)
+    _, W, A, B, b, x, _ = _inputs(gen, sizes, 40, 64, 16, "dense", True, "-")
+    idx = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
+    offsets = torch.cumsum(torch.tensor(sizes), 0, dtype=torch.int32)
+    with torch.no_grad():
+        got = cublas.expert_linear(x, W, b, A, B, 0.5, offsets, idx)
+        want = moe.grouped_expert_linear(x, W, b, A, B, 0.5, list(sizes))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    cuda = SimpleNamespace(device=torch.device("cuda"))  # what plan_experts reads of x
+    fits = moe._fits_grouped_mm(x.bfloat16(), W.bfloat16(), A.bfloat16(), B.bfloat16())
+    assert fits and not moe._fits_grouped_mm(x.bfloat16(), W.bfloat16(), A[:, :4].bfloat16(),
+                                             B[:, :, :4].bfloat16())  # rank 4: 8-byte strides
+    assert dispatch.plan_experts(x, False, fits).backend == "per-expert"  # CPU
+    assert dispatch.plan_experts(cuda, False, fits).backend == "cublas"
+    assert dispatch.plan_experts(cuda, True, fits).backend == "per-expert"  # 4-bit experts
+    assert dispatch.plan_experts(cuda, False, False).backend == "per-expert"
+    with ops.use_backend("triton"):  # a forced backend runs its own fused op per expert
+        assert dispatch.plan_experts(cuda, False, fits).backend == "per-expert"

@@ -238,6 +238,24 @@ def _refine(op, x, N, K, blocksize, dtype, backend, why) -> Plan:
     return Plan(backend, None, why)
 
 
+def plan_experts(x: torch.Tensor, quant: bool, fits: bool) -> Plan:
+    """How `ops.moe` runs a grouped expert linear: "cublas" (torch's `_grouped_mm`, CUDA: one
+    launch for the base product of every expert and two for the LoRA terms, offsets on the
+    device) for dense experts whose operands it takes (`fits`: bf16, 16-byte strides), else
+    "per-expert" (the fused (Q)LoRA op on each expert's rows, as `plan` chooses for it; a
+    forced backend other than cuBLAS runs there)."""
+    name = forced()
+    if name not in (None, "cublas"):
+        return Plan("per-expert", None, f"forced by use_backend({name!r}): its fused op per expert")
+    if x.device.type == "cuda" and not quant and fits and hasattr(torch, "_grouped_mm"):
+        return Plan("cublas", None, "cuda: torch._grouped_mm over all experts")
+    if name == "cublas":
+        raise RuntimeError("backend 'cublas' runs expert linears on CUDA for dense bf16 experts "
+                           "with 16-byte strides only")
+    return Plan("per-expert", None, "the fused (Q)LoRA op on each expert's rows (4-bit experts, "
+                                    "not CUDA, or operands torch._grouped_mm does not take)")
+
+
 def _no_cuda_kernel(dev, dtype) -> str:
     if "triton" in available(dev) and dtype != torch.float32:
         return "triton"

@@ -17,6 +17,8 @@ import torch
 
 from ..format import QuantizedWeight
 from ..validation import FLOAT_DTYPES, check_tensor
+from .backends import cublas
+from .dispatch import plan_experts
 from .lora import _lora_linear, _qlora_linear, base_linear, check_lora
 
 
@@ -104,12 +106,13 @@ def experts_forward(experts, loras: dict, hidden_states, top_k_index, top_k_weig
     k, T = top_k_index.shape[-1], hidden_states.shape[0]
     ids = top_k_index.reshape(-1)
     ids_sorted, perm = torch.sort(ids, stable=True)
-    sizes = torch.bincount(ids_sorted, minlength=experts.num_experts).tolist()
+    counts = torch.bincount(ids_sorted, minlength=experts.num_experts)
     x = hidden_states[perm // k]
     first = "gate_up_proj" if experts.has_gate else "up_proj"
-    h = _project(experts, first, x, sizes, loras)
+    groups = _Groups(counts, ids_sorted)
+    h = _project(experts, first, x, groups, loras)
     h = experts._apply_gate(h) if experts.has_gate else experts.act_fn(h)
-    out = _project(experts, "down_proj", h, sizes, loras)
+    out = _project(experts, "down_proj", h, groups, loras)
     if getattr(experts, "has_post_expert_norm", False):
         out = experts.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1)[perm, None]
@@ -117,9 +120,39 @@ def experts_forward(experts, loras: dict, hidden_states, top_k_index, top_k_weig
     return out.to(hidden_states.dtype)
 
 
-def _project(experts, name, x, sizes, loras):
+class _Groups:
+    """The routing of one forward, in the forms the two expert paths take: device offsets for
+    the grouped GEMM, host row counts (one sync, made once) for the per-expert path."""
+
+    def __init__(self, counts, expert_of_row):
+        self.counts, self.expert_of_row, self._sizes = counts, expert_of_row, None
+
+    @property
+    def offsets(self):
+        return torch.cumsum(self.counts, 0, dtype=torch.int32)
+
+    @property
+    def sizes(self):
+        if self._sizes is None:
+            self._sizes = self.counts.tolist()
+        return self._sizes
+
+
+def _fits_grouped_mm(x, *stacks) -> bool:
+    """bf16 operands with 16-byte aligned strides, what torch._grouped_mm takes: x's rows, and
+    both matrix dimensions of each expert stack (the weight, A and B)."""
+    tensors = [x] + [t for t in stacks if t is not None]
+    return all(t.dtype == torch.bfloat16 for t in tensors) and x.shape[-1] % 8 == 0 and \
+        all(t.shape[-1] % 8 == 0 and t.shape[-2] % 8 == 0 for t in tensors[1:])
+
+
+def _project(experts, name, x, groups, loras):
     w = getattr(experts, name)
     w = w.transpose(1, 2) if getattr(experts, "is_transposed", False) else w
     bias = getattr(experts, f"{name}_bias", None) if getattr(experts, "has_bias", False) else None
     A, B, s = loras.get(name, (None, None, 0.0))
-    return grouped_expert_linear(x.to(w.dtype), w, bias, A, B, s, sizes)
+    x = x.to(w.dtype)
+    if plan_experts(x, False, _fits_grouped_mm(x, w, A, B)).backend == "cublas":
+        B = None if B is None else B.contiguous()  # PEFT's view of B has strides it rejects
+        return cublas.expert_linear(x, w, bias, A, B, s, groups.offsets, groups.expert_of_row)
+    return grouped_expert_linear(x, w, bias, A, B, s, groups.sizes)
