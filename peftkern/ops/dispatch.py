@@ -23,6 +23,8 @@ the bench and the tests call it to see what runs. The rules, in order:
 6. Configs: Triton's tile config is the one tuned for this GPU and shape (tuning.json), else the
    kernel's rule for the arch (None under the interpreter: its own small tiles); a reference
    4-bit matmul names the backend that dequantizes the weight first.
+7. MoE expert linears (`plan_experts`): torch's `_grouped_mm` on CUDA for dense bf16 experts with
+   16-byte strides, else the fused op per expert (which rules 1-6 plan).
 """
 from __future__ import annotations
 
