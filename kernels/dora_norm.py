@@ -1,4 +1,5 @@
-"""Triton kernel: DoRA's weight norm `‖W[n] + s·(B·A)[n]‖₂` for every row n of the base weight.
+"""Triton kernels for DoRA: the weight norm `‖W[n] + s·(B·A)[n]‖₂` for every row n of the base
+weight, and `column_dot` (the gradient of a per-output-feature scale).
 
 One program owns BLOCK_N rows and walks K in BLOCK_K steps: it loads (dense) or decodes (4-bit,
 in-kernel, as the fused GEMM does) the weight tile, adds `s·B[rows]·A[:, k-tile]` computed on the
@@ -77,4 +78,31 @@ def dora_norm(weight, wq, lora_A, lora_B, scaling: float, N: int, K: int,
         QUANT=quant, NESTED=nested, ROWS=rows, BS=blocksize if rows else 1,
         EVEN_COLS=rows and K % cfg["BLOCK_K"] == 0, IEEE=lora_A.dtype == torch.float32,
         BLOCK_R=max(16, triton.next_power_of_2(lora_A.shape[0])), **cfg, **NO_FMA)
+    return out
+
+
+@triton.jit
+def _column_dot_kernel(a_ptr, b_ptr, stride_am, stride_an, stride_bm, stride_bn, M, N, out_ptr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):  # in order: deterministic
+        offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :] * stride_an, mask=ok,
+                    other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=ok,
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, axis=0)
+    tl.store(out_ptr + offs_n, acc, mask=offs_n < N)
+
+
+def column_dot(a, b) -> torch.Tensor:
+    """`Σ_m a[m, n]·b[m, n]` in fp32, `[N]`: the gradient of a per-column output scale (dY and the
+    pre-scale result), one read of each, summed in a fixed order."""
+    M, N = a.shape
+    out = torch.empty(N, dtype=torch.float32, device=a.device)
+    if N:
+        _column_dot_kernel[(triton.cdiv(N, 64),)](a, b, a.stride(0), a.stride(1), b.stride(0),
+                                                  b.stride(1), M, N, out, BLOCK_M=32, BLOCK_N=64)
     return out

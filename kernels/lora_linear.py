@@ -103,9 +103,10 @@ def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
 
 @triton.jit
 def _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
-              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om,
-              stride_op, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-              LORA_IEEE: tl.constexpr, BLOCK_R: tl.constexpr):
+              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, z_ptr, out_ptr,
+              stride_om, stride_op, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_Z: tl.constexpr, LORA_IEEE: tl.constexpr,
+              BLOCK_R: tl.constexpr):
     """out = (acc + s·(L·R2) [⊙ mask]) [⊙ scale] + bias, for the tile (offs_m, offs_p); L = xA
     (forward) or dY·B (backward), precomputed in the LoRA dtype (fp32 adapters stay exact fp32: LORA_IEEE)."""
     rows = offs_m[:, None].to(tl.int64)
@@ -124,6 +125,9 @@ def _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, st
         lora *= tl.load(mask_ptr + rows * stride_mm + offs_p[None, :] * stride_mp, mask=out_mask,
                         other=0.0).to(tl.float32)
     acc += lora
+    if HAS_Z:  # the pre-scale result too (what the scale's gradient reads), in out's layout
+        tl.store(z_ptr + rows * stride_om + offs_p[None, :] * stride_op,
+                 acc.to(z_ptr.dtype.element_ty), mask=out_mask)
     if HAS_SCALE:  # a per-output-feature scale (DoRA's m / ‖W + s·B·A‖) before the bias
         acc *= tl.load(scale_ptr + offs_p, mask=offs_p < P, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
@@ -138,9 +142,10 @@ def _lora_matmul_kernel(
         w_ptr, P, stride_wq, stride_wp,
         absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, blocksize,
         l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
-        mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om, stride_op, ws_ptr,
+        mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, z_ptr, out_ptr, stride_om, stride_op,
+        ws_ptr,
         QUANT: tl.constexpr, NESTED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
+        HAS_SCALE: tl.constexpr, HAS_Z: tl.constexpr,
         IEEE: tl.constexpr, LORA_IEEE: tl.constexpr, ROWS: tl.constexpr, W_T: tl.constexpr,
         BS: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
@@ -182,8 +187,9 @@ def _lora_matmul_kernel(
         acc = tl.trans(acc)
     if SPLIT_K == 1:
         _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
-                  stride_rp, R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr,
-                  stride_om, stride_op, HAS_MASK, HAS_BIAS, HAS_SCALE, LORA_IEEE, BLOCK_R)
+                  stride_rp, R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr,
+                  z_ptr, out_ptr, stride_om, stride_op, HAS_MASK, HAS_BIAS, HAS_SCALE, HAS_Z,
+                  LORA_IEEE, BLOCK_R)
     else:  # fp32 partial sums to ws[s, m, p]; _split_k_epilogue_kernel adds them in order
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * P + rows * P + offs_p[None, :]
         tl.store(ws, acc, mask=(offs_m[:, None] < M) & (offs_p[None, :] < P))
@@ -192,9 +198,9 @@ def _lora_matmul_kernel(
 @triton.jit
 def _split_k_epilogue_kernel(
         ws_ptr, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
-        mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om, stride_op,
+        mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, z_ptr, out_ptr, stride_om, stride_op,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-        LORA_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
+        HAS_Z: tl.constexpr, LORA_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     """Sum the SPLIT_K partials in a fixed order (deterministic: no atomics), then the epilogue."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -204,8 +210,8 @@ def _split_k_epilogue_kernel(
     for s in range(SPLIT_K):
         acc += tl.load(ws_ptr + s * (tl.cast(M, tl.int64) * P) + idx, mask=valid, other=0.0)
     _epilogue(acc, offs_m, offs_p, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp,
-              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, out_ptr, stride_om, stride_op,
-              HAS_MASK, HAS_BIAS, HAS_SCALE, LORA_IEEE, BLOCK_R)
+              R, scaling, mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, z_ptr, out_ptr,
+              stride_om, stride_op, HAS_MASK, HAS_BIAS, HAS_SCALE, HAS_Z, LORA_IEEE, BLOCK_R)
 
 
 # Tile configurations a GPU tuning run chooses from (`python -m peftkern.bench.tune`), per batch
@@ -288,7 +294,7 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=None, *,
                 stride_wq: int, stride_wp: int, P: int, config: dict | None = None,
-                out_dtype: torch.dtype | None = None, scale=None):
+                out_dtype: torch.dtype | None = None, scale=None, keep_z: bool = False):
     """Launch the fused kernel; see the module docstring.
 
     `weight` is the dense weight, or the packed uint8 codes when `wq` holds the 4-bit state
@@ -297,13 +303,15 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     `L` is [M, R] and `R2` is [R, P], both in the LoRA dtype (the activation dtype, or fp32 for
     fp32 adapters). `config` (tile sizes, warps, stages) overrides the rule-based choice; the
     interpreter ignores warps and stages. `out_dtype` (default: inp's) is rounded to once.
-    `scale` ([P], optional) multiplies each output column before the bias is added.
+    `scale` ([P], optional) multiplies each output column before the bias is added; `keep_z`
+    returns `(out, z)` with z the result before the scale and the bias.
     """
     M, Q = inp.shape
     R = L.shape[1]
     out = empty((M, P), out_dtype or inp.dtype, inp.device)
+    z = empty((M, P), out.dtype, inp.device) if keep_z else None
     if M == 0 or P == 0:
-        return out
+        return (out, z) if keep_z else out
     quant = wq is not None
     absmax, absmax2, code8, offset, table, pairs, blocksize = wq if quant else (weight,) * 6 + (1,)
     nested = quant and absmax2 is not None
@@ -325,17 +333,18 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     m = mask if mask is not None else out
     epilogue_args = (L, L.stride(0), L.stride(1), R2, R2.stride(0), R2.stride(1), R, float(scaling),
                      m, m.stride(0), m.stride(1), bias if bias is not None else out,
-                     scale if scale is not None else out, out,
+                     scale if scale is not None else out, z if keep_z else out, out,
                      out.stride(0), out.stride(1))
     flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
-                 HAS_SCALE=scale is not None, LORA_IEEE=L.dtype == torch.float32)
+                 HAS_SCALE=scale is not None, HAS_Z=keep_z, LORA_IEEE=L.dtype == torch.float32)
     _lora_matmul_kernel[grid + (split,)](
         inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
         absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
         QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=forward,
-        BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0, **flags, **cfg, **NO_FMA)
+        BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0,
+        **flags, **cfg, **NO_FMA)
     if split > 1:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
                                        SPLIT_K=split, **NO_FMA)
-    return out
+    return (out, z) if keep_z else out

@@ -358,3 +358,20 @@ def test_enable_on_a_16bit_dora_llama_keeps_peft_precision(dtype):
     for n in oracle[2]:
         assert got[2][n].dtype == want[2][n].dtype, n
         assert_error_rule(n, got[2][n], oracle[2][n], want[2][n])
+
+
+@pytest.mark.parametrize("kind", ["dense", "nf4-dq"])
+def test_frozen_magnitude_still_scales_the_gradients(kind, gen):
+    """A magnitude that does not require grad: no z kept, dX, dA, dB still see the scale."""
+    w, W32, x, A, B, b, m, _, dy = _inputs(gen, kind, torch.float32, 6, 4, 37, 96, 32, True, 0.0,
+                                           "2d")
+    oracle = _grads(lambda x_, A_, B_: R.dora_linear(x_, W32.double(), b.double(), A_, B_, 0.75,
+                                                     m.double()),
+                    [x.double(), A.double(), B.double()], dy.double())
+    baseline = _grads(lambda x_, A_, B_: R.dora_linear(x_, W32, b, A_, B_, 0.75, m), [x, A, B], dy)
+    for backend in _backends(torch.float32, kind):
+        with ops.use_backend(backend):
+            got = _grads(lambda x_, A_, B_: ops.dora_linear(x_, w, b, A_, B_, 0.75, m), [x, A, B],
+                         dy)
+        for name, g, o, t in zip(["y", "dx", "dA", "dB"], got, oracle, baseline):
+            assert_error_rule(f"{name}[{backend}]", g, o, t)

@@ -50,6 +50,16 @@ def test_lora_ops(gen, backend, dtype, lora_dtype):
                 torch.library.opcheck(L.lora_linear_fwd, (args[0], W, b, *args[1:], 0.5, None, scale))
             torch.library.opcheck(L.qlora_linear_fwd, (args[0], *qa, N, b, *args[1:], 0.5, None,
                                                        dtype, scale))
+        # a trainable output scale: the pre-scale result kept, dX scaling dY in-kernel
+        sg = scale.clone().requires_grad_(True)
+        if backend != "cpp":
+            torch.library.opcheck(L.lora_linear_fwd, (x, W, b, A, B, 0.5, None, sg, None, True))
+            torch.library.opcheck(L.lora_linear_dx, (dy, W, A.detach(), dyb, 0.5, mask, scale))
+        torch.library.opcheck(L.qlora_linear_fwd, (x, *qa, N, b, A, B, 0.5, mask, dtype, sg, None,
+                                                   True))
+        torch.library.opcheck(L.qlora_linear_dx, (dy, *qa, K, A.detach(), dyb, 0.5, mask, dtype,
+                                                  scale))
+        torch.library.opcheck(L.scale_grad, (dy, dy * 0.5))
         # a wide output (the widest of x's and the adapters' dtypes), with autograd
         wide = torch.promote_types(dtype, lora_dtype)
         if backend != "cpp":

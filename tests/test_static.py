@@ -160,7 +160,7 @@ def test_rule_configs_are_candidates_the_dispatcher_may_pick():
 
 
 OTHER_KERNELS = ("_quantize_4bit_kernel", "_dequantize_4bit_kernel", "_ipt_kernel", "_dora_norm_kernel",
-                 "_shrink_kernel", "_expand_kernel")
+                 "_shrink_kernel", "_expand_kernel", "_column_dot_kernel")
 
 
 @pytest.mark.parametrize("check", ["compiled", "shared", "local", "div64"])

@@ -116,7 +116,7 @@ class Variant:
     regime: str = "-"
     index: int = -1          # position in CANDIDATES[regime]; -1: the rule's own config
     M: int = 0
-    extra: str = ""          # bias, mask, lora-fp32, scale (GEMM), blocksize / tensor (others)
+    extra: str = ""          # bias, mask, lora-fp32, scale (GEMM); blocksize / tensor (others)
     blocksize: int = BLOCKSIZE
 
 
@@ -202,9 +202,9 @@ def other_variants(kinds, quick) -> list[Variant]:
     if "adalora" in kinds:
         out += [Variant("adalora", d, extra=t) for d in ("fp32",) + (() if quick else ("bf16",))
                 for t in ("lora_A", "lora_E", "lora_B")]
-    if "dora" in kinds:
+    if "dora" in kinds:  # the norm per weight kind, and the scale's gradient (column_dot)
         out += [Variant("dora", d, w) for d in qdt
-                for w in (QUICK_WEIGHTS + ("nf4",) if quick else WEIGHTS)]
+                for w in (QUICK_WEIGHTS + ("nf4",) if quick else WEIGHTS) + ("column_dot",)]
     if "grouped" in kinds:
         out += [Variant("grouped", d) for d in qdt]
     return out
@@ -276,11 +276,13 @@ def call_gemm(v: Variant, N: int, K: int):
         x = _cpu((v.M, K), dt)
         bias = _cpu(N, dt) if v.extra in ("bias", "scale") else None
         scale = _cpu(N, _torch_dtype("fp32")) if v.extra == "scale" else None  # DoRA's m / norm
+        keep = scale is not None  # and the pre-scale result, as training keeps it
         if v.weight == "dense":
-            return lora.lora_linear_fwd(x, _cpu((N, K), dt), bias, A, B, 2.0, None, scale)
+            return lora.lora_linear_fwd(x, _cpu((N, K), dt), bias, A, B, 2.0, None, scale, None,
+                                        keep)
         data, am, am2, c8, off, qt = _qstate(v.weight, N, K, v.blocksize)
         return lora.qlora_linear_fwd(x, data, am, am2, c8, off, qt, v.blocksize, N, bias, A, B,
-                                     2.0, None, dt, scale)
+                                     2.0, None, dt, scale, None, keep)
     dy, dyb = _cpu((v.M, N), dt), _cpu((v.M, RANK), ldt)
     mask = _cpu((v.M, K), ldt) if v.extra == "mask" else None
     if v.weight == "dense":
@@ -301,6 +303,9 @@ def call_other(v: Variant, N: int = 4096, K: int = 4096):
         A, B = _cpu((n, RANK, K), dt), _cpu((n, N, RANK), dt)
         return multi_lora.add_grouped_lora(_cpu((T, N), dt), _cpu((T, K), dt), A, B,
                                            _cpu(n, torch.float32), torch.zeros(T, dtype=torch.long))
+    if v.kind == "dora" and v.weight == "column_dot":  # dY and z of 64 rows
+        from peftkern.kernels import dora_norm
+        return dora_norm.column_dot(_cpu((64, N), dt), _cpu((64, N), dt))
     if v.kind == "dora":  # the norm's custom-op body; adapters in the variant's dtype
         A, B = _cpu((RANK, K), dt), _cpu((N, RANK), dt)
         if v.weight == "dense":
@@ -666,7 +671,7 @@ def _other_config(v, launch) -> str:
     if v.kind == "quantize":
         return f"BLOCKSIZE={k['BLOCKSIZE']}"
     if v.kind == "dora":
-        return f"{k['BLOCK_N']}x{k['BLOCK_K']}x{k['BLOCK_R']}"
+        return f"{k['BLOCK_N']}x{k.get('BLOCK_K', k.get('BLOCK_M'))}x{k.get('BLOCK_R', '-')}"
     if v.kind == "grouped":
         return f"{k['BLOCK_M']}x{k.get('BLOCK_K', k.get('BLOCK_N'))}x{k['BLOCK_R']}"
     return f"BLOCK={k.get('BLOCK')}" + (f"/{v.extra}" if v.extra else "")

@@ -43,6 +43,8 @@ from .backends.ext import EXT, EXT_ERROR, HAS_CUDA
 BACKENDS = ("triton", "cpp", "cuda", "cublas", "reference")
 # The backends that implement each op (modules in ops/backends/). The dense LoRA linear has no
 # C++ path (plain torch is BLAS); "cuda" in the 4-bit dX means "forced cuda runs Triton there".
+# The DoRA norm, the grouped LoRA and the scale gradient are plain torch (the reference's) on
+# every backend but Triton (the C++ norm decodes with the extension), so forcing one runs.
 IMPLEMENTS = {
     "lora_linear_fwd": ("triton", "cublas", "reference"),
     "lora_linear_dx": ("triton", "cublas", "reference"),
@@ -51,8 +53,9 @@ IMPLEMENTS = {
     "quantize_4bit": ("triton", "cpp", "reference"),
     "dequantize_4bit": ("triton", "cpp", "cuda", "reference"),
     "adalora_update_ipt": ("triton", "reference"),
-    "dora_norm": ("triton", "cpp", "reference"),
-    "grouped_lora": ("triton", "reference"),
+    "dora_norm": ("triton", "cpp", "cuda", "cublas", "reference"),
+    "grouped_lora": ("triton", "cpp", "cuda", "cublas", "reference"),
+    "scale_grad": ("triton", "cpp", "cuda", "cublas", "reference"),
 }
 MATMULS = ("lora_linear_fwd", "lora_linear_dx", "qlora_linear_fwd", "qlora_linear_dx")
 _state = threading.local()
@@ -173,7 +176,7 @@ def _decide(op, device, M, N, K, blocksize, dtype, same_layout) -> Plan:
         have.remove("triton")
         why = "fp32 on CUDA: cuBLAS (the fused Triton FFMA kernels spill); "
     if dtype == torch.bfloat16 and dev.type == "cpu" and interpreting() and "triton" in have \
-            and op in MATMULS + ("adalora_update_ipt", "dora_norm", "grouped_lora"):
+            and op in MATMULS + ("adalora_update_ipt", "dora_norm", "grouped_lora", "scale_grad"):
         if name == "triton":
             raise RuntimeError("backend 'triton' refuses bfloat16 under TRITON_INTERPRET=1: the "
                                "interpreter's bf16 arithmetic is wrong (triton-lang/triton#11584); "

@@ -19,7 +19,7 @@ import torch
 from ..format import QuantizedWeight
 from ..validation import FLOAT_DTYPES, check_choice, check_probability, check_tensor
 from .backends import MODULES
-from .backends.common import add_lora, lora_input, scaled_output
+from .backends.common import add_lora, lora_input
 from .dispatch import _plan
 from .quant import dequantize_blocks
 
@@ -49,16 +49,25 @@ def _records(tensors) -> bool:
 def _dense_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
                mask: Optional[torch.Tensor], scale: Optional[torch.Tensor] = None,
-               out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               out_dtype: Optional[torch.dtype] = None, keep_z: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _plan("lora_linear_fwd", x, *weight.shape)
-    return MODULES[p.backend].lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask,
-                                              scale, out_dtype, p.config)
+    return _z(MODULES[p.backend].lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask,
+                                                 scale, out_dtype, keep_z, p.config))
+
+
+def _z(out):
+    """A backend's `(y, xa, z or None)` as the op returns it: z empty when not kept."""
+    y, xa, z = out
+    return y, xa, y.new_empty(0) if z is None else z
 
 
 def _dense_dx(dy: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-              dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+              dyb: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
+              inp_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     p = _plan("lora_linear_dx", dy, *weight.shape)
-    return MODULES[p.backend].lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, p.config)
+    return MODULES[p.backend].lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, inp_scale,
+                                             p.config)
 
 
 lora_linear_fwd = torch.library.custom_op("peftkern::lora_linear_fwd", _dense_fwd, mutates_args=())
@@ -78,22 +87,25 @@ def _quant_fwd(x: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
                out_features: int, bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                lora_B: torch.Tensor, scaling: float, mask: Optional[torch.Tensor],
                compute_dtype: torch.dtype, scale: Optional[torch.Tensor] = None,
-               out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               out_dtype: Optional[torch.dtype] = None, keep_z: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = _plan("qlora_linear_fwd", x, out_features, x.shape[1], blocksize, compute_dtype)
     qw = _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize)
-    return MODULES[p.backend].qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling,
-                                               mask, compute_dtype, scale, out_dtype, p.config)
+    return _z(MODULES[p.backend].qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B,
+                                                  scaling, mask, compute_dtype, scale, out_dtype,
+                                                  keep_z, p.config))
 
 
 def _quant_dx(dy: torch.Tensor, data: torch.Tensor, absmax: torch.Tensor,
               absmax2: Optional[torch.Tensor], code8: Optional[torch.Tensor],
               offset: Optional[torch.Tensor], quant_type: str, blocksize: int,
               in_features: int, lora_A: torch.Tensor, dyb: torch.Tensor, scaling: float,
-              mask: Optional[torch.Tensor], compute_dtype: torch.dtype) -> torch.Tensor:
+              mask: Optional[torch.Tensor], compute_dtype: torch.dtype,
+              inp_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     p = _plan("qlora_linear_dx", dy, dy.shape[1], in_features, blocksize, compute_dtype)
     qw = _qw(data, absmax, absmax2, code8, offset, quant_type, blocksize)
     return MODULES[p.backend].qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask,
-                                              compute_dtype, p.config)
+                                              compute_dtype, inp_scale, p.config)
 
 
 qlora_linear_fwd = torch.library.custom_op("peftkern::qlora_linear_fwd", _quant_fwd, mutates_args=())
@@ -104,26 +116,30 @@ qlora_linear_dx = torch.library.custom_op("peftkern::qlora_linear_dx", _quant_dx
 
 
 @lora_linear_fwd.register_fake
-def _(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None):
-    return (x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype or x.dtype),
-            lora_A.new_empty(x.shape[0], lora_A.shape[0]))
+def _(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None, keep_z=False):
+    return _fake_out(x, weight.shape[0], lora_A, out_dtype, keep_z)
+
+
+def _fake_out(x, N, lora_A, out_dtype, keep_z):
+    dt = out_dtype or x.dtype
+    return (x.new_empty(x.shape[0], N, dtype=dt), lora_A.new_empty(x.shape[0], lora_A.shape[0]),
+            x.new_empty((x.shape[0], N) if keep_z else (0,), dtype=dt))
 
 
 @qlora_linear_fwd.register_fake
 def _(x, data, absmax, absmax2, code8, offset, quant_type, blocksize, out_features, bias, lora_A,
-      lora_B, scaling, mask, compute_dtype, scale=None, out_dtype=None):
-    return (x.new_empty(x.shape[0], out_features, dtype=out_dtype or x.dtype),
-            lora_A.new_empty(x.shape[0], lora_A.shape[0]))
+      lora_B, scaling, mask, compute_dtype, scale=None, out_dtype=None, keep_z=False):
+    return _fake_out(x, out_features, lora_A, out_dtype, keep_z)
 
 
 @lora_linear_dx.register_fake
-def _(dy, weight, lora_A, dyb, scaling, mask):
+def _(dy, weight, lora_A, dyb, scaling, mask, inp_scale=None):
     return dy.new_empty(dy.shape[0], weight.shape[1])
 
 
 @qlora_linear_dx.register_fake
 def _(dy, data, absmax, absmax2, code8, offset, quant_type, blocksize, in_features, lora_A, dyb,
-      scaling, mask, compute_dtype):
+      scaling, mask, compute_dtype, inp_scale=None):
     return dy.new_empty(dy.shape[0], in_features)
 
 
@@ -133,61 +149,71 @@ def _(dy, data, absmax, absmax2, code8, offset, quant_type, blocksize, in_featur
 # as differentiable torch ops instead, so the gradients themselves can be differentiated.
 
 
-def _save(ctx, x, A, B, s, mask, bias, xa, weight_args, keep_x):
-    """Save what the backward reads. x only when a gradient needs it (dA, or dW of a trainable
-    dense weight): with lora_A frozen (LoRA-FA) dB needs only the saved xA."""
+def _save(ctx, x, A, B, s, mask, bias, xa, scale, z, weight_args, keep_x):
+    """Save what the backward reads. x only when a gradient needs it (dA, dW of a trainable
+    dense weight, or a scale's second-order graph): with lora_A frozen (LoRA-FA) dB needs only
+    the saved xA. With an output scale, the scale, and the pre-scale result z when the scale
+    itself needs a gradient."""
     ctx.scaling, ctx.weight_args, ctx.x_dtype = s, weight_args, x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
-    ctx.save_for_backward(x if keep_x else None, A, B, mask, xa,
+    ctx.save_for_backward(x if keep_x else None, A, B, mask, xa, scale,
+                          z if z is not None and z.dim() == 2 else None,  # (0,): not kept
                           *[t for t in weight_args if isinstance(t, torch.Tensor)])
 
 
-def _no_scale(scale):
-    if scale is not None:  # the public ops pass one only to calls autograd does not record
-        raise RuntimeError("the fused ops' output scale has no gradient: differentiate through "
-                           "peftkern.ops.dora_linear, which applies a trainable magnitude itself")
-
-
 def _setup_dense(ctx, inputs, output):
-    x, weight, bias, A, B, s, mask, scale, _ = inputs
-    _no_scale(scale)
+    x, weight, bias, A, B, s, mask, scale, _, _ = inputs
     ctx.dense = True
-    _save(ctx, x, A, B, s, mask, bias, output[1], (weight,), A.requires_grad or weight.requires_grad)
+    _save(ctx, x, A, B, s, mask, bias, output[1], scale, output[2], (weight,),
+          A.requires_grad or weight.requires_grad)
 
 
 def _setup_quant(ctx, inputs, output):
-    x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd, scale, _ = inputs
-    _no_scale(scale)
+    x, data, absmax, absmax2, code8, offset, qt, bs, n, bias, A, B, s, mask, cd, scale = inputs[:16]
     ctx.dense, ctx.out_features = False, n
-    _save(ctx, x, A, B, s, mask, bias, output[1],
+    _save(ctx, x, A, B, s, mask, bias, output[1], scale, output[2],
           (data, absmax, absmax2, code8, offset, qt, bs, cd), A.requires_grad)
+
+
+_W = 7  # where the weight tensors start in ctx.saved_tensors
 
 
 def _dense_weight(ctx, K, saved):
     """The base weight as a matrix: the dense one, or the 4-bit one dequantized (create_graph)."""
     if ctx.dense:
-        return saved[5]
+        return saved[_W]
     data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
     return dequantize_blocks(data, absmax, absmax2, code8, offset, qt, bs,
                              [ctx.out_features, K], cd)
 
 
-def _backward(ctx, dy, _dxa, needs=None):
+def _backward(ctx, dy, _dxa, _dz, needs=None):
     """`needs`: which op inputs need a gradient (default ctx.needs_input_grad). Only those are
-    computed: a frozen lora_A (LoRA-FA) costs no dA, a frozen bias no reduction."""
+    computed: a frozen lora_A (LoRA-FA) costs no dA, a frozen bias no reduction. With an output
+    scale g, dZ = dY ⊙ g is formed only in x's dtype for dX (the LoRA factors' gradients take the
+    wide dY: dY·B becomes dY·(g⊙B), dB = g ⊙ (dYᵀ·xA)), and dg = Σ dY ⊙ z, z the pre-scale
+    result the forward kept."""
     saved = ctx.saved_tensors  # unpacked once: each read of ctx.saved_tensors unpacks them all
-    x, A, B, mask, xa = saved[:5]
+    x, A, B, mask, xa, g, z = saved[:_W]
     s, needs = ctx.scaling, needs or ctx.needs_input_grad
-    i_bias, i_A, i_B = (2, 3, 4) if ctx.dense else (9, 10, 11)
+    i_bias, i_A, i_B, i_g = (2, 3, 4, 7) if ctx.dense else (9, 10, 11, 15)
     graph = torch.is_grad_enabled()
-    if graph and x is None and needs[0]:
+    if graph and x is None and (needs[0] or g is not None):
         raise RuntimeError("double backward (create_graph=True) through a fused LoRA op with a "
                            "frozen lora_A needs the op's input, which is not kept then (LoRA-FA); "
                            "run it under peftkern.ops.use_backend('reference')")
     K = A.shape[1]
     dyl = dy.to(A.dtype)
     dy = dy.to(ctx.x_dtype)  # a wide output (out_dtype): the base path's gradient in x's dtype
-    dyb = dyl @ B if needs[0] or needs[i_A] else None
+    dscale = None
+    if graph and g is not None:  # create_graph: the scale as torch ops, z recomputed
+        z = _dense_weight(ctx, K, saved)
+        z = add_lora(x.to(z.dtype) @ z.t(), lora_input(x, A, mask) @ A.t(), B.t(), s,
+                     out_dtype=ctx.x_dtype)
+        dscale = (dy * z).sum(0).to(g.dtype) if needs[i_g] else None
+        dy, dyl, g = dy * g.to(dy.dtype), dyl * g.to(dyl.dtype), None  # dZ, as torch ops
+    Bg = B if g is None else B * g.to(B.dtype)[:, None]
+    dyb = dyl @ Bg if needs[0] or needs[i_A] else None
     xl = lora_input(x, A, mask) if x is not None and (needs[i_A] or graph) else None
     dx = dw = dA = dB = dbias = None
     if graph:  # create_graph: differentiable torch ops, xA recomputed (from x, when kept)
@@ -196,23 +222,40 @@ def _backward(ctx, dy, _dxa, needs=None):
         if needs[0]:
             dx = add_lora(dy.to(w.dtype) @ w, dyb, A, s, mask, out_dtype=dy.dtype)
     elif needs[0] and ctx.dense:
-        args = (dy, saved[5], A, dyb, s, mask)
-        dx = (_dense_dx if _eager(args[:4]) else lora_linear_dx)(*args)
+        args = (dy, saved[_W], A, dyb, s, mask, g)
+        dx = (_dense_dx if _eager(args[:4] + (g,)) else lora_linear_dx)(*args)
     elif needs[0]:
         data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
-        args = (dy, data, absmax, absmax2, code8, offset, qt, bs, K, A, dyb, s, mask, cd)
-        dx = (_quant_dx if _eager((dy, data, A, dyb)) else qlora_linear_dx)(*args)
+        args = (dy, data, absmax, absmax2, code8, offset, qt, bs, K, A, dyb, s, mask, cd, g)
+        dx = (_quant_dx if _eager((dy, data, A, dyb, g)) else qlora_linear_dx)(*args)
     if ctx.dense and needs[1]:  # a trainable base weight
-        dw = dy.t() @ x
+        dw = dy.t() @ x if g is None else (dy.t() @ x).mul_(g.to(dy.dtype)[:, None])
     if needs[i_A]:  # fresh results: scaled in place unless building a graph
         dA = s * (dyb.t() @ xl) if graph else (dyb.t() @ xl).mul_(s)
     if needs[i_B]:
         dB = s * (dyl.t() @ xa) if graph else (dyl.t() @ xa).mul_(s)
+        if g is not None:
+            dB.mul_(g.to(dB.dtype)[:, None])
     if needs[i_bias] and ctx.bias_dtype is not None:
         dbias = dy.sum(0).to(ctx.bias_dtype)
+    if g is not None and needs[i_g]:
+        dscale = (_scale_grad if _eager((dy, z)) else scale_grad)(dy, z).to(g.dtype)
     if ctx.dense:
-        return dx, dw, dbias, dA, dB, None, None, None, None
-    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None, None, None)
+        return dx, dw, dbias, dA, dB, None, None, dscale, None, None
+    return (dx,) + (None,) * 8 + (dbias, dA, dB, None, None, None, dscale, None, None)
+
+
+def _scale_grad(dy: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    p = _plan("scale_grad", dy, dy.shape[1], 0, 0, dy.dtype)
+    return MODULES[p.backend].scale_grad(dy, z)
+
+
+scale_grad = torch.library.custom_op("peftkern::scale_grad", _scale_grad, mutates_args=())
+
+
+@scale_grad.register_fake
+def _(dy, z):
+    return dy.new_empty(dy.shape[1], dtype=torch.float32)
 
 
 lora_linear_fwd.register_autograd(_backward, setup_context=_setup_dense)
@@ -227,14 +270,14 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, plan, *args):
-        out = _direct_call(op, plan, args)
+        out = _z(_direct_call(op, plan, args))
         (_setup_dense if op == "lora_linear_fwd" else _setup_quant)(ctx, args, out)
-        ctx.mark_non_differentiable(out[1])
+        ctx.mark_non_differentiable(out[1], out[2])
         return out
 
     @staticmethod
-    def backward(ctx, dy, dxa):  # the op and the plan, then the op's inputs
-        return (None, None) + _backward(ctx, dy, dxa, ctx.needs_input_grad[2:])
+    def backward(ctx, dy, dxa, dz):  # the op and the plan, then the op's inputs
+        return (None, None) + _backward(ctx, dy, dxa, dz, ctx.needs_input_grad[2:])
 
 
 def _direct_call(op, plan, args):
@@ -377,32 +420,25 @@ def _check_scale(scale, N, device):
             raise ValueError(f"scale must have out_features={N} elements, got {scale.shape[0]}")
 
 
-def _scaled(run, tensors, bias, scale, out_dtype, lora_dtype):
-    """`run(bias, scale, out_dtype)` gives the fused result. Where autograd records (the scale
-    trainable, or anything else), the fused op gives the unscaled result, kept in the wider of
-    x's and the adapters' dtypes (one rounding, and a wide gradient for the LoRA factors), and
-    torch scales it, so that the scale gets its gradient; otherwise the op's epilogue applies
-    the scale. `out_dtype` (no scale): the fused op's output dtype (None: x's)."""
-    if scale is None or not _records(tensors + (scale,)):
-        return run(bias, scale, out_dtype)
-    wide = torch.promote_types(tensors[0].dtype, lora_dtype)
-    return scaled_output(run(None, None, wide), scale, bias, out_dtype or tensors[0].dtype)
+def _keep_z(scale) -> bool:
+    """Whether the fused forward also returns the pre-scale result: when the scale needs a
+    gradient (dscale = Σ dY ⊙ z)."""
+    return scale is not None and scale.requires_grad and torch.is_grad_enabled()
 
 
 def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None,
                  scale=None, out_dtype=None):
     """`lora_linear` on checked arguments (the PEFT integration checks once per layer state);
-    `out_dtype`: see `_scaled`."""
+    `out_dtype`: the result's dtype (None: x's)."""
     N, K = weight.shape
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
 
-    def run(b, sc, out_dtype):
-        args = (x2, weight, b, lora_A, lora_B, float(scaling), mask, sc, out_dtype)
-        return _run("lora_linear_fwd", lora_linear_fwd, args,
-                    (x2, weight, b, lora_A, lora_B, mask, sc), (N, K))[0]
-    return _unrows(_scaled(run, (x2, weight, bias, lora_A, lora_B), bias, scale, out_dtype,
-                           lora_A.dtype), x)
+    args = (x2, weight, bias, lora_A, lora_B, float(scaling), mask, scale, out_dtype,
+            _keep_z(scale))
+    y = _run("lora_linear_fwd", lora_linear_fwd, args,
+             (x2, weight, bias, lora_A, lora_B, mask, scale), (N, K))[0]
+    return _unrows(y, x)
 
 
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
@@ -446,9 +482,8 @@ def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, 
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
 
-    def run(b, sc, out_dtype):
-        args = (x2, *qw, N, b, lora_A, lora_B, float(scaling), mask, compute_dtype, sc, out_dtype)
-        return _run("qlora_linear_fwd", qlora_linear_fwd, args,
-                    (x2, b, lora_A, lora_B, mask, sc, *qw[:5]), (N, K, q.blocksize, compute_dtype))[0]
-    return _unrows(_scaled(run, (x2, bias, lora_A, lora_B), bias, scale, out_dtype,
-                           lora_A.dtype), x)
+    args = (x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, compute_dtype, scale,
+            out_dtype, _keep_z(scale))
+    y = _run("qlora_linear_fwd", qlora_linear_fwd, args,
+             (x2, bias, lora_A, lora_B, mask, scale, *qw[:5]), (N, K, q.blocksize, compute_dtype))[0]
+    return _unrows(y, x)

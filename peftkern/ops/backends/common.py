@@ -45,11 +45,37 @@ def scaled_output(z, scale, bias, out_dtype):
     return (y if bias is None else y + bias.to(wide)).to(out_dtype)
 
 
-def add_scaled_lora(y, xa, lora_B, scaling, scale, bias, out_dtype):
+def add_scaled_lora(y, xa, lora_B, scaling, scale, bias, out_dtype, keep_z=False):
     """`(y + s·xa·Bᵀ) ⊙ scale + bias` for a fresh base result `y` without its bias: the forward's
-    last step when a scale is given (the base and LoRA terms summed wide, then scaled)."""
+    last step when a scale is given (the base and LoRA terms summed wide, then scaled). Returns
+    `(out, z or None)`: z, the pre-scale result in `out_dtype`, when `keep_z`."""
     z = add_lora(y, xa, lora_B.t(), scaling, out_dtype=torch.promote_types(y.dtype, xa.dtype))
-    return scaled_output(z, scale, bias, out_dtype)
+    return scaled_output(z, scale, bias, out_dtype), z.to(out_dtype) if keep_z else None
+
+
+def scale_grad(dy, z):
+    """`Σ_m dy[m, n]·z[m, n]` in fp32: the gradient of a per-output-feature scale."""
+    return torch.linalg.vecdot(dy.float(), z.float(), dim=0)
+
+
+def add_grouped_lora(y, x, A, B, scalings, adapter_index, table=None):
+    """`y + s[a]·x·A[a]ᵀ·B[a]ᵀ` per row (adapter a = adapter_index[row], -1: none), out of place
+    and differentiable: the rows sorted by adapter, one product pair per adapter present, summed
+    with y in the widest dtype and rounded once. (Reads the row counts: a host sync.)"""
+    n, N = A.shape[0], B.shape[1]
+    key = torch.where(adapter_index < 0, n, adapter_index.long())
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=n + 1).tolist()
+    xs = x[order].to(A.dtype)
+    pieces, start = [], 0
+    for a, c in enumerate(counts[:n]):
+        if c:
+            pieces.append(((xs[start:start + c] @ A[a].t()) * scalings[a]) @ B[a].t())
+        start += c
+    pieces.append(xs.new_zeros(counts[n], N))
+    lora = torch.cat(pieces)[torch.argsort(order)]
+    wide = torch.promote_types(y.dtype, lora.dtype)
+    return (y.to(wide) + lora.to(wide)).to(y.dtype)
 
 
 def packed_bytes(data):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from ... import codes
 from . import ext
-from .common import (add_lora, add_scaled_lora, lora_xa, offset_1d, packed_bytes,
-                     quant_type_id, scaled_output)
+from .common import (add_grouped_lora, add_lora, add_scaled_lora, lora_xa,  # noqa: F401
+                     offset_1d, packed_bytes, quant_type_id, scale_grad, scaled_output)
 
 PANEL_ELEMS = 1 << 20  # dequantize ~4 MB of fp32 weight at a time, so it stays in cache
 
@@ -46,7 +46,7 @@ def weight_panels(qw, N, K, decode=None):
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     scale=None, out_dtype=None, config="panels"):
+                     scale=None, out_dtype=None, keep_z=False, config="panels"):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
     out = out_dtype or x.dtype
@@ -58,20 +58,26 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
                                out_features, _f32(bias) if scale is None else None, _f32(xa),
                                _f32(lora_B), float(scaling), 2, compute_dtype == torch.bfloat16)
-        return (y.to(out) if scale is None else scaled_output(y, scale, bias, out)), xa
+        if scale is None:
+            return y.to(out), xa, None
+        return scaled_output(y, scale, bias, out), xa, y.to(out) if keep_z else None
     x32 = xc.float()  # fp32 on CPU: faster than CPU half matmuls, and one rounding at the end
     y = torch.cat([F.linear(x32, w) for _, _, w in weight_panels(qw, out_features, x.shape[1])],
                   dim=1)
     if scale is not None:
-        return add_scaled_lora(y, xa, lora_B, scaling, scale, bias, out), xa
+        y, z = add_scaled_lora(y, xa, lora_B, scaling, scale, bias, out, keep_z)
+        return y, xa, z
     if bias is not None:
         y += bias
-    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=out), xa
+    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=out), xa, None
 
 
-def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):
+def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype,
+                    inp_scale=None, config=None):
     """dX = sum over panels of dY[:, panel]·W[panel], accumulated in fp32."""
     dy32 = dy.to(compute_dtype).float()
+    if inp_scale is not None:
+        dy32 = (dy32 * inp_scale).to(compute_dtype).float()  # dY ⊙ scale, rounded as on GPUs
     dx = dy.new_zeros(dy.shape[0], in_features, dtype=torch.float32)
     for n0, n1, w in weight_panels(qw, dy.shape[1], in_features):
         dx.addmm_(dy32[:, n0:n1], w)

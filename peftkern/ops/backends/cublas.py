@@ -8,8 +8,8 @@ name, so that `plan` and the tuner can choose it on CUDA.
 """
 import torch
 
-from .reference import (lora_linear_dx, lora_linear_fwd, qlora_linear_dx,  # noqa: F401
-                        qlora_linear_fwd)
+from .reference import (add_grouped_lora, dora_norm, lora_linear_dx,  # noqa: F401
+                        lora_linear_fwd, qlora_linear_dx, qlora_linear_fwd, scale_grad)
 
 
 def expert_linear(x, weight, bias, lora_A, lora_B, scaling, offsets, expert_of_row):

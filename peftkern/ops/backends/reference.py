@@ -6,25 +6,27 @@ multiplied by torch (cuBLAS on CUDA). The only compute-path module that may use 
 from __future__ import annotations
 
 
-import torch
 import torch.nn.functional as F
 
 from ... import reference
 from . import cpp, triton
-from .common import add_lora, add_scaled_lora, lora_xa, packed_bytes
+from .common import (add_grouped_lora, add_lora, add_scaled_lora, lora_xa,  # noqa: F401
+                     packed_bytes, scale_grad)
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None,
-                    config=None):
+                    keep_z=False, config=None):
     xa = lora_xa(x, lora_A, mask)
     if scale is not None:
-        return add_scaled_lora(F.linear(x, weight), xa, lora_B, scaling, scale, bias,
-                               out_dtype or x.dtype), xa
-    return add_lora(F.linear(x, weight, bias), xa, lora_B.t(), scaling, out_dtype=out_dtype), xa
+        y, z = add_scaled_lora(F.linear(x, weight), xa, lora_B, scaling, scale, bias,
+                               out_dtype or x.dtype, keep_z)
+        return y, xa, z
+    return add_lora(F.linear(x, weight, bias), xa, lora_B.t(), scaling, out_dtype=out_dtype), xa, None
 
 
-def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, config=None):
-    return add_lora(dy @ weight, dyb, lora_A, scaling, mask)
+def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, inp_scale=None, config=None):
+    base = (dy if inp_scale is None else (dy * inp_scale).to(dy.dtype)) @ weight
+    return add_lora(base, dyb, lora_A, scaling, mask)
 
 
 def dense_weight(qw, N, K, dtype, config):
@@ -36,19 +38,22 @@ def dense_weight(qw, N, K, dtype, config):
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     scale=None, out_dtype=None, config=None):
+                     scale=None, out_dtype=None, keep_z=False, config=None):
     xa = lora_xa(x, lora_A, mask)
     w = dense_weight(qw, out_features, x.shape[1], compute_dtype, config)
     if scale is not None:
-        return add_scaled_lora(F.linear(x.to(compute_dtype), w), xa, lora_B, scaling, scale,
-                               bias, out_dtype or x.dtype), xa
+        y, z = add_scaled_lora(F.linear(x.to(compute_dtype), w), xa, lora_B, scaling, scale,
+                               bias, out_dtype or x.dtype, keep_z)
+        return y, xa, z
     y = F.linear(x.to(compute_dtype), w, bias)
-    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=out_dtype or x.dtype), xa
+    return add_lora(y, xa, lora_B.t(), scaling, out_dtype=out_dtype or x.dtype), xa, None
 
 
-def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):
+def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype,
+                    inp_scale=None, config=None):
     w = dense_weight(qw, dy.shape[1], in_features, compute_dtype, config)
-    return add_lora(dy.to(compute_dtype) @ w, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
+    dyc = dy if inp_scale is None else dy * inp_scale
+    return add_lora(dyc.to(compute_dtype) @ w, dyb, lora_A, scaling, mask, out_dtype=dy.dtype)
 
 
 def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
@@ -56,26 +61,6 @@ def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
     decode = {"cpp": cpp.dequantize_4bit, "triton": triton.dequantize_4bit}.get(config,
                                                                                dequantize_4bit)
     return cpp.dora_norm_panels(weight, qw, lora_A, lora_B, scaling, N, K, decode)
-
-
-def add_grouped_lora(y, x, A, B, scalings, adapter_index, table=None):
-    """`y + s[a]·x·A[a]ᵀ·B[a]ᵀ` per row (adapter a = adapter_index[row], -1: none), out of place
-    and differentiable: the rows sorted by adapter, one product pair per adapter present, summed
-    with y in the widest dtype and rounded once. (Reads the row counts: a host sync.)"""
-    n, N = A.shape[0], B.shape[1]
-    key = torch.where(adapter_index < 0, n, adapter_index.long())
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n + 1).tolist()
-    xs = x[order].to(A.dtype)
-    pieces, start = [], 0
-    for a, c in enumerate(counts[:n]):
-        if c:
-            pieces.append(((xs[start:start + c] @ A[a].t()) * scalings[a]) @ B[a].t())
-        start += c
-    pieces.append(xs.new_zeros(counts[n], N))
-    lora = torch.cat(pieces)[torch.argsort(order)]
-    wide = torch.promote_types(y.dtype, lora.dtype)
-    return (y.to(wide) + lora.to(wide)).to(y.dtype)
 
 
 def quantize_4bit(A, quant_type, blocksize):

@@ -18,39 +18,56 @@ def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None,
-                    config=None):
+                    keep_z=False, config=None):
     xa = lora_xa(x, lora_A, mask)
     y = _kernels()[0].lora_matmul(x, weight, None, xa, lora_B.t(), scaling, None, bias,
                                   stride_wq=weight.stride(1), stride_wp=weight.stride(0),
                                   P=weight.shape[0], config=config, scale=scale,
-                                  out_dtype=out_dtype)
-    return y, xa
+                                  out_dtype=out_dtype, keep_z=keep_z)
+    return _with_z(y, xa, keep_z)
 
 
-def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, config=None):
-    return _kernels()[0].lora_matmul(dy, weight, None, dyb, lora_A, scaling, mask, None,
-                                     stride_wq=weight.stride(0), stride_wp=weight.stride(1),
-                                     P=weight.shape[1], config=config)
+def _with_z(y, xa, keep_z):
+    """`(y, xa, z or None)` from lora_matmul's `out` or `(out, z)`."""
+    return (y[0], xa, y[1]) if keep_z else (y, xa, None)
+
+
+def _scaled_dy(dy, inp_scale):
+    """dY ⊙ scale (one pass; scaling the tiles in-kernel spills on the sm_90a large tile)."""
+    return dy if inp_scale is None else (dy * inp_scale).to(dy.dtype)
+
+
+def lora_linear_dx(dy, weight, lora_A, dyb, scaling, mask, inp_scale=None, config=None):
+    return _kernels()[0].lora_matmul(_scaled_dy(dy, inp_scale), weight, None, dyb, lora_A,
+                                     scaling, mask, None, stride_wq=weight.stride(0),
+                                     stride_wp=weight.stride(1), P=weight.shape[1], config=config)
 
 
 def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, compute_dtype,
-                     scale=None, out_dtype=None, config=None):
+                     scale=None, out_dtype=None, keep_z=False, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
     K = x.shape[1]
     q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
     y = _kernels()[0].lora_matmul(x.to(compute_dtype), packed_bytes(data), q, xa, lora_B.t(),
                                   scaling, None, bias, stride_wq=1, stride_wp=K, P=out_features,
-                                  config=config, out_dtype=out_dtype or x.dtype, scale=scale)
-    return y, xa
+                                  config=config, out_dtype=out_dtype or x.dtype, scale=scale,
+                                  keep_z=keep_z)
+    return _with_z(y, xa, keep_z)
 
 
-def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype, config=None):
+def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype,
+                    inp_scale=None, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
-    return _kernels()[0].lora_matmul(dy.to(compute_dtype), packed_bytes(data), q, dyb, lora_A,
-                                     scaling, mask, None, stride_wq=in_features, stride_wp=1,
-                                     P=in_features, config=config, out_dtype=dy.dtype)
+    return _kernels()[0].lora_matmul(_scaled_dy(dy, inp_scale).to(compute_dtype),
+                                     packed_bytes(data), q, dyb, lora_A, scaling, mask, None,
+                                     stride_wq=in_features, stride_wp=1, P=in_features,
+                                     config=config, out_dtype=dy.dtype)
+
+
+def scale_grad(dy, z):
+    return _kernels()[3].column_dot(dy, z)
 
 
 def quantize_4bit(A, quant_type, blocksize):
