@@ -34,7 +34,7 @@ def test_qlora_forward_and_dx_follow_error_rule(decoder, dtype, lora_dtype, drop
     B = torch.randn(N, r, generator=gen).to(lora_dtype)
     bias = torch.randn(N, generator=gen).to(dtype)
     mask = ((torch.rand(M, K, generator=gen) > 0.2).to(lora_dtype) / 0.8) if dropout else None
-    y, xa = cublas.qlora_linear_fwd(x, _qw(q), N, bias, A, B, 0.5, mask, dtype, config=decoder)
+    y, xa, _ = cublas.qlora_linear_fwd(x, _qw(q), N, bias, A, B, 0.5, mask, dtype, config=decoder)
     want = R.lora_linear(x.double(), Wd.double(), bias.double(), A.double(), B.double(), 0.5,
                          None if mask is None else mask.double())
     base = R.lora_linear(x, Wd.to(dtype), bias, A.to(dtype), B.to(dtype), 0.5,
@@ -56,7 +56,7 @@ def test_dense_forward_and_dx_follow_error_rule(gen):
     M, N, K, r = 5, 24, 40, 4
     W, x = torch.randn(N, K, generator=gen), torch.randn(M, K, generator=gen)
     A, B = torch.randn(r, K, generator=gen), torch.randn(N, r, generator=gen)
-    y, xa = cublas.lora_linear_fwd(x, W, None, A, B, 2.0, None)
+    y, xa, _ = cublas.lora_linear_fwd(x, W, None, A, B, 2.0, None)
     assert_error_rule("y", y, R.lora_linear(x.double(), W.double(), None, A.double(), B.double(),
                                             2.0), R.lora_linear(x, W, None, A, B, 2.0))
     dy = torch.randn(M, N, generator=gen)

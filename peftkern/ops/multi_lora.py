@@ -86,7 +86,8 @@ def grouped_lora_linear(x, weight, bias, A_stack, B_stack, scalings, adapter_ind
     y = base_linear(x2, weight, bias, compute_dtype)
     p = _plan("grouped_lora", x2, N, K, 0, A_stack.dtype)
     records = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, A_stack, B_stack, y))
-    backend = "reference" if records else p.backend
+    # traced (torch.compile): the torch path, which reads the row counts (a graph break)
+    backend = "reference" if records or torch.compiler.is_compiling() else p.backend
     y = MODULES[backend].add_grouped_lora(y, x2, A_stack, B_stack, scalings, idx,
                                           table if backend == "triton" else None)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
