@@ -23,7 +23,7 @@ from .backends.common import scaled_output
 from .dispatch import _plan
 from . import lora
 from .lora import (_eager, _lora_linear, _passed, _qlora_linear, _remember, _rows, _signature,
-                   base_linear, check_lora)
+                   base_linear, check_factors, check_features, check_lora)
 
 
 def _norm(weight: Optional[torch.Tensor], data: Optional[torch.Tensor],
@@ -45,19 +45,6 @@ def _(weight, data, absmax, absmax2, code8, offset, quant_type, blocksize, lora_
     return lora_A.new_empty(N)
 
 
-def _check_factors(weight, lora_A, lora_B):
-    N, K = weight.shape
-    check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("lora_B", lora_B, ndim=2, dtypes=(lora_A.dtype,), device=lora_A.device)
-    r = lora_A.shape[0]
-    if r < 1 or lora_A.shape[1] != K or tuple(lora_B.shape) != (N, r):
-        raise ValueError(f"lora_A must be [r, in_features={K}] and lora_B [out_features={N}, r], "
-                         f"got {tuple(lora_A.shape)} and {tuple(lora_B.shape)}")
-    dev = weight.device
-    if dev != lora_A.device:
-        raise ValueError(f"weight is on {dev}, expected {lora_A.device} like lora_A")
-
-
 @torch.no_grad()
 def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     """`‖W + s·B·A‖₂` of every row, `[out_features]` in the adapters' dtype, without gradient.
@@ -66,8 +53,8 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     `QuantizedWeight`, decoded in fp32 (exactly, as the fused ops do). Summed in fp32."""
     if not isinstance(weight, QuantizedWeight):
         check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
-    _check_factors(weight, lora_A, lora_B)
     N, K = weight.shape
+    check_factors(lora_A, lora_B, N, K, weight.device)
     q = weight if isinstance(weight, QuantizedWeight) else None
     args = (None if q else weight, *((q.data, q.absmax, q.absmax2, q.code8, q.offset,
                                       q.quant_type, q.blocksize) if q else
@@ -76,12 +63,6 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     if _eager([t for t in args if isinstance(t, torch.Tensor)]):
         return _norm(*args)
     return dora_norm_op(*args)
-
-
-def _check_vector(name, t, N, device):
-    check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=device)
-    if t.shape[0] != N:
-        raise ValueError(f"{name} must have out_features={N} elements, got {t.shape[0]}")
 
 
 def _fused(x, weight, bias, A, B, s, compute_dtype, scale=None, out_dtype=None):
@@ -114,9 +95,9 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
             raise TypeError(f"weight must be a torch.Tensor or a peftkern.QuantizedWeight, got "
                             f"{type(weight).__name__}")
         check_lora(x, weight, bias, lora_A, lora_B, dropout_p, cd)
-        _check_vector("magnitude", magnitude, weight.shape[0], x.device)
+        check_features("magnitude", magnitude, weight.shape[0], x.device)
         if weight_norm is not None:
-            _check_vector("weight_norm", weight_norm, weight.shape[0], x.device)
+            check_features("weight_norm", weight_norm, weight.shape[0], x.device)
         _remember(sig)
     norm = dora_weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None \
         else weight_norm.detach()

@@ -270,9 +270,9 @@ class _Eager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, plan, *args):
-        out = _z(_direct_call(op, plan, args))
+        out = _direct_call(op, plan, args)  # (y, xA, z or None): no placeholder for a missing z
         (_setup_dense if op == "lora_linear_fwd" else _setup_quant)(ctx, args, out)
-        ctx.mark_non_differentiable(out[1], out[2])
+        ctx.mark_non_differentiable(*[t for t in out[1:] if t is not None])
         return out
 
     @staticmethod
@@ -347,20 +347,30 @@ def _unrows(y, x):
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
 
 
-def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype):
-    _rows(x, K)
-    check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    check_tensor("lora_B", lora_B, ndim=2, dtypes=(lora_A.dtype,), device=x.device)
+def check_factors(lora_A, lora_B, N, K, device):
+    """`lora_A [r, K]` and `lora_B [N, r]`, one float dtype, on `device`."""
+    check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES, device=device)
+    check_tensor("lora_B", lora_B, ndim=2, dtypes=(lora_A.dtype,), device=device)
     r = lora_A.shape[0]
     if r < 1 or lora_A.shape[1] != K:
         raise ValueError(f"lora_A must be [r, in_features={K}] with r >= 1, got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (N, r):
         raise ValueError(f"lora_B must be [out_features={N}, r={r}] to match lora_A, got "
                          f"{tuple(lora_B.shape)}")
+
+
+def check_features(name, t, N, device, dtypes=FLOAT_DTYPES):
+    """A per-output-feature vector `[N]` (a bias, a scale, DoRA's magnitude or norm)."""
+    check_tensor(name, t, ndim=1, dtypes=dtypes, device=device)
+    if t.shape[0] != N:
+        raise ValueError(f"{name} must have out_features={N} elements, got {t.shape[0]}")
+
+
+def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype):
+    _rows(x, K)
+    check_factors(lora_A, lora_B, N, K, x.device)
     if bias is not None:
-        check_tensor("bias", bias, ndim=1, dtypes=(base_dtype,), device=x.device)
-        if bias.shape[0] != N:
-            raise ValueError(f"bias must have out_features={N} elements, got {bias.shape[0]}")
+        check_features("bias", bias, N, x.device, (base_dtype,))
     check_probability("dropout_p", dropout_p)
 
 
@@ -408,16 +418,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: floa
     sig = _signature("dense", x, weight, bias, lora_A, lora_B, dropout_p, scale)
     if not _passed(sig):
         check_lora(x, weight, bias, lora_A, lora_B, dropout_p)
-        _check_scale(scale, weight.shape[0], x.device)
+        if scale is not None:
+            check_features("scale", scale, weight.shape[0], x.device)
         _remember(sig)
     return _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, scale)
-
-
-def _check_scale(scale, N, device):
-    if scale is not None:
-        check_tensor("scale", scale, ndim=1, dtypes=FLOAT_DTYPES, device=device)
-        if scale.shape[0] != N:
-            raise ValueError(f"scale must have out_features={N} elements, got {scale.shape[0]}")
 
 
 def _keep_z(scale) -> bool:
@@ -457,7 +461,8 @@ def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: fl
         if not isinstance(qweight, QuantizedWeight):
             raise TypeError(f"qweight must be a peftkern.QuantizedWeight, got {type(qweight).__name__}")
         check_lora(x, qweight, bias, lora_A, lora_B, dropout_p, cd, "qweight")
-        _check_scale(scale, qweight.shape[0], x.device)
+        if scale is not None:
+            check_features("scale", scale, qweight.shape[0], x.device)
         _remember(sig)
     return _qlora_linear(x, qweight, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, cd,
                          scale)
