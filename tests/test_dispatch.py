@@ -143,3 +143,16 @@ def test_every_op_has_a_plan_on_cpu():
     for op, impls in dispatch.IMPLEMENTS.items():
         p = ops.plan(op, torch.empty(4, 64), weights.get(op))
         assert p.backend in impls and p.backend in ops.available(CPU) and p.reason, (op, p)
+
+
+@pytest.mark.skipif(not CAN_PLAN_CUDA, reason="needs triton installed to plan a CUDA call")
+def test_grouped_lora_runs_torch_ops_when_recorded_or_traced(gpu_x, monkeypatch):
+    """Mixed-adapter batches: the Triton shrink/expand on CUDA, torch ops (which have a backward
+    and need no host read of the row counts) when autograd records the call or compile traces it."""
+    x = _OnCuda(64, 128, torch.bfloat16)
+    assert dispatch.plan_grouped_lora(x, 256, 128, torch.bfloat16, False).backend == "triton"
+    recorded = dispatch.plan_grouped_lora(x, 256, 128, torch.bfloat16, True)
+    assert recorded.backend == "reference" and "autograd" in recorded.reason
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = dispatch.plan_grouped_lora(x, 256, 128, torch.bfloat16, False)
+    assert traced.backend == "reference" and "compile" in traced.reason

@@ -154,13 +154,12 @@ def test_grouped_mm_path_matches_the_per_expert_path(gen):
         got = cublas.expert_linear(x, W, b, A, B, 0.5, offsets, idx)
         want = moe.grouped_expert_linear(x, W, b, A, B, 0.5, list(sizes))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    cuda = SimpleNamespace(device=torch.device("cuda"))  # what plan_experts reads of x
-    fits = moe._fits_grouped_mm(x.bfloat16(), W.bfloat16(), A.bfloat16(), B.bfloat16())
-    assert fits and not moe._fits_grouped_mm(x.bfloat16(), W.bfloat16(), A[:, :4].bfloat16(),
-                                             B[:, :, :4].bfloat16())  # rank 4: 8-byte strides
-    assert dispatch.plan_experts(x, False, fits).backend == "per-expert"  # CPU
-    assert dispatch.plan_experts(cuda, False, fits).backend == "cublas"
-    assert dispatch.plan_experts(cuda, True, fits).backend == "per-expert"  # 4-bit experts
-    assert dispatch.plan_experts(cuda, False, False).backend == "per-expert"
+    xb, Wb, Ab, Bb = x.bfloat16(), W.bfloat16(), A.bfloat16(), B.bfloat16()
+    cuda = SimpleNamespace(device=torch.device("cuda"), dtype=xb.dtype, shape=xb.shape)  # read of x
+    assert dispatch.plan_experts(xb, Wb, Ab, Bb).backend == "per-expert"  # CPU
+    assert dispatch.plan_experts(cuda, Wb, Ab, Bb).backend == "cublas"
+    assert dispatch.plan_experts(cuda, [None] * 4, Ab, Bb).backend == "per-expert"  # 4-bit experts
+    assert dispatch.plan_experts(cuda, Wb, Ab[:, :4], Bb[:, :, :4]).backend == "per-expert"  # r=4:
+    assert dispatch.plan_experts(cuda, W, A, B).backend == "per-expert"  # 8-byte strides; fp32
     with ops.use_backend("triton"):  # a forced backend runs its own fused op per expert
-        assert dispatch.plan_experts(cuda, False, fits).backend == "per-expert"
+        assert dispatch.plan_experts(cuda, Wb, Ab, Bb).backend == "per-expert"

@@ -133,17 +133,31 @@ def test_no_compute_path_module_imports_the_reference():
 
 
 def test_import_kernels_from_the_repo_root_is_not_this_folder():
-    """Without the hub package, `import kernels` is an empty placeholder (no file, no path);
-    transformers then sees no `kernels`, and bitsandbytes' message names no file of this repo."""
+    """Without the hub package, `import kernels` from the repo root gives a bare module with no
+    file, path or origin: transformers sees no `kernels`, no module of this folder is reachable
+    through that name, and bitsandbytes' message names no file of this repo."""
     pytest.importorskip("transformers")
     code = ("import kernels, transformers.utils.import_utils as iu\n"
-            "print(getattr(kernels, '__file__', None), list(getattr(kernels, '__path__', [])),\n"
-            "      iu.is_kernels_available())\n"
-            "try:\n    from kernels import get_kernel\nexcept ImportError as e:\n    print(e)\n")
+            "print(repr(kernels), getattr(kernels, '__file__', None), getattr(kernels, '__path__', None),\n"
+            "      kernels.__spec__.origin, iu.is_kernels_available())\n"
+            "for stmt in ('from kernels import get_kernel', 'import kernels.lora_linear'):\n"
+            "    try:\n        exec(stmt)\n    except ImportError as e:\n        print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    first = out.stdout.splitlines()[0]
-    assert first == "None [] False" or ROOT not in first, out.stdout
+    assert out.stdout.splitlines()[0] == "<module 'kernels'> None None None False", out.stdout
+    assert "No module named 'kernels.lora_linear'" in out.stdout, out.stdout
     assert ROOT not in out.stdout, out.stdout
     import peftkern.kernels
     assert os.path.samefile(os.path.dirname(peftkern.kernels.__file__), os.path.join(ROOT, "kernels"))
+
+
+def test_import_kernels_from_the_repo_root_finds_the_installed_hub(tmp_path):
+    """With a `kernels` package installed (a stand-in for the hub, later on sys.path than the
+    repo root), `import kernels` from the repo root is that package, not this folder."""
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
+    code = "import kernels\nprint(kernels.__file__)\nprint(kernels.get_kernel('ok'))\n"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [str(tmp_path / "kernels" / "__init__.py"), "ok"], out.stdout

@@ -25,6 +25,8 @@ the bench and the tests call it to see what runs. The rules, in order:
    4-bit matmul names the backend that dequantizes the weight first.
 7. MoE expert linears (`plan_experts`): torch's `_grouped_mm` on CUDA for dense bf16 experts with
    16-byte strides, else the fused op per expert (which rules 1-6 plan).
+8. Mixed-adapter batches (`plan_grouped_lora`): the device default, but torch ops when autograd
+   records the call or torch.compile traces it.
 """
 from __future__ import annotations
 
@@ -243,22 +245,45 @@ def _refine(op, x, N, K, blocksize, dtype, backend, why) -> Plan:
     return Plan(backend, None, why)
 
 
-def plan_experts(x: torch.Tensor, quant: bool, fits: bool) -> Plan:
+def plan_experts(x, weight, A=None, B=None) -> Plan:
     """How `ops.moe` runs a grouped expert linear: "cublas" (torch's `_grouped_mm`, CUDA: one
     launch for the base product of every expert and two for the LoRA terms, offsets on the
-    device) for dense experts whose operands it takes (`fits`: bf16, 16-byte strides), else
-    "per-expert" (the fused (Q)LoRA op on each expert's rows, as `plan` chooses for it; a
-    forced backend other than cuBLAS runs there)."""
+    device) for dense experts whose operands it takes (`_fits_grouped_mm`: bf16, 16-byte
+    strides), else "per-expert" (the fused (Q)LoRA op on each expert's rows, as `plan` chooses
+    for it; a forced backend other than cuBLAS runs there). `weight`: the [E, N, K] stack, or
+    anything else for 4-bit experts."""
     name = forced()
     if name not in (None, "cublas"):
         return Plan("per-expert", None, f"forced by use_backend({name!r}): its fused op per expert")
-    if x.device.type == "cuda" and not quant and fits and hasattr(torch, "_grouped_mm"):
+    dense = isinstance(weight, torch.Tensor)
+    if x.device.type == "cuda" and dense and _fits_grouped_mm(x, weight, A, B) and \
+            hasattr(torch, "_grouped_mm"):
         return Plan("cublas", None, "cuda: torch._grouped_mm over all experts")
     if name == "cublas":
         raise RuntimeError("backend 'cublas' runs expert linears on CUDA for dense bf16 experts "
                            "with 16-byte strides only")
     return Plan("per-expert", None, "the fused (Q)LoRA op on each expert's rows (4-bit experts, "
                                     "not CUDA, or operands torch._grouped_mm does not take)")
+
+
+def _fits_grouped_mm(x, *stacks) -> bool:
+    """bf16 operands with 16-byte aligned strides, what torch._grouped_mm takes: x's rows, and
+    both matrix dimensions of each expert stack (the weight, A and B)."""
+    tensors = [x] + [t for t in stacks if t is not None]
+    return all(t.dtype == torch.bfloat16 for t in tensors) and x.shape[-1] % 8 == 0 and \
+        all(t.shape[-1] % 8 == 0 and t.shape[-2] % 8 == 0 for t in tensors[1:])
+
+
+def plan_grouped_lora(x: torch.Tensor, N: int, K: int, dtype, records: bool) -> Plan:
+    """How `ops.multi_lora` adds a mixed batch's LoRA terms: the device default of `plan` (the
+    Triton shrink/expand kernels on CUDA), except the torch path ("reference") when autograd
+    records the call (the kernels have no backward) or torch.compile traces it (the kernels read
+    the row counts on the host: a graph break)."""
+    if records:
+        return Plan("reference", None, "autograd records the call: torch ops, which have a backward")
+    if torch.compiler.is_compiling():
+        return Plan("reference", None, "traced by torch.compile: torch ops")
+    return _plan("grouped_lora", x, N, K, 0, dtype)
 
 
 def _no_cuda_kernel(dev, dtype) -> str:

@@ -138,21 +138,13 @@ class _Groups:
         return self._sizes
 
 
-def _fits_grouped_mm(x, *stacks) -> bool:
-    """bf16 operands with 16-byte aligned strides, what torch._grouped_mm takes: x's rows, and
-    both matrix dimensions of each expert stack (the weight, A and B)."""
-    tensors = [x] + [t for t in stacks if t is not None]
-    return all(t.dtype == torch.bfloat16 for t in tensors) and x.shape[-1] % 8 == 0 and \
-        all(t.shape[-1] % 8 == 0 and t.shape[-2] % 8 == 0 for t in tensors[1:])
-
-
 def _project(experts, name, x, groups, loras):
     w = getattr(experts, name)
     w = w.transpose(1, 2) if getattr(experts, "is_transposed", False) else w
     bias = getattr(experts, f"{name}_bias", None) if getattr(experts, "has_bias", False) else None
     A, B, s = loras.get(name, (None, None, 0.0))
     x = x.to(w.dtype)
-    if plan_experts(x, False, _fits_grouped_mm(x, w, A, B)).backend == "cublas":
+    if plan_experts(x, w, A, B).backend == "cublas":
         B = None if B is None else B.contiguous()  # PEFT's view of B has strides it rejects
         return cublas.expert_linear(x, w, bias, A, B, s, groups.offsets, groups.expert_of_row)
     return grouped_expert_linear(x, w, bias, A, B, s, groups.sizes)

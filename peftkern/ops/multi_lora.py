@@ -19,7 +19,7 @@ import torch
 from ..format import QuantizedWeight
 from ..validation import FLOAT_DTYPES, check_tensor
 from .backends import MODULES
-from .dispatch import _plan
+from .dispatch import plan_grouped_lora
 from .lora import _rows, base_linear, check_lora
 
 
@@ -84,10 +84,8 @@ def grouped_lora_linear(x, weight, bias, A_stack, B_stack, scalings, adapter_ind
     x2 = _rows(x, K)
     idx = adapter_index.reshape(-1)
     y = base_linear(x2, weight, bias, compute_dtype)
-    p = _plan("grouped_lora", x2, N, K, 0, A_stack.dtype)
     records = torch.is_grad_enabled() and any(t.requires_grad for t in (x2, A_stack, B_stack, y))
-    # traced (torch.compile): the torch path, which reads the row counts (a graph break)
-    backend = "reference" if records or torch.compiler.is_compiling() else p.backend
+    backend = plan_grouped_lora(x2, N, K, A_stack.dtype, records).backend
     y = MODULES[backend].add_grouped_lora(y, x2, A_stack, B_stack, scalings, idx,
                                           table if backend == "triton" else None)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
@@ -96,7 +94,7 @@ def grouped_lora_linear(x, weight, bias, A_stack, B_stack, scalings, adapter_ind
 def block_table(adapter_index: torch.Tensor, n_adapters: int):
     """The Triton kernels' row grouping for an index (None where they do not run): computed once
     per batch and passed to `grouped_lora_linear` for every layer."""
-    p = _plan("grouped_lora", adapter_index, 0, 0, 0, torch.float32)
+    p = plan_grouped_lora(adapter_index, 0, 0, torch.float32, False)
     if p.backend != "triton":
         return None
     return MODULES["triton"].block_table(adapter_index.reshape(-1), n_adapters)
