@@ -21,6 +21,7 @@ from . import formulas, ops
 from .format import QuantizedWeight
 from .ops import quantize_4bit
 from .nn import AdapterLayer, Quantized4bitBase
+from .validation import check_input, check_int_at_least, check_probability, check_real
 
 
 class _SVDMixin:
@@ -80,8 +81,9 @@ class AdaLoRALinear(_SVDMixin, AdapterLayer):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        A, B, s = self._factors(x.dtype)
-        if A.shape[0] == 0:  # every rank pruned
+        A, B, s = self._factors(self.weight.dtype)  # x's, or the op refuses x
+        if A.shape[0] == 0:  # every rank pruned: plain torch, with the op's checks
+            check_input("x", x, self.in_features, self.weight.device)
             return nn.functional.linear(x, self.weight, self.bias)
         return ops.lora_linear(x, self.weight, self.bias, A, B, s, self._dropout_p())
 
@@ -108,6 +110,7 @@ class QAdaLoRALinear(Quantized4bitBase, _SVDMixin, AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B, s = self._factors(self.compute_dtype)
         if A.shape[0] == 0:
+            check_input("x", x, self.in_features, self.weight.device)
             w = ops.dequantize_4bit(self.qweight, self.compute_dtype)
             return nn.functional.linear(x.to(self.compute_dtype), w, self.bias).to(x.dtype)
         return ops.qlora_linear(x, self.qweight, self.bias, A, B, s, self._dropout_p(),
@@ -144,6 +147,25 @@ def _svd_params(root, adapter):
     return out
 
 
+def _check_schedule(o: dict) -> None:
+    """The allocator's budget schedule and EMA settings, each named."""
+    for k in ("init_r", "deltaT"):
+        check_int_at_least(k, o[k], 1)
+    for k in ("tinit", "tfinal"):
+        check_int_at_least(k, o[k], 0)
+    t = o["target_r"]
+    if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= o["init_r"]:
+        raise ValueError(f"target_r must be in [0, init_r={o['init_r']}] (an int), got {t!r}")
+    check_int_at_least("total_step", o["total_step"], 1)
+    if o["total_step"] <= o["tinit"] + o["tfinal"]:
+        raise ValueError(f"total_step ({o['total_step']}) must be greater than tinit + tfinal "
+                         f"({o['tinit']} + {o['tfinal']}): the budget schedule needs at least one "
+                         f"step")
+    check_probability("beta1", o["beta1"])
+    check_probability("beta2", o["beta2"])
+    check_real("orth_reg_weight", o["orth_reg_weight"], lo=0.0)
+
+
 class RankAllocator:
     """PEFT's AdaLoRA rank allocator over the AdaLoRA layers of `model`: peftkern's
     `AdaLoRALinear`/`QAdaLoRALinear`, or a PEFT AdaLoRA model's SVD layers (`get_peft_model` with
@@ -161,6 +183,8 @@ class RankAllocator:
                  deltaT: Optional[int] = None, beta1: Optional[float] = None,
                  beta2: Optional[float] = None, orth_reg_weight: Optional[float] = None,
                  adapter: Optional[str] = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         peft = _peft_adalora_config(model, adapter)
         root, self.adapter, self.peft_config = peft if peft else (model, adapter or "default", None)
         given = dict(init_r=init_r, target_r=target_r, total_step=total_step, tinit=tinit,
@@ -176,16 +200,10 @@ class RankAllocator:
         if not self.layers:
             raise ValueError("model has no AdaLoRA layers (AdaLoRALinear / QAdaLoRALinear, or a "
                              "PEFT model made with an AdaLoraConfig)")
+        _check_schedule(opts)
         init_r, target_r, total_step = opts["init_r"], opts["target_r"], opts["total_step"]
         tinit, tfinal, deltaT = opts["tinit"], opts["tfinal"], opts["deltaT"]
         beta1, beta2, orth_reg_weight = opts["beta1"], opts["beta2"], opts["orth_reg_weight"]
-        if not 0 <= target_r <= init_r:
-            raise ValueError(f"target_r must be in [0, init_r={init_r}], got {target_r}")
-        if total_step <= tinit + tfinal:
-            raise ValueError(f"total_step ({total_step}) must be greater than tinit + tfinal "
-                             f"({tinit} + {tfinal}): the budget schedule needs at least one step")
-        if deltaT < 1 or not (0 <= beta1 < 1 and 0 <= beta2 < 1) or orth_reg_weight < 0:
-            raise ValueError("deltaT must be >= 1, beta1/beta2 in [0, 1), orth_reg_weight >= 0")
         self.init_r, self.target_r, self.total_step = init_r, target_r, total_step
         self.tinit, self.tfinal, self.deltaT = tinit, tfinal, deltaT
         self.beta1, self.beta2, self.orth_reg_weight = beta1, beta2, orth_reg_weight

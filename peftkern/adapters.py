@@ -17,7 +17,8 @@ from torch import nn
 
 from .nn import LoRALinear, QLoRALinear
 from .formulas import lora_scaling
-from .validation import check_choice
+from .format import atomic_write, save_safetensors
+from .validation import check_bool, check_choice, check_path, check_real
 
 _PREFIX = "base_model.model."
 _LORA_TYPES = (LoRALinear, QLoRALinear)
@@ -41,9 +42,13 @@ def inject(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int =
     `quantize="nf4"|"fp4"` makes the base weights 4-bit (`QLoRALinear`). Afterwards only the LoRA
     parameters require grad. Nothing changes if any argument is bad or nothing matches.
     """
+    _check_model(model)
     if quantize is not None:
         check_choice("quantize", quantize, (None, "nf4", "fp4"))
     if not isinstance(target_modules, str):
+        if not isinstance(target_modules, Iterable):
+            raise TypeError(f"target_modules must be a regex string or a list of names, got "
+                            f"{type(target_modules).__name__}")
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
             raise ValueError(f"target_modules must be a regex string or a non-empty list of names, "
@@ -54,14 +59,20 @@ def inject(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int =
         linears = [n for n, m in model.named_modules() if type(m) is nn.Linear][:10]
         raise ValueError(f"target_modules={target_modules!r} matches no nn.Linear in the model "
                          f"(some of its Linear layers: {linears})")
+    frozen = {p: p.requires_grad for p in model.parameters()}
     new = {}
-    for name, lin in targets:  # build everything first: a bad argument leaves the model untouched
-        if quantize is None:
-            new[name] = LoRALinear.from_linear(lin, r, lora_alpha, lora_dropout, use_rslora)
-        else:
-            new[name] = QLoRALinear.from_linear(lin, r, lora_alpha, lora_dropout, use_rslora, quantize,
-                                                double_quant, compute_dtype or lin.weight.dtype,
-                                                blocksize, quant_storage)
+    try:  # build everything first: a bad argument leaves the model untouched
+        for name, lin in targets:
+            if quantize is None:
+                new[name] = LoRALinear.from_linear(lin, r, lora_alpha, lora_dropout, use_rslora)
+            else:
+                new[name] = QLoRALinear.from_linear(
+                    lin, r, lora_alpha, lora_dropout, use_rslora, quantize, double_quant,
+                    compute_dtype or lin.weight.dtype, blocksize, quant_storage)
+    except BaseException:  # the layers built so far froze their shared weights: undo that
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        raise
     for name, module in new.items():
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -72,7 +83,13 @@ def inject(model: nn.Module, target_modules: Union[str, Iterable[str]], r: int =
     return model
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 def _lora_modules(model: nn.Module) -> dict:
+    _check_model(model)
     found = {n: m for n, m in model.named_modules() if isinstance(m, _LORA_TYPES)}
     if not found:
         raise ValueError("model has no peftkern LoRA layers (call peftkern.inject first)")
@@ -96,25 +113,33 @@ def trainable_parameters(model: nn.Module) -> list:
 
 
 def save_adapter(model: nn.Module, path: str) -> None:
-    """Write the LoRA weights and config in PEFT's format (loadable by `PeftModel.from_pretrained`)."""
+    """Write the LoRA weights and config in PEFT's format (loadable by `PeftModel.from_pretrained`).
+
+    Each file is written atomically (a temporary file beside it, fsync, rename): a failure or a
+    crash midway leaves an adapter already at `path` intact, and no partial file."""
     mods = _lora_modules(model)
+    check_path("path", path)
     first = next(iter(mods.values()))
-    os.makedirs(path, exist_ok=True)
+    if any(m.r != first.r or m.lora_alpha != first.lora_alpha for m in mods.values()):
+        raise ValueError("model: save_adapter needs one r and lora_alpha for all layers (PEFT's "
+                         "format)")
     tensors = {}
     for name, m in mods.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = m.lora_A.weight.detach().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = m.lora_B.weight.detach().contiguous()
-    import safetensors.torch
-    safetensors.torch.save_file(tensors, os.path.join(path, "adapter_model.safetensors"),
-                                metadata={"format": "pt"})
-    config = dict(peft_type="LORA", r=first.r, lora_alpha=first.lora_alpha,
-                  lora_dropout=first.lora_dropout, use_rslora=first.use_rslora,
-                  target_modules=sorted(mods), bias="none", fan_in_fan_out=False,
-                  task_type=None, inference_mode=True, base_model_name_or_path=None)
-    if any(m.r != first.r or m.lora_alpha != first.lora_alpha for m in mods.values()):
-        raise ValueError("save_adapter needs one r and lora_alpha for all layers (PEFT's format)")
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    config = json.dumps(dict(peft_type="LORA", r=first.r, lora_alpha=first.lora_alpha,
+                             lora_dropout=first.lora_dropout, use_rslora=first.use_rslora,
+                             target_modules=sorted(mods), bias="none", fan_in_fan_out=False,
+                             task_type=None, inference_mode=True, base_model_name_or_path=None),
+                        indent=2)  # before any write: a value JSON cannot hold fails here
+    os.makedirs(path, exist_ok=True)
+    save_safetensors(tensors, os.path.join(path, "adapter_model.safetensors"), {"format": "pt"})
+    atomic_write(os.path.join(path, "adapter_config.json"), lambda tmp: _write_text(tmp, config))
+
+
+def _write_text(file: str, text: str) -> None:
+    with open(file, "w") as f:
+        f.write(text)
 
 
 def load_adapter(model: nn.Module, path: str) -> None:
@@ -124,13 +149,12 @@ def load_adapter(model: nn.Module, path: str) -> None:
     damaged adapter raises and leaves the model as it was. Safetensors only.
     """
     mods = _lora_modules(model)
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        try:
-            config = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}/adapter_config.json is not valid JSON: {e}") from e
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"adapter peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    check_path("path", path)
+    merged = [n for n, m in mods.items() if m.merged]
+    if merged:  # new factors under a merged base weight: unmerge would subtract the wrong delta
+        raise ValueError(f"model has merged LoRA layer(s) {merged[:5]}; unmerge before "
+                         f"load_adapter")
+    config = _read_config(path)
     import safetensors.torch
     file = os.path.join(path, "adapter_model.safetensors")
     try:
@@ -155,10 +179,30 @@ def load_adapter(model: nn.Module, path: str) -> None:
                or id(m.lora_B.weight) not in loaded]
     if missing:
         raise ValueError(f"adapter has no weights for LoRA layer(s) {missing[:5]}")
-    with torch.no_grad():
+    rslora = config.get("use_rslora", False)  # the adapter's scaling, as PEFT would apply it
+    scaling = {n: (config.get("lora_alpha", m.lora_alpha), rslora) for n, m in mods.items()}
+    scaling = {n: (a, rs, lora_scaling(mods[n].r, a, rs)) for n, (a, rs) in scaling.items()}
+    with torch.no_grad():  # everything checked and computed: nothing below can fail halfway
         for param, t in plan:
             param.copy_(t)
-    for m in mods.values():  # the adapter's scaling, as PEFT would apply it
-        m.lora_alpha = config.get("lora_alpha", m.lora_alpha)
-        m.use_rslora = bool(config.get("use_rslora", False))
-        m.scaling = lora_scaling(m.r, m.lora_alpha, m.use_rslora)
+    for n, m in mods.items():
+        m.lora_alpha, m.use_rslora, m.scaling = scaling[n]
+
+
+def _read_config(path) -> dict:
+    """adapter_config.json, its fields that load_adapter reads checked."""
+    file = os.path.join(path, "adapter_config.json")
+    with open(file) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"adapter peft_type must be 'LORA', got {config.get('peft_type')!r}")
+    if "lora_alpha" in config:
+        check_real("adapter lora_alpha", config["lora_alpha"])
+    if "use_rslora" in config:
+        check_bool("adapter use_rslora", config["use_rslora"])
+    return config

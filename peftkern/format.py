@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Optional
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Callable, Optional
 
 import torch
 
 from . import codes
-from .validation import (FLOAT_DTYPES, check_blocksize, check_choice, check_finite,
+from .validation import (FLOAT_DTYPES, check_blocksize, check_choice, check_finite, check_path,
                          check_tensor)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -98,13 +101,16 @@ class QuantizedWeight:
         return _from_state_dict(sd, prefix, device)
 
     def save(self, path: str) -> None:
-        import safetensors.torch
-        safetensors.torch.save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path)
+        """Write a safetensors file, atomically: a file already at `path` stays intact until the
+        new one is complete."""
+        check_path("path", path)
+        save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, path)
 
     @classmethod
     def load(cls, path: str, device=None) -> "QuantizedWeight":
         """Load a file written by `save` (safetensors only; nothing is unpickled)."""
         import safetensors.torch
+        check_path("path", path)
         try:
             sd = safetensors.torch.load_file(path)
         except Exception as e:  # safetensors raises its own error types for damaged headers
@@ -117,21 +123,10 @@ class QuantizedWeight:
 
 
 def checked(q: QuantizedWeight) -> QuantizedWeight:
-    """Refuse a QuantizedWeight whose fields disagree (truncated, corrupted, or mismatched)."""
-    check_choice("quant_type", q.quant_type, codes.QUANT_TYPES)
-    check_blocksize("blocksize", q.blocksize)
-    check_choice("dtype", q.dtype, FLOAT_DTYPES)
-    if len(q.shape) != 2 or any(d <= 0 for d in q.shape):
-        raise ValueError(f"shape must be a 2-D shape with positive sizes, got {tuple(q.shape)}")
-    nbytes, nblocks = (q.numel + 1) // 2, -(-q.numel // q.blocksize)
-    if q.data.numel() * q.data.element_size() != nbytes:
-        raise ValueError(f"data holds {q.data.numel() * q.data.element_size()} bytes, expected "
-                         f"{nbytes} for shape {tuple(q.shape)} (truncated or wrong shape?)")
-    _check_vec("absmax", q.absmax, nblocks, torch.uint8 if q.nested else torch.float32)
+    """Refuse a QuantizedWeight whose fields disagree (truncated, corrupted, or mismatched), or
+    whose scales are NaN/Inf (this reads them: a host sync)."""
+    check_layout(q)
     if q.nested:
-        _check_vec("nested absmax", q.absmax2, -(-nblocks // codes.NESTED_BLOCKSIZE), torch.float32)
-        _check_vec("nested quant_map", q.code8, 256, torch.float32)
-        check_tensor("offset", q.offset, dtypes=(torch.float32,))
         check_finite("offset", q.offset)
         check_finite("nested absmax", q.absmax2)
     else:
@@ -139,8 +134,37 @@ def checked(q: QuantizedWeight) -> QuantizedWeight:
     return q
 
 
-def _check_vec(name: str, t, n: int, dtype: torch.dtype) -> None:
-    check_tensor(name, t, dtypes=(dtype,))
+def check_layout(q: QuantizedWeight, name: str = "") -> QuantizedWeight:
+    """Refuse a QuantizedWeight whose fields disagree in type, size or device, without reading
+    any value (cheap: the ops run it on a hand-built weight too, which a kernel would read out of
+    bounds). `name` prefixes the fields in the messages ("qweight" -> "qweight.absmax ...")."""
+    p = f"{name}." if name else ""
+    check_choice(f"{p}quant_type", q.quant_type, codes.QUANT_TYPES)
+    check_blocksize(f"{p}blocksize", q.blocksize)
+    check_choice(f"{p}dtype", q.dtype, FLOAT_DTYPES)
+    if not isinstance(q.shape, (tuple, list)) or len(q.shape) != 2 or \
+            any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in q.shape):
+        raise ValueError(f"{p}shape must be a 2-D shape with positive sizes, got {q.shape!r}")
+    check_tensor(f"{p}data", q.data, ndim=(1, 2))
+    nbytes, nblocks = (q.numel + 1) // 2, -(-q.numel // q.blocksize)
+    if q.data.numel() * q.data.element_size() != nbytes:
+        raise ValueError(f"{p}data holds {q.data.numel() * q.data.element_size()} bytes, expected "
+                         f"{nbytes} for shape {tuple(q.shape)} (truncated or wrong shape?)")
+    on = (q.data.device, f"{p}data")  # every field on the packed bytes' device
+    _check_vec(f"{p}absmax", q.absmax, nblocks, torch.uint8 if q.nested else torch.float32, on)
+    if q.nested:
+        _check_vec(f"{p}nested absmax", q.absmax2, -(-nblocks // codes.NESTED_BLOCKSIZE),
+                   torch.float32, on)
+        _check_vec(f"{p}nested quant_map", q.code8, 256, torch.float32, on)
+        check_tensor(f"{p}offset", q.offset, ndim=(0, 1), dtypes=(torch.float32,), device=on[0],
+                     like=on[1])
+        if q.offset.numel() != 1:
+            raise ValueError(f"{p}offset must hold one value, got shape {tuple(q.offset.shape)}")
+    return q
+
+
+def _check_vec(name: str, t, n: int, dtype: torch.dtype, on) -> None:
+    check_tensor(name, t, ndim=1, dtypes=(dtype,), device=on[0], like=on[1])
     if t.numel() != n:
         raise ValueError(f"{name} has {t.numel()} elements, expected {n} (truncated or corrupted?)")
 
@@ -149,28 +173,75 @@ def _from_state_dict(sd: dict, prefix: str, device) -> QuantizedWeight:
     def get(key):
         if key not in sd:
             raise KeyError(f"state dict is missing {key!r} (found: {sorted(sd)[:8]})")
+        check_tensor(f"state dict entry {key!r}", sd[key])
         return sd[key] if device is None else sd[key].to(device)
 
-    blob_keys = [k for k in sd if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+    if not isinstance(sd, Mapping):
+        raise TypeError(f"sd must be a dict of tensors (a state dict), got {type(sd).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    blob_keys = [k for k in sd if str(k).startswith(f"{prefix}.quant_state.bitsandbytes__")]
     if len(blob_keys) != 1:
         raise KeyError(f"state dict must hold exactly one '{prefix}.quant_state.bitsandbytes__<type>' "
                        f"entry, found {blob_keys}")
     try:
-        meta = json.loads(bytes(sd[blob_keys[0]].cpu().tolist()).decode("utf-8"))
+        meta = json.loads(bytes(get(blob_keys[0]).cpu().tolist()).decode("utf-8"))
         fields = dict(shape=torch.Size(meta["shape"]), dtype=_NAME_DTYPES.get(meta["dtype"]),
                       blocksize=meta["blocksize"], quant_type=meta["quant_type"])
+        offset = float(meta["nested_offset"]) if "nested_offset" in meta else None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"corrupted quant_state metadata in {blob_keys[0]!r}: {e}") from e
     if fields["dtype"] is None:
         raise ValueError(f"quant_state dtype must be one of {list(_NAME_DTYPES)}, got {meta['dtype']!r}")
     q = QuantizedWeight(data=get(prefix), absmax=get(f"{prefix}.absmax"), **fields)
-    if "nested_offset" in meta:
+    if offset is not None:
         q.absmax2 = get(f"{prefix}.nested_absmax")
         q.code8 = get(f"{prefix}.nested_quant_map")
-        q.offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=q.device)
+        q.offset = torch.tensor(offset, dtype=torch.float32, device=q.device)
     checked(q)
     qmap = get(f"{prefix}.quant_map")
     if not torch.equal(qmap.cpu(), codes.code_table(q.quant_type)):
         raise ValueError(f"{prefix}.quant_map is not the standard {q.quant_type} table; peftkern only "
                          "decodes bnb's NF4/FP4 tables")
     return q
+
+
+# ---- atomic writes ----------------------------------------------------------------------------
+
+
+def atomic_write(path, write: Callable[[str], None]) -> None:
+    """`write(tmp)` to a temporary file beside `path`, flushed to disk (fsync), then renamed onto
+    `path` (`os.replace`: atomic). A crash or an exception midway leaves a file already at `path`
+    intact, and an exception leaves no temporary file behind."""
+    path = os.fspath(path)
+    folder, base = os.path.split(path)
+    tmp = os.path.join(folder, f".{base}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # the writers write by name: reopen to fsync
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make the rename durable too, where the OS lets a folder be opened (not on Windows)."""
+    try:
+        fd = os.open(folder or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> None:
+    """`safetensors.torch.save_file`, atomically (`atomic_write`)."""
+    import safetensors.torch
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))

@@ -7,6 +7,7 @@ parameters require grad.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -18,10 +19,17 @@ from .format import QuantizedWeight
 from .formulas import lora_scaling
 from .integrations.bitsandbytes import from_bnb
 from .ops import dequantize_4bit, quantize_4bit
-from .validation import (FLOAT_DTYPES, check_choice, check_int_in, check_probability, check_rank,
-                         check_tensor)
+from .validation import (FLOAT_DTYPES, check_bool, check_choice, check_input, check_int_at_least,
+                         check_int_in, check_probability, check_rank, check_real, check_tensor)
 
 _QUANT_BUFFERS = ("absmax", "absmax2", "code8", "offset")
+
+
+def _same_layout(old, new) -> bool:
+    """Whether `new` can be copied into `old` in place (both tensors, or both None)."""
+    if old is None or new is None:
+        return old is None and new is None
+    return old.dtype == new.dtype and old.shape == new.shape
 
 
 class AdapterLayer(nn.Module):
@@ -31,13 +39,21 @@ class AdapterLayer(nn.Module):
     `from_linear(linear, r, ...)`; 4-bit layers `(qweight, bias, r, ...)` or `from_linear`."""
 
     def _init_adapter(self, r, lora_alpha, lora_dropout, scaling_of) -> None:
-        """Check r and the dropout, then set them and `scaling = scaling_of()`."""
+        """Check r, lora_alpha and the dropout, then set them and `scaling = scaling_of()`, and
+        freeze the base (only now: a shared nn.Linear stays as it was if a check fails)."""
         check_rank("r", r, self.out_features, self.in_features)
+        check_real("lora_alpha", lora_alpha)
         check_probability("lora_dropout", lora_dropout)
         self.r, self.lora_alpha, self.lora_dropout = r, lora_alpha, float(lora_dropout)
         self.scaling = scaling_of()
+        for p in (self.weight, self.bias):
+            if p is not None:
+                p.requires_grad_(False)
 
     def _init_dense_base(self, in_features, out_features, bias, device, dtype) -> None:
+        check_int_at_least("in_features", in_features, 1)
+        check_int_at_least("out_features", out_features, 1)
+        check_choice("dtype", dtype, (None,) + FLOAT_DTYPES)  # the ops compute in no other
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype),
                                    requires_grad=False)
@@ -46,14 +62,12 @@ class AdapterLayer(nn.Module):
                                  requires_grad=False) if bias else None
 
     def _share_dense_base(self, linear) -> None:
-        """Use `linear`'s weight and bias (shared, not copied), frozen."""
+        """Use `linear`'s weight and bias (shared, not copied; `_init_adapter` freezes them)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        check_tensor("linear.weight", linear.weight, dtypes=FLOAT_DTYPES)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
-        for p in (self.weight, self.bias):
-            if p is not None:
-                p.requires_grad_(False)
 
     @classmethod
     def _bare(cls):
@@ -71,6 +85,7 @@ class _LoRAMixin:
 
     def _init_lora(self, r, lora_alpha, lora_dropout, use_rslora, device, dtype):
         N, K = self.out_features, self.in_features
+        check_bool("use_rslora", use_rslora)
         self._init_adapter(r, lora_alpha, lora_dropout,
                            lambda: lora_scaling(r, lora_alpha, use_rslora))
         self.use_rslora = use_rslora
@@ -173,7 +188,8 @@ class LoRALinear(_LoRAMixin, AdapterLayer):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged:  # plain torch: its checks, not the fused op's
+            check_input("x", x, self.in_features, self.weight.device)
             return nn.functional.linear(x, self.weight, self.bias)
         A, B, s = self._low_rank()
         scale, bias = self._scale_and_bias()
@@ -196,8 +212,10 @@ class LoRALinear(_LoRAMixin, AdapterLayer):
 
 
 class Quantized4bitBase:
-    """A frozen 4-bit base weight held as buffers (so .to()/.cuda() move it) and saved under the
-    keys of a bnb `Linear4bit` checkpoint. Shared by QLoRALinear and QAdaLoRALinear."""
+    """A frozen 4-bit base weight saved under the keys of a bnb `Linear4bit` checkpoint. Shared by
+    QLoRALinear and QAdaLoRALinear. The packed bytes are a frozen parameter, `weight`, so that
+    FSDP2's `fully_shard` shards and all-gathers them with the layer's other parameters (uint8 or
+    `quant_storage` bytes, copied, never computed on); the small quantization state is buffers."""
 
     def _init_base(self, qweight, bias, compute_dtype) -> None:
         if not isinstance(qweight, QuantizedWeight):
@@ -212,19 +230,52 @@ class Quantized4bitBase:
         self.bias = bias
 
     def _set_qweight(self, q: QuantizedWeight) -> None:
-        # Buffers so .to()/.cuda() move them; only "weight" is in the state dict directly, the rest
-        # is written under bnb's "weight.*" keys by _save_to_state_dict.
-        self.register_buffer("weight", q.data)
-        for name in _QUANT_BUFFERS:
-            self.register_buffer(f"weight_{name}", getattr(q, name), persistent=False)
+        # In place where the layout is the same (FSDP2 and optimizers keep the parameter object),
+        # else new tensors. Only "weight" is in the state dict directly; _save_to_state_dict
+        # writes the rest under bnb's "weight.*" keys.
+        same = isinstance(self._parameters.get("weight"), torch.Tensor) and all(
+            _same_layout(getattr(self, k), v) for k, v in self._quant_tensors(q).items())
+        with torch.no_grad():
+            for k, v in self._quant_tensors(q).items():
+                if same:
+                    getattr(self, k).copy_(v)
+                elif k == "weight":
+                    self._buffers.pop("weight", None)
+                    self.weight = nn.Parameter(v, requires_grad=False)
+                else:
+                    self.register_buffer(k, v, persistent=False)
         self.quant_type, self.blocksize, self.weight_dtype = q.quant_type, q.blocksize, q.dtype
+        self.quant_storage = q.quant_storage
+
+    @staticmethod
+    def _quant_tensors(q: QuantizedWeight) -> dict:
+        return {"weight": q.data, **{f"weight_{n}": getattr(q, n) for n in _QUANT_BUFFERS}}
 
     @property
     def qweight(self) -> QuantizedWeight:
+        if self.weight.dtype != self.quant_storage:
+            raise RuntimeError(
+                f"{type(self).__name__}.weight: the packed 4-bit bytes were cast from "
+                f"{self.quant_storage} to {self.weight.dtype} (an FSDP2 MixedPrecisionPolicy "
+                f"param_dtype?); they are codes, not numbers. Use param_dtype=None or "
+                f"{self.quant_storage}, or quant_storage=torch.uint8, which no cast touches")
         return QuantizedWeight(data=self.weight, shape=torch.Size((self.out_features, self.in_features)),
                                dtype=self.weight_dtype, blocksize=self.blocksize,
                                quant_type=self.quant_type,
                                **{n: getattr(self, f"weight_{n}") for n in _QUANT_BUFFERS})
+
+    def _apply(self, fn, recurse=True):
+        """Moves apply to the packed bytes, dtype casts (`.half()`, `.to(torch.float32)`) do not:
+        bytes stored as a float dtype are viewed as uint8 while `fn` runs, and viewed back."""
+        w = self._parameters.get("weight")
+        if type(w) is not nn.Parameter or not w.is_floating_point():
+            return super()._apply(fn, recurse)  # uint8 bytes: casts skip them; DTensor: FSDP's
+        self._parameters["weight"] = nn.Parameter(w.detach().view(torch.uint8), requires_grad=False)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            u = self._parameters["weight"]
+            self._parameters["weight"] = nn.Parameter(u.detach().view(w.dtype), requires_grad=False)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -288,6 +339,7 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_tensor("x", x, dtypes=FLOAT_DTYPES)
         if self.merged:
+            check_input("x", x, self.in_features, self.weight.device)
             w = dequantize_4bit(self.qweight, self.compute_dtype)
             return nn.functional.linear(x.to(self.compute_dtype), w, self.bias).to(x.dtype)
         A, B, s = self._low_rank()
@@ -309,7 +361,9 @@ class QLoRALinear(Quantized4bitBase, _LoRAMixin, AdapterLayer):
         merged = quantize_4bit(target.to(q.dtype), q.quant_type, q.blocksize, q.nested,
                                q.quant_storage)
         self.merge_error = float((dequantize_4bit(merged, torch.float32) - target).abs().max())
-        self._unmerged_qweight = q
+        # a copy: the layer's tensors are rewritten in place
+        self._unmerged_qweight = dataclasses.replace(q, **{k: v.clone() for k, v in
+                                                           q._tensors().items()})
         self._set_qweight(merged)
         self.merged = True
         return self.merge_error
@@ -352,8 +406,8 @@ class _DoRAMixin:
             self._norm_cache = None
             return None  # dora_linear computes it
         A, B, s = self._low_rank()
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.shape[0], s,
-               id(self._base_weight_key()))
+        w = self._base_weight_key()
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), A.shape[0], s, id(w), w._version)
         if self._norm_cache is None or self._norm_cache[0] != key:
             self._norm_cache = (key, self.weight_norm())
         return self._norm_cache[1]
@@ -399,6 +453,7 @@ class DoRALinear(_DoRAMixin, LoRALinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
+            check_input("x", x, self.in_features, self.weight.device)
             return nn.functional.linear(x, self.weight, self.bias)
         return self._dora_forward(x)
 
@@ -432,7 +487,7 @@ class QDoRALinear(_DoRAMixin, QLoRALinear):
         return self.qweight
 
     def _base_weight_key(self):
-        return self.weight  # the packed bytes' buffer: replaced when the weight is
+        return self.weight  # the packed bytes: replaced or rewritten (a new version) on change
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:

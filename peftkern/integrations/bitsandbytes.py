@@ -14,8 +14,15 @@ def from_bnb(param, check: bool = True) -> QuantizedWeight:
     `check=False` skips the consistency checks (which read the data: a host sync), for
     per-call use on a weight that was checked once.
     """
-    param = getattr(param, "weight", param)
+    module, param = param, getattr(param, "weight", param)
     qs = getattr(param, "quant_state", None)
+    if qs is None and module is not param:  # FSDP2 all-gathers a plain tensor: the module's state
+        qs = getattr(module, "quant_state", None)
+        storage = getattr(module, "quant_storage", param.dtype)
+        if qs is not None and param.dtype != storage:
+            raise RuntimeError(f"the packed 4-bit bytes were cast from {storage} to {param.dtype} "
+                               f"(an FSDP2 MixedPrecisionPolicy param_dtype?); they are codes, not "
+                               f"numbers: use param_dtype=None or {storage}")
     if qs is None:
         raise ValueError("param must be a quantized bitsandbytes Params4bit (its quant_state is "
                          "None: bnb quantizes when the module is moved to a device)")

@@ -55,11 +55,20 @@ def _conv1d_type():
     return Conv1D
 
 
+def _own_type(module) -> type:
+    """The module's class, seen through the `FSDP<class>` subclass FSDP2's fully_shard makes."""
+    cls = type(module)
+    fsdp = getattr(torch.distributed, "fsdp", None) if torch.distributed.is_available() else None
+    if fsdp is not None and fsdp.FSDPModule in cls.__bases__:
+        return next(b for b in cls.__bases__ if b is not fsdp.FSDPModule)
+    return cls
+
+
 def _base_kind(base) -> str | None:
     """"dense" (nn.Linear), "conv1d" (GPT-2's Conv1D, weight [in, out]), "4bit", or None."""
-    if type(base) is nn.Linear:
+    if _own_type(base) is nn.Linear:
         return "dense"
-    if _conv1d_type() is not None and type(base) is _conv1d_type():
+    if _conv1d_type() is not None and _own_type(base) is _conv1d_type():
         return "conv1d"
     if _linear4bit_type() is not None and isinstance(base, _linear4bit_type()):
         return "4bit"
@@ -251,9 +260,10 @@ def _qweight(base, cache):
     """The bnb weight as a QuantizedWeight (bytes shared), rebuilt only when bnb's parameter,
     its bytes or its quant_state change."""
     w = _param(base, "weight")
-    key = (id(w), w.data_ptr(), id(getattr(w, "quant_state", None)))
-    if cache.get("q_key") != key:
-        cache["q_key"], cache["q"] = key, from_bnb(w, check=False)
+    key = (id(w), w.data_ptr(), w.dtype,
+           id(getattr(w, "quant_state", None) or getattr(base, "quant_state", None)))
+    if cache.get("q_key") != key:  # the module: its quant_state when FSDP2 dropped the weight's
+        cache["q_key"], cache["q"] = key, from_bnb(base, check=False)
     return cache["q"]
 
 
@@ -438,31 +448,36 @@ def enable(model) -> int:
     optimizers and state dicts behave exactly as before.
     """
     _check_peft_model(model)
-    switched, skipped = 0, []
-    for name, m in _lora_layers(model):
+    todo, skipped = [], []
+    for name, m in _lora_layers(model):  # decide everything first: this may raise, harmlessly
         if _installed(m) is not None or getattr(type(m), "_peftkern_fused", False):
             continue
         reason = unsupported_reason(m)
         if reason is not None:
             skipped.append(f"{name} ({reason})")
-            continue
-        _install(m)
-        switched += 1
+        else:
+            todo.append(m)
+    done = []
+    try:
+        for m in todo:
+            _install(m)
+            done.append(m)
+    except BaseException:  # all or nothing: the layers switched so far get their forward back
+        for m in reversed(done):
+            _installed(m).uninstall()
+        raise
     if skipped:
         log.warning("peftkern: %d LoRA layer(s) keep PEFT's forward: %s", len(skipped), "; ".join(skipped))
-    return switched
+    return len(done)
 
 
 def disable(model) -> int:
     """Undo `enable`: every switched layer gets back the forward it had; returns how many."""
     _check_peft_model(model)
-    restored = 0
-    for _, m in _lora_layers(model):
-        f = _installed(m)
-        if f is not None:
-            f.uninstall()
-            restored += 1
-    return restored
+    installed = [f for f in map(_installed, (m for _, m in _lora_layers(model))) if f is not None]
+    for f in installed:
+        f.uninstall()
+    return len(installed)
 
 
 def coverage(model) -> dict[str, int]:

@@ -7,14 +7,49 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import (FLOAT_DTYPES, check_int_in, check_probability, check_real,
+                          check_tensor)
 from .backends import MODULES
 from .dispatch import _plan
+
+
+_REAL = FLOAT_DTYPES + (torch.float64,)  # the allocator runs on a float64 PEFT model too
+
+
+def check_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim) -> None:
+    """A 2-D float parameter, its gradient and its two EMAs: one shape, dtype and device."""
+    check_tensor("p", p, ndim=2, dtypes=_REAL)
+    for name, t in (("grad", grad), ("exp_avg_ipt", exp_avg_ipt), ("exp_avg_unc", exp_avg_unc)):
+        check_tensor(name, t, dtypes=(p.dtype,), device=p.device, like="p")
+        if t.shape != p.shape:
+            raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
+    check_probability("beta1", beta1)
+    check_probability("beta2", beta2)
+    check_int_in("rank_dim", rank_dim, 0, 1)
+
+
+def check_pairs(pairs, weight) -> None:
+    """`(A [r, K], B [N, r])` pairs of float factors, at least one, each pair on one device."""
+    if isinstance(pairs, torch.Tensor) or not isinstance(pairs, (list, tuple)) or not pairs:
+        raise ValueError(f"pairs must be a non-empty list of (lora_A, lora_B) pairs, got {pairs!r}")
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ValueError(f"pairs[{i}] must be a (lora_A, lora_B) pair, got {type(pair).__name__}")
+        A, B = pair
+        check_tensor(f"pairs[{i}] lora_A", A, ndim=2, dtypes=_REAL)
+        check_tensor(f"pairs[{i}] lora_B", B, ndim=2, dtypes=(A.dtype,), device=A.device,
+                     like="its lora_A")
+        if B.shape[1] != A.shape[0]:
+            raise ValueError(f"pairs[{i}] lora_B must be [out_features, r={A.shape[0]}] to match "
+                             f"its lora_A, got {tuple(B.shape)}")
+    check_real("weight", weight, lo=0.0)
 
 
 def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1: float, beta2: float,
                        rank_dim: int) -> torch.Tensor:
     """Update `exp_avg_ipt`/`exp_avg_unc` in place from `p` and `grad`; return the fp32 per-rank
     mean of `exp_avg_ipt · exp_avg_unc` (`[r]`, ranks along `rank_dim`)."""
+    check_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim)
     same_layout = all(t.stride() == p.stride() and t.shape == p.shape
                       for t in (grad, exp_avg_ipt, exp_avg_unc))
     plan = _plan("adalora_update_ipt", p, same_layout=same_layout)
@@ -45,5 +80,6 @@ class _OrthNorms(torch.autograd.Function):
 
 def adalora_orth_reg(pairs, weight: float = 0.5) -> torch.Tensor:
     """PEFT's orthogonal regularizer over `(A, B)` pairs (mean over every A and every B)."""
+    check_pairs(pairs, weight)
     total = sum(_OrthNorms.apply(A, B) for A, B in pairs)
     return weight * total / (2 * len(pairs))

@@ -142,6 +142,16 @@ def plan(op: str, x: torch.Tensor, weight=None) -> Plan:
     `QuantizedWeight`, or None (quantize/dequantize/AdaLoRA)."""
     if op not in IMPLEMENTS:
         raise ValueError(f"op must be one of {sorted(IMPLEMENTS)}, got {op!r}")
+    # duck-typed: plan reads only .device, .dtype and .shape (a stand-in plans a CUDA call)
+    if not all(hasattr(x, a) for a in ("device", "dtype", "shape")):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if len(x.shape) < 1:
+        raise ValueError(f"x must have at least 1 dimension (rows first), got shape {tuple(x.shape)}")
+    if weight is not None and not hasattr(weight, "shape"):
+        raise TypeError(f"weight must be None, a [N, K] tensor or a peftkern.QuantizedWeight, got "
+                        f"{type(weight).__name__}")
+    if weight is not None and len(weight.shape) != 2:
+        raise ValueError(f"weight must have 2 dimensions [N, K], got shape {tuple(weight.shape)}")
     shape = tuple(getattr(weight, "shape", (0, 0)))
     return _plan(op, x, *shape, getattr(weight, "blocksize", 0))
 

@@ -16,14 +16,15 @@ from typing import Optional
 
 import torch
 
-from ..format import QuantizedWeight
-from ..validation import FLOAT_DTYPES, check_tensor
+from ..format import QuantizedWeight, check_layout
+from ..validation import FLOAT_DTYPES, check_real, check_tensor
 from .backends import MODULES
 from .backends.common import scaled_output
 from .dispatch import _plan
+from .dtensor import on_local_rows
 from . import lora
 from .lora import (_eager, _lora_linear, _passed, _qlora_linear, _remember, _rows, _signature,
-                   base_linear, check_factors, check_features, check_lora)
+                   _unrows, base_linear, check_factors, check_features, check_lora)
 
 
 def _norm(weight: Optional[torch.Tensor], data: Optional[torch.Tensor],
@@ -45,21 +46,29 @@ def _(weight, data, absmax, absmax2, code8, offset, quant_type, blocksize, lora_
     return lora_A.new_empty(N)
 
 
-@torch.no_grad()
 def dora_weight_norm(weight, lora_A, lora_B, scaling: float) -> torch.Tensor:
     """`‖W + s·B·A‖₂` of every row, `[out_features]` in the adapters' dtype, without gradient.
 
     `weight` is the dense `[N, K]` base weight (a transposed view is fine) or a 4-bit
     `QuantizedWeight`, decoded in fp32 (exactly, as the fused ops do). Summed in fp32."""
-    if not isinstance(weight, QuantizedWeight):
+    if isinstance(weight, QuantizedWeight):
+        check_layout(weight, "weight")
+    else:
         check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES)
     N, K = weight.shape
-    check_factors(lora_A, lora_B, N, K, weight.device)
+    check_factors(lora_A, lora_B, N, K, weight.device, like="weight")
+    return _weight_norm(weight, lora_A, lora_B, scaling)
+
+
+@torch.no_grad()
+def _weight_norm(weight, lora_A, lora_B, scaling) -> torch.Tensor:
+    """`dora_weight_norm` on checked arguments (`dora_linear` checked them)."""
+    N, K = weight.shape
     q = weight if isinstance(weight, QuantizedWeight) else None
     args = (None if q else weight, *((q.data, q.absmax, q.absmax2, q.code8, q.offset,
                                       q.quant_type, q.blocksize) if q else
                                      (None,) * 5 + ("nf4", 0)),
-            lora_A.detach(), lora_B.detach(), float(scaling), N, K)
+            lora_A.detach(), lora_B.detach(), check_real("scaling", scaling), N, K)
     if _eager([t for t in args if isinstance(t, torch.Tensor)]):
         return _norm(*args)
     return dora_norm_op(*args)
@@ -72,6 +81,7 @@ def _fused(x, weight, bias, A, B, s, compute_dtype, scale=None, out_dtype=None):
     return _lora_linear(x, weight, bias, A, B, s, scale=scale, out_dtype=out_dtype)
 
 
+@on_local_rows
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torch.Tensor,
                 dropout_p: float = 0.0, dropout_mask: Optional[torch.Tensor] = None,
                 weight_norm: Optional[torch.Tensor] = None,
@@ -99,7 +109,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
         if weight_norm is not None:
             check_features("weight_norm", weight_norm, weight.shape[0], x.device)
         _remember(sig)
-    norm = dora_weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None \
+    norm = _weight_norm(weight, lora_A, lora_B, scaling) if weight_norm is None \
         else weight_norm.detach()
     g = magnitude / norm
     N, K = weight.shape
@@ -113,4 +123,4 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
         u = _fused(xd, weight, None, lora_A, lora_B, scaling, cd,
                    out_dtype=torch.promote_types(x.dtype, lora_A.dtype))  # wide until scaled
         y = scaled_output(u, g, rest.to(u.dtype), x.dtype)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+    return _unrows(y, x)

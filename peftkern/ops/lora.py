@@ -16,11 +16,13 @@ from typing import Optional
 
 import torch
 
-from ..format import QuantizedWeight
-from ..validation import FLOAT_DTYPES, check_choice, check_probability, check_tensor
+from ..format import QuantizedWeight, check_layout
+from ..validation import (FLOAT_DTYPES, check_choice, check_last_dim, check_probability,
+                          check_real, check_tensor)
 from .backends import MODULES
 from .backends.common import add_lora, lora_input
 from .dispatch import _plan
+from .dtensor import on_local_rows
 from .quant import dequantize_blocks
 
 
@@ -318,10 +320,27 @@ def _signature(op, x, *items):
         elif t is None or type(t) in (float, int, torch.dtype):
             sig.append((type(t), t))
         elif type(t) is QuantizedWeight:
-            sig.append((t.shape, t.device))
+            key = _layout(t)
+            if key is None:
+                return None
+            sig.append(key)
         else:
             return None
     return tuple(sig)
+
+
+def _layout(q):
+    """What `check_layout` reads of a QuantizedWeight (its fields' dtypes, devices and shapes,
+    never their values); None when a field is not a plain tensor (then the checks run)."""
+    key = [q.shape, q.quant_type, q.blocksize, q.dtype]
+    for f in (q.data, q.absmax, q.absmax2, q.code8, q.offset):
+        if type(f) in _PLAIN:
+            key.append((f.dtype, f.device, f.shape))
+        elif f is None:
+            key.append(None)
+        else:
+            return None
+    return tuple(key)
 
 
 def _passed(sig) -> bool:
@@ -338,19 +357,24 @@ def _remember(sig) -> None:
 def _rows(x, K):
     """x as [M, K] (a view where it can be; x itself when 2-D: a view costs autograd a node)."""
     if x.dim() < 1 or x.shape[-1] != K:
-        raise ValueError(f"x must have in_features={K} as its last dimension, got shape {tuple(x.shape)}")
+        check_last_dim("x", x, K)  # raises
     return x if x.dim() == 2 else x.reshape(-1, K)
 
 
 def _unrows(y, x):
-    """The [M, N] result with x's leading dimensions."""
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+    """The [M, N] result with x's leading dimensions, as a tensor of its own rather than a view
+    (as torch's matmul returns it): FSDP2 warns on a module output that is a view, since an
+    in-place op on one drops its pre-backward hook. y is this call's fresh result, held nowhere
+    else, so nothing can see the shared storage."""
+    if x.dim() == 2 and y._base is None:
+        return y
+    return torch.ops.aten._unsafe_view(y.contiguous(), (*x.shape[:-1], y.shape[1]))
 
 
-def check_factors(lora_A, lora_B, N, K, device):
-    """`lora_A [r, K]` and `lora_B [N, r]`, one float dtype, on `device`."""
-    check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES, device=device)
-    check_tensor("lora_B", lora_B, ndim=2, dtypes=(lora_A.dtype,), device=device)
+def check_factors(lora_A, lora_B, N, K, device, like="x"):
+    """`lora_A [r, K]` and `lora_B [N, r]`, one float dtype, on `device` (that of `like`)."""
+    check_tensor("lora_A", lora_A, ndim=2, dtypes=FLOAT_DTYPES, device=device, like=like)
+    check_tensor("lora_B", lora_B, ndim=2, dtypes=(lora_A.dtype,), device=device, like=like)
     r = lora_A.shape[0]
     if r < 1 or lora_A.shape[1] != K:
         raise ValueError(f"lora_A must be [r, in_features={K}] with r >= 1, got {tuple(lora_A.shape)}")
@@ -361,7 +385,7 @@ def check_factors(lora_A, lora_B, N, K, device):
 
 def check_features(name, t, N, device, dtypes=FLOAT_DTYPES):
     """A per-output-feature vector `[N]` (a bias, a scale, DoRA's magnitude or norm)."""
-    check_tensor(name, t, ndim=1, dtypes=dtypes, device=device)
+    check_tensor(name, t, ndim=1, dtypes=dtypes, device=device, like="x")
     if t.shape[0] != N:
         raise ValueError(f"{name} must have out_features={N} elements, got {t.shape[0]}")
 
@@ -374,18 +398,25 @@ def _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype):
     check_probability("dropout_p", dropout_p)
 
 
-def check_lora(x, weight, bias, lora_A, lora_B, dropout_p, compute_dtype=None, name="weight"):
-    """The fused ops' argument checks: a dense `weight` in x's dtype, or a QuantizedWeight with
-    `compute_dtype` (the bias's dtype then)."""
+def check_base(x, weight, compute_dtype=None, name="weight"):
+    """A float `x` and its base weight: dense `[N, K]` in x's dtype, or a well-formed
+    QuantizedWeight computed in `compute_dtype`, on x's device. Returns the base GEMM's dtype
+    (the bias's)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     if isinstance(weight, QuantizedWeight):
         check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
+        check_layout(weight, name)
         if weight.device != x.device:
             raise ValueError(f"{name} is on {weight.device}, expected {x.device} like x")
-        base_dtype = compute_dtype
-    else:
-        check_tensor(name, weight, ndim=2, dtypes=(x.dtype,), device=x.device)
-        base_dtype = x.dtype
+        return compute_dtype
+    check_tensor(name, weight, ndim=2, dtypes=(x.dtype,), device=x.device, like="x")
+    return x.dtype
+
+
+def check_lora(x, weight, bias, lora_A, lora_B, dropout_p, compute_dtype=None, name="weight"):
+    """The fused ops' argument checks: a dense `weight` in x's dtype, or a QuantizedWeight with
+    `compute_dtype` (the bias's dtype then)."""
+    base_dtype = check_base(x, weight, compute_dtype, name)
     N, K = weight.shape
     _check_common(x, bias, lora_A, lora_B, K, N, dropout_p, base_dtype)
 
@@ -393,6 +424,7 @@ def check_lora(x, weight, bias, lora_A, lora_B, dropout_p, compute_dtype=None, n
 def _mask(x2, dropout_p, dropout_mask, dtype):
     """The dropout mask (scaled by 1/(1-p)) in the LoRA dtype, or None when nothing is dropped."""
     if dropout_mask is not None:
+        check_tensor("dropout_mask", dropout_mask, dtypes=FLOAT_DTYPES, device=x2.device, like="x")
         if dropout_mask.shape[-1] != x2.shape[1] or dropout_mask.numel() != x2.numel():
             raise ValueError(f"dropout_mask must have the shape of x, got {tuple(dropout_mask.shape)}")
         return dropout_mask.reshape(x2.shape).to(dtype)
@@ -402,6 +434,7 @@ def _mask(x2, dropout_p, dropout_mask, dtype):
     return torch.empty(x2.shape, dtype=dtype, device=x2.device).bernoulli_(keep).div_(keep)
 
 
+@on_local_rows
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
                 dropout_mask: Optional[torch.Tensor] = None,
                 scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -438,13 +471,14 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropou
     x2 = _rows(x, K)
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
 
-    args = (x2, weight, bias, lora_A, lora_B, float(scaling), mask, scale, out_dtype,
-            _keep_z(scale))
+    s = check_real("scaling", scaling)  # per call: the signature leaves the scaling out
+    args = (x2, weight, bias, lora_A, lora_B, s, mask, scale, out_dtype, _keep_z(scale))
     y = _run("lora_linear_fwd", lora_linear_fwd, args,
              (x2, weight, bias, lora_A, lora_B, mask, scale), (N, K))[0]
     return _unrows(y, x)
 
 
+@on_local_rows
 def qlora_linear(x, qweight, bias, lora_A, lora_B, scaling: float, dropout_p: float = 0.0,
                  dropout_mask: Optional[torch.Tensor] = None,
                  compute_dtype: Optional[torch.dtype] = None,
@@ -487,8 +521,9 @@ def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, 
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
 
-    args = (x2, *qw, N, bias, lora_A, lora_B, float(scaling), mask, compute_dtype, scale,
-            out_dtype, _keep_z(scale))
+    s = check_real("scaling", scaling)
+    args = (x2, *qw, N, bias, lora_A, lora_B, s, mask, compute_dtype, scale, out_dtype,
+            _keep_z(scale))
     y = _run("qlora_linear_fwd", qlora_linear_fwd, args,
              (x2, bias, lora_A, lora_B, mask, scale, *qw[:5]), (N, K, q.blocksize, compute_dtype))[0]
     return _unrows(y, x)

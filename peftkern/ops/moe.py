@@ -16,10 +16,10 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..format import QuantizedWeight
-from ..validation import FLOAT_DTYPES, check_tensor
+from ..validation import FLOAT_DTYPES, check_int_at_least, check_last_dim, check_tensor
 from .backends import cublas
 from .dispatch import plan_experts
-from .lora import _lora_linear, _qlora_linear, base_linear, check_lora
+from .lora import _lora_linear, _qlora_linear, base_linear, check_base, check_lora
 
 
 def _n_experts(weight) -> int:
@@ -34,27 +34,32 @@ def _check(x, weight, bias, A, B, group_sizes, compute_dtype):
                             "peftkern.QuantizedWeight (one per expert)")
         if len({tuple(q.shape) for q in weight}) != 1:
             raise ValueError("weight: every expert's QuantizedWeight must have the same shape")
+        for e, q in enumerate(weight):  # each well-formed and on x's device
+            base_dtype = check_base(x, q, compute_dtype, f"weight[{e}]")
         first = weight[0]
     else:
-        check_tensor("weight", weight, ndim=3, dtypes=(x.dtype,), device=x.device)
-        first = weight[0]
+        check_tensor("weight", weight, ndim=3, dtypes=(x.dtype,), device=x.device, like="x")
+        first, base_dtype = weight[0], x.dtype
     E = _n_experts(weight)
     N, K = first.shape
+    check_last_dim("x", x, K)
     if bias is not None:
-        check_tensor("bias", bias, ndim=2, device=x.device)
+        check_tensor("bias", bias, ndim=2, dtypes=(base_dtype,), device=x.device, like="x")
         if tuple(bias.shape) != (E, N):
             raise ValueError(f"bias must be [num_experts={E}, out_features={N}], got "
                              f"{tuple(bias.shape)}")
     if A is not None:
-        check_tensor("lora_A", A, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
-        check_tensor("lora_B", B, ndim=3, dtypes=(A.dtype,), device=x.device)
+        check_tensor("lora_A", A, ndim=3, dtypes=FLOAT_DTYPES, device=x.device, like="x")
+        check_tensor("lora_B", B, ndim=3, dtypes=(A.dtype,), device=x.device, like="x")
         if A.shape[0] != E or B.shape[0] != E:
             raise ValueError(f"lora_A and lora_B must hold num_experts={E} factors, got "
                              f"{tuple(A.shape)} and {tuple(B.shape)}")
         check_lora(x, first, None if bias is None else bias[0], A[0], B[0], 0.0, compute_dtype)
     if len(group_sizes) != E:
         raise ValueError(f"group_sizes must have num_experts={E} entries, got {len(group_sizes)}")
-    if any(c < 0 for c in group_sizes) or sum(group_sizes) != x.shape[0]:
+    for e, c in enumerate(group_sizes):
+        check_int_at_least(f"group_sizes[{e}]", c, 0)
+    if sum(group_sizes) != x.shape[0]:
         raise ValueError(f"group_sizes must be >= 0 and sum to the rows of x ({x.shape[0]}), "
                          f"got a sum of {sum(group_sizes)}")
 

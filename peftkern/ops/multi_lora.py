@@ -17,17 +17,18 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..format import QuantizedWeight
-from ..validation import FLOAT_DTYPES, check_tensor
+from ..validation import FLOAT_DTYPES, check_real, check_tensor
 from .backends import MODULES
 from .dispatch import plan_grouped_lora
-from .lora import _rows, base_linear, check_lora
+from .lora import _rows, _unrows, base_linear, check_base, check_lora
 
 
-def _check(x, weight, bias, A, B, scalings, adapter_index, compute_dtype):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+def _check(x, weight, bias, A, B, scalings, adapter_index, compute_dtype) -> torch.Tensor:
+    """Every argument checked; returns the scalings as the fp32 vector the op takes."""
+    check_base(x, weight, compute_dtype)
     N, K = weight.shape
-    check_tensor("A_stack", A, ndim=3, dtypes=FLOAT_DTYPES, device=x.device)
-    check_tensor("B_stack", B, ndim=3, dtypes=(A.dtype,), device=x.device)
+    check_tensor("A_stack", A, ndim=3, dtypes=FLOAT_DTYPES, device=x.device, like="x")
+    check_tensor("B_stack", B, ndim=3, dtypes=(A.dtype,), device=x.device, like="x")
     n, r = A.shape[0], A.shape[1]
     if n < 1 or r < 1 or A.shape[2] != K:
         raise ValueError(f"A_stack must be [n_adapters >= 1, r >= 1, in_features={K}], got "
@@ -36,22 +37,33 @@ def _check(x, weight, bias, A, B, scalings, adapter_index, compute_dtype):
         raise ValueError(f"B_stack must be [n_adapters={n}, out_features={N}, r={r}] to match "
                          f"A_stack, got {tuple(B.shape)}")
     check_lora(x, weight, bias, A[0], B[0], 0.0, compute_dtype)
+    scalings = _scalings(scalings, x.device)
     if scalings.shape != (n,):
         raise ValueError(f"scalings must have n_adapters={n} entries, got {tuple(scalings.shape)}")
     check_tensor("adapter_index", adapter_index, dtypes=(torch.int32, torch.int64),
-                 device=x.device)
+                 device=x.device, like="x")
     rows = x.numel() // K if K else 0
     if adapter_index.numel() != rows:
         raise ValueError(f"adapter_index must have one entry per row of x ({rows}), got "
                          f"{adapter_index.numel()}")
     if rows and not (-1 <= int(adapter_index.min()) and int(adapter_index.max()) < n):
         raise ValueError(f"adapter_index entries must be in [-1, {n - 1}] (-1: no adapter)")
+    return scalings
 
 
-def _scalings(scalings, n, device) -> torch.Tensor:
+def _scalings(scalings, device) -> torch.Tensor:
+    """Real numbers (a tensor on x's device or the CPU, or a sequence) as fp32 on `device`."""
     if isinstance(scalings, torch.Tensor):
+        if scalings.is_complex() or scalings.dtype == torch.bool:
+            raise TypeError(f"scalings must hold real numbers, got dtype {scalings.dtype}")
+        if scalings.device not in (device, torch.device("cpu")):
+            raise ValueError(f"scalings is on {scalings.device}, expected {device} like x, or cpu")
         return scalings.to(device=device, dtype=torch.float32).reshape(-1)
-    return torch.tensor([float(s) for s in scalings], dtype=torch.float32, device=device)
+    if isinstance(scalings, (str, bytes)) or not isinstance(scalings, Sequence):
+        raise TypeError(f"scalings must be a tensor or a sequence of numbers, got "
+                        f"{type(scalings).__name__}")
+    return torch.tensor([check_real(f"scalings[{i}]", s) for i, s in enumerate(scalings)],
+                        dtype=torch.float32, device=device)
 
 
 def multi_lora_linear(x, weight, bias, A_stack, B_stack, scalings: Union[torch.Tensor, Sequence],
@@ -66,13 +78,11 @@ def multi_lora_linear(x, weight, bias, A_stack, B_stack, scalings: Union[torch.T
     the torch path. The checks read `adapter_index`'s range (a device sync); serving code that
     builds the index itself can call `grouped_lora_linear`, which skips them.
     """
-    scal = _scalings(scalings, getattr(A_stack, "shape", (0,))[0], x.device) \
-        if isinstance(x, torch.Tensor) else scalings
     cd = compute_dtype or getattr(x, "dtype", None)
     if not isinstance(weight, (torch.Tensor, QuantizedWeight)):
         raise TypeError(f"weight must be a torch.Tensor or a peftkern.QuantizedWeight, got "
                         f"{type(weight).__name__}")
-    _check(x, weight, bias, A_stack, B_stack, scal, adapter_index, cd)
+    scal = _check(x, weight, bias, A_stack, B_stack, scalings, adapter_index, cd)
     return grouped_lora_linear(x, weight, bias, A_stack, B_stack, scal, adapter_index, cd)
 
 
@@ -88,7 +98,7 @@ def grouped_lora_linear(x, weight, bias, A_stack, B_stack, scalings, adapter_ind
     backend = plan_grouped_lora(x2, N, K, A_stack.dtype, records).backend
     y = MODULES[backend].add_grouped_lora(y, x2, A_stack, B_stack, scalings, idx,
                                           table if backend == "triton" else None)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+    return _unrows(y, x)
 
 
 def block_table(adapter_index: torch.Tensor, n_adapters: int):

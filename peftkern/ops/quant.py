@@ -14,7 +14,8 @@ import torch
 
 from .. import codes, formulas
 from ..format import QuantizedWeight
-from ..validation import FLOAT_DTYPES, check_blocksize, check_choice, check_finite, check_tensor
+from ..validation import (FLOAT_DTYPES, check_blocksize, check_bool, check_choice, check_finite,
+                          check_tensor)
 from .backends import MODULES
 from .dispatch import _plan
 
@@ -63,6 +64,7 @@ def quantize_4bit(weight: torch.Tensor, quant_type: str = "nf4", blocksize: int 
         raise ValueError(f"weight must not be empty, got shape {tuple(weight.shape)}")
     check_choice("quant_type", quant_type, codes.QUANT_TYPES)
     check_blocksize("blocksize", blocksize)
+    check_bool("double_quant", double_quant)
     if not isinstance(quant_storage, torch.dtype):
         raise TypeError(f"quant_storage must be a torch.dtype, got {type(quant_storage).__name__}")
     nbytes = (weight.numel() + 1) // 2
