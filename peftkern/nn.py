@@ -233,10 +233,11 @@ class Quantized4bitBase:
         # In place where the layout is the same (FSDP2 and optimizers keep the parameter object),
         # else new tensors. Only "weight" is in the state dict directly; _save_to_state_dict
         # writes the rest under bnb's "weight.*" keys.
+        new = self._quant_tensors(q)
         same = isinstance(self._parameters.get("weight"), torch.Tensor) and all(
-            _same_layout(getattr(self, k), v) for k, v in self._quant_tensors(q).items())
+            _same_layout(getattr(self, k), v) for k, v in new.items())
         with torch.no_grad():
-            for k, v in self._quant_tensors(q).items():
+            for k, v in new.items():
                 if same:
                     getattr(self, k).copy_(v)
                 elif k == "weight":
