@@ -406,6 +406,8 @@ OPS = [
      "exp_avg_ipt"),
     ("ipt-ema-meta", lambda d: _ipt(d, exp_avg_unc=torch.zeros(R, K, device=META)), ValueError,
      "exp_avg_unc"),
+    ("ipt-ema-expanded", lambda d: _ipt(d, exp_avg_unc=torch.zeros(1, K).expand(R, K)),
+     ValueError, "exp_avg_unc"),
     ("ipt-beta1", lambda d: _ipt(d, beta1=1.0), ValueError, "beta1"),
     ("ipt-beta2", lambda d: _ipt(d, beta2=-0.1), ValueError, "beta2"),
     ("ipt-rank_dim", lambda d: _ipt(d, rank_dim=2), ValueError, "rank_dim"),

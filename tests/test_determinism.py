@@ -368,9 +368,6 @@ def digests():
     return {i: digest(c.run(b)) for i, (c, b) in zip(IDS, PAIRS)}
 
 
-_DIGESTS = {}  # this process's first result of each case, for the cross-process test
-
-
 # ---- the properties -----------------------------------------------------------------------------
 
 @pytest.fixture
@@ -395,7 +392,6 @@ def split_k_launches(monkeypatch):
 def test_same_results_across_calls(case, backend, split_k_launches):
     first = case.run(backend)
     assert_no_nan(first, f"{case.name}[{backend}]")
-    _DIGESTS[f"{case.name}-{backend}"] = digest(first)
     # a split-K case really splits K, in the forward and in dX
     assert (len(split_k_launches) == 2) == ("split-K" in case.name), split_k_launches
     assert_identical(case.run(backend), first, f"{case.name}[{backend}]")
@@ -423,13 +419,19 @@ def other_processes():
     return runs
 
 
-@pytest.mark.xfail(strict=False, reason="open finding, not yet explained: for 31 of the cases a "
-                   "fresh process gives other bits than the test process (the same process repeats "
-                   "its own bits); a setup difference of the child or a real effect, to investigate")
 @pytest.mark.parametrize("case, backend", PAIRS, ids=IDS)
 def test_same_results_across_processes(case, backend, other_processes):
+    """At one thread, as the fresh processes run. Across thread counts torch's own CPU GEMMs
+    (MKL) give other bits at these small shapes: 31 of these cases differ between 1 and 2
+    threads, every one in a torch matmul (the reference backend, the C++ backend's dX and LoRA
+    terms); the C++ kernels themselves are thread-count independent (the test below)."""
     key = f"{case.name}-{backend}"
-    here = _DIGESTS.get(key) or digest(case.run(backend))  # computed here, by either test
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        here = digest(case.run(backend))
+    finally:
+        torch.set_num_threads(prev)
     first, second, unfilled = (run[key] for run in other_processes)
     assert first == second, "two fresh processes differ"
     assert first == here, "a fresh process differs from this one"

@@ -201,7 +201,7 @@ def other_variants(kinds, quick) -> list[Variant]:
                 for w in (QUICK_WEIGHTS[1:] + ("nf4",) if quick else WEIGHTS[1:])]
     if "adalora" in kinds:
         out += [Variant("adalora", d, extra=t) for d in ("fp32",) + (() if quick else ("bf16",))
-                for t in ("lora_A", "lora_E", "lora_B")]
+                for t in ("lora_A", "lora_E", "lora_B", "lora_B mixed")]
     if "dora" in kinds:  # the norm per weight kind, and the scale's gradient (column_dot)
         out += [Variant("dora", d, w) for d in qdt
                 for w in (QUICK_WEIGHTS + ("nf4",) if quick else WEIGHTS) + ("column_dot",)]
@@ -319,8 +319,10 @@ def call_other(v: Variant, N: int = 4096, K: int = 4096):
         data, am, am2, c8, off, qt = _qstate(v.weight, N, K, v.blocksize)
         return quant.dequantize_blocks(data, am, am2, c8, off, qt, v.blocksize, [N, K], dt)
     shape, rank_dim = {"lora_A": ((RANK, K), 0), "lora_E": ((RANK, 1), 0),
-                       "lora_B": ((N, RANK), 1)}[v.extra]
+                       "lora_B": ((N, RANK), 1), "lora_B mixed": ((N, RANK), 1)}[v.extra]
     t = [_cpu(shape, dt) for _ in range(4)]
+    if v.extra.endswith("mixed"):  # per-tensor strides: a transposed EMA (the SAME=False path)
+        t[3] = _cpu(shape[::-1], dt).t()
     return ops.adalora_update_ipt(*t, 0.85, 0.85, rank_dim)
 
 

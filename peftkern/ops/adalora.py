@@ -5,6 +5,8 @@ rather than custom ops; the allocator (`peftkern.adalora.RankAllocator`) calls t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..validation import (FLOAT_DTYPES, check_int_in, check_probability, check_real,
@@ -23,6 +25,9 @@ def check_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim) -> None
         check_tensor(name, t, dtypes=(p.dtype,), device=p.device, like="p")
         if t.shape != p.shape:
             raise ValueError(f"{name} must have p's shape {tuple(p.shape)}, got {tuple(t.shape)}")
+        if name != "grad" and any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+            raise ValueError(f"{name} is updated in place and must not be an expanded tensor "
+                             f"(strides {t.stride()}: elements share memory); clone() it")
     check_probability("beta1", beta1)
     check_probability("beta2", beta2)
     check_int_in("rank_dim", rank_dim, 0, 1)
@@ -50,36 +55,42 @@ def adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1: float, beta2: f
     """Update `exp_avg_ipt`/`exp_avg_unc` in place from `p` and `grad`; return the fp32 per-rank
     mean of `exp_avg_ipt · exp_avg_unc` (`[r]`, ranks along `rank_dim`)."""
     check_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2, rank_dim)
-    same_layout = all(t.stride() == p.stride() and t.shape == p.shape
-                      for t in (grad, exp_avg_ipt, exp_avg_unc))
-    plan = _plan("adalora_update_ipt", p, same_layout=same_layout)
+    plan = _plan("adalora_update_ipt", p)
     return MODULES[plan.backend].adalora_update_ipt(p, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2,
                                                     rank_dim)
 
 
 class _OrthNorms(torch.autograd.Function):
     """`‖A·Aᵀ − I‖_F + ‖Bᵀ·B − I‖_F` with its gradient in closed form: d‖G‖ = 2·G·A/‖G‖
-    for G = A·Aᵀ − I (and 2·B·G/‖G‖ for G = Bᵀ·B − I), reusing the r×r Gram matrices."""
+    for G = A·Aᵀ − I (and 2·B·G/‖G‖ for G = Bᵀ·B − I), reusing the r×r Gram matrices.
+    Computed in fp32 at least (the result is fp32), each gradient rounded once to its factor's
+    dtype: in 16 bits, rounding the Gram matrix, the norm and 2·grad/‖G‖ separately costs
+    several ulps more than torch's own autograd of the formula."""
 
     @staticmethod
     def forward(ctx, A, B):
-        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        ga, gb = A @ A.t() - eye, B.t() @ B - eye
+        acc = torch.promote_types(A.dtype, torch.float32)
+        a, b = A.to(acc), B.to(acc)
+        eye = torch.eye(A.shape[0], dtype=acc, device=A.device)
+        ga, gb = a @ a.t() - eye, b.t() @ b - eye
         na, nb = torch.linalg.norm(ga), torch.linalg.norm(gb)
-        ctx.save_for_backward(A, B, ga, gb, na, nb)
+        ctx.save_for_backward(a, b, ga, gb, na, nb)
+        ctx.dtypes = A.dtype, B.dtype
         return na + nb
 
     @staticmethod
     def backward(ctx, grad):
-        A, B, ga, gb, na, nb = ctx.saved_tensors
+        a, b, ga, gb, na, nb = ctx.saved_tensors
         # the Frobenius norm's gradient at G = 0 is taken as 0
-        da = torch.where(na > 0, 2 * grad / na.clamp_min(1e-30), 0.0) * (ga @ A)
-        db = torch.where(nb > 0, 2 * grad / nb.clamp_min(1e-30), 0.0) * (B @ gb)
-        return da, db
+        da = torch.where(na > 0, 2 * grad / na.clamp_min(1e-30), 0.0) * (ga @ a)
+        db = torch.where(nb > 0, 2 * grad / nb.clamp_min(1e-30), 0.0) * (b @ gb)
+        return da.to(ctx.dtypes[0]), db.to(ctx.dtypes[1])
 
 
 def adalora_orth_reg(pairs, weight: float = 0.5) -> torch.Tensor:
-    """PEFT's orthogonal regularizer over `(A, B)` pairs (mean over every A and every B)."""
+    """PEFT's orthogonal regularizer over `(A, B)` pairs (mean over every A and every B), in the
+    factors' dtype (summed in fp32 at least, rounded once)."""
     check_pairs(pairs, weight)
     total = sum(_OrthNorms.apply(A, B) for A, B in pairs)
-    return weight * total / (2 * len(pairs))
+    dtype = functools.reduce(torch.promote_types, [A.dtype for A, _ in pairs])
+    return (weight * total / (2 * len(pairs))).to(dtype)

@@ -156,20 +156,20 @@ def plan(op: str, x: torch.Tensor, weight=None) -> Plan:
     return _plan(op, x, *shape, getattr(weight, "blocksize", 0))
 
 
-def _plan(op, x, N=0, K=0, blocksize=0, dtype=None, same_layout=True) -> Plan:
+def _plan(op, x, N=0, K=0, blocksize=0, dtype=None) -> Plan:
     """`plan` on raw fields, as the custom ops hold them; `dtype` is the compute dtype. Cached:
     the answer depends only on these fields, the forced backend and config, the interpreter
     switch and the tuning table (whose `generation` changes when it is reloaded)."""
     state = _state.__dict__  # this thread's (one dict read: this runs on every call)
     if state.get("config") is not None:  # a forced tile config (tuner, tests): not cached
-        return _decide(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype, same_layout)
-    return _cached(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype, same_layout,
+        return _decide(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype)
+    return _cached(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype,
                    state.get("forced"), interpreting(), tuning.generation)
 
 
 @functools.lru_cache(maxsize=8192)
-def _cached(op, device, M, N, K, blocksize, dtype, same_layout, _forced, _interp, _gen) -> Plan:
-    return _decide(op, device, M, N, K, blocksize, dtype, same_layout)
+def _cached(op, device, M, N, K, blocksize, dtype, _forced, _interp, _gen) -> Plan:
+    return _decide(op, device, M, N, K, blocksize, dtype)
 
 
 class _Rows(NamedTuple):
@@ -178,7 +178,7 @@ class _Rows(NamedTuple):
     shape: tuple
 
 
-def _decide(op, device, M, N, K, blocksize, dtype, same_layout) -> Plan:
+def _decide(op, device, M, N, K, blocksize, dtype) -> Plan:
     x = _Rows(device, (M,))
     dev = device
     have = [b for b in available(dev) if b in IMPLEMENTS[op]]
@@ -195,9 +195,6 @@ def _decide(op, device, M, N, K, blocksize, dtype, same_layout) -> Plan:
                                "use float16/float32, or the 'cpp' or 'reference' backend")
         have.remove("triton")
         why = "bf16 under the Triton interpreter (wrong there): "
-    if not same_layout and "triton" in have and name != "triton":
-        have.remove("triton")
-        why = "tensors of different layouts (the Triton kernel takes one): "
     if name is not None:
         if name not in have:
             raise RuntimeError(f"backend {name!r} is not available for this op on {dev.type} "

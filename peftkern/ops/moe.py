@@ -86,9 +86,10 @@ def grouped_expert_linear(x, weight, bias, A, B, scaling, sizes, compute_dtype=N
     """`expert_lora_linear` on checked arguments, `sizes` a list of ints."""
     quant = isinstance(weight, (list, tuple))
     pieces, start = [], 0
-    for e, c in enumerate(sizes):
-        if not c:
-            continue
+    # no rows at all: one empty call still links y to x, A, B and bias (zero gradients, as an
+    # empty matmul gives), rather than a fresh tensor that backward cannot pass through
+    groups = [(e, c) for e, c in enumerate(sizes) if c] or [(0, 0)]
+    for e, c in groups:
         xe, b = x[start:start + c], None if bias is None else bias[e]
         start += c
         if A is None:
@@ -98,8 +99,7 @@ def grouped_expert_linear(x, weight, bias, A, B, scaling, sizes, compute_dtype=N
                                         compute_dtype))
         else:
             pieces.append(_lora_linear(xe, weight[e], b, A[e], B[e], scaling))
-    N = weight[0].shape[0]
-    return torch.cat(pieces) if pieces else x.new_zeros(0, N)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def experts_forward(experts, loras: dict, hidden_states, top_k_index, top_k_weights):
