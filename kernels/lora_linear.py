@@ -27,8 +27,19 @@ def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
                  ncols, nrows, NROWS: tl.constexpr, NCOLS: tl.constexpr, BS: tl.constexpr,
                  NESTED: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_ROWS: tl.constexpr):
     """W[row0:row0+NROWS, col0:col0+NCOLS] in its stored [N, K] layout, as fp32, when every row
-    holds whole quantization blocks (K % BS == 0, BS constexpr). The packed bytes are loaded as
-    one [NROWS, NCOLS/2] tile (lanes along K) and each byte is looked up once; one scale per block
+    holds whole quantization blocks (K % BS == 0, BS constexpr): `_decode_pairs` interleaved."""
+    hi, lo = _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, row0,
+                           col0, ncols, nrows, NROWS, NCOLS, BS, NESTED, EVEN_COLS, EVEN_ROWS)
+    return tl.reshape(tl.join(hi, lo), [NROWS, NCOLS])
+
+
+@triton.jit
+def _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, row0, col0,
+                  ncols, nrows, NROWS: tl.constexpr, NCOLS: tl.constexpr, BS: tl.constexpr,
+                  NESTED: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_ROWS: tl.constexpr):
+    """The even and the odd columns of W[row0:row0+NROWS, col0:col0+NCOLS] (`[NROWS, NCOLS/2]`
+    each, fp32): the high and the low nibbles of the packed bytes. The bytes are loaded as one
+    [NROWS, NCOLS/2] tile (lanes along K) and each byte is looked up once; one scale per block
     is loaded and broadcast over its BS columns. The tile's base is int64, offsets in it int32."""
     HALF: tl.constexpr = NCOLS // 2
     G: tl.constexpr = NCOLS // BS if NCOLS > BS else 1
@@ -56,7 +67,7 @@ def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
                      [NROWS, HALF])
     hi = _scaled(two.to(tl.int32).to(tl.float32, bitcast=True), scale, NROWS, G, HALF)
     lo = _scaled((two >> 32).to(tl.int32).to(tl.float32, bitcast=True), scale, NROWS, G, HALF)
-    return tl.reshape(tl.join(hi, lo), [NROWS, NCOLS])
+    return hi, lo
 
 
 @triton.jit
@@ -99,6 +110,13 @@ def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
                         table_ptr, blocksize, NESTED)
         return tl.where(valid, w, 0.0)
     return tl.load(w_ptr + idx, mask=valid, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mma(lhs, rhs, acc, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(lhs, rhs, acc, input_precision="ieee")
+    return tl.dot(lhs, rhs, acc)
 
 
 @triton.jit
@@ -167,22 +185,26 @@ def _lora_matmul_kernel(
         # Rows past M read row M - 1 (their outputs are never stored): only K may need a mask.
         a = load_masked(inp_ptr + a_rows * stride_im + offs_q[None, :] * stride_iq,
                   (offs_q < Q)[None, :], 0.0, not EVEN_Q)
-        w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                         blocksize, q0, pid_n * BLOCK_N, offs_q, offs_p, Q, P, stride_wq,
-                         stride_wp, QUANT, NESTED, ROWS, W_T, BS, EVEN_COLS, EVEN_Q, BLOCK_K, BLOCK_N,
-                         SWAP)
-        # The weight is rounded to the activation dtype first, as dequantize-then-matmul does.
-        w = w.to(a.dtype)
-        if SWAP:  # accᵀ += Wopᵀ · inpᵀ: the weight is the MMA's A operand (from registers)
-            lhs = w
-            rhs = tl.trans(a)
+        if QUANT and ROWS and W_T and SWAP:
+            # The sum over K in another order: even columns (high nibbles), then odd ones, so
+            # each byte's two values stay in the thread that decoded them (no interleave).
+            hi, lo = _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                                   table_ptr, pid_n * BLOCK_N, q0, Q, P, BLOCK_N, BLOCK_K, BS,
+                                   NESTED, EVEN_COLS, False)
+            a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
+            acc = _mma(hi.to(a.dtype), tl.trans(a_even), acc, IEEE)
+            acc = _mma(lo.to(a.dtype), tl.trans(a_odd), acc, IEEE)
         else:
-            lhs = a
-            rhs = w
-        if IEEE:
-            acc += tl.dot(lhs, rhs, input_precision="ieee")
-        else:
-            acc += tl.dot(lhs, rhs)
+            w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                             blocksize, q0, pid_n * BLOCK_N, offs_q, offs_p, Q, P, stride_wq,
+                             stride_wp, QUANT, NESTED, ROWS, W_T, BS, EVEN_COLS, EVEN_Q, BLOCK_K,
+                             BLOCK_N, SWAP)
+            # The weight is rounded to the activation dtype first, as dequantize-then-matmul does.
+            w = w.to(a.dtype)
+            if SWAP:  # accᵀ += Wopᵀ · inpᵀ: the weight is the MMA's A operand (from registers)
+                acc = _mma(w, tl.trans(a), acc, IEEE)
+            else:
+                acc = _mma(a, w, acc, IEEE)
     if SWAP:
         acc = tl.trans(acc)
     if SPLIT_K == 1:

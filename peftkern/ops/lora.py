@@ -214,7 +214,9 @@ def _backward(ctx, dy, _dxa, _dz, needs=None):
                      out_dtype=ctx.x_dtype)
         dscale = (dy * z).sum(0).to(g.dtype) if needs[i_g] else None
         dy, dyl, g = dy * g.to(dy.dtype), dyl * g.to(dyl.dtype), None  # dZ, as torch ops
-    Bg = B if g is None else B * g.to(B.dtype)[:, None]
+    # With a scale, s·(g⊙B) is rounded once (fp32 products): dyb then carries s, so dX's LoRA
+    # term and dA take it unscaled (rounding B⊙g, then dA·s, erred twice in 16 bits)
+    Bg, sl = (B, s) if g is None else ((B.float() * (g.float() * s)[:, None]).to(B.dtype), 1.0)
     dyb = dyl @ Bg if needs[0] or needs[i_A] else None
     xl = lora_input(x, A, mask) if x is not None and (needs[i_A] or graph) else None
     dx = dw = dA = dB = dbias = None
@@ -224,20 +226,19 @@ def _backward(ctx, dy, _dxa, _dz, needs=None):
         if needs[0]:
             dx = add_lora(dy.to(w.dtype) @ w, dyb, A, s, mask, out_dtype=dy.dtype)
     elif needs[0] and ctx.dense:
-        args = (dy, saved[_W], A, dyb, s, mask, g)
+        args = (dy, saved[_W], A, dyb, sl, mask, g)
         dx = (_dense_dx if _eager(args[:4] + (g,)) else lora_linear_dx)(*args)
     elif needs[0]:
         data, absmax, absmax2, code8, offset, qt, bs, cd = ctx.weight_args
-        args = (dy, data, absmax, absmax2, code8, offset, qt, bs, K, A, dyb, s, mask, cd, g)
+        args = (dy, data, absmax, absmax2, code8, offset, qt, bs, K, A, dyb, sl, mask, cd, g)
         dx = (_quant_dx if _eager((dy, data, A, dyb, g)) else qlora_linear_dx)(*args)
     if ctx.dense and needs[1]:  # a trainable base weight
         dw = dy.t() @ x if g is None else (dy.t() @ x).mul_(g.to(dy.dtype)[:, None])
     if needs[i_A]:  # fresh results: scaled in place unless building a graph
-        dA = s * (dyb.t() @ xl) if graph else (dyb.t() @ xl).mul_(s)
+        dA = sl * (dyb.t() @ xl) if graph else (dyb.t() @ xl).mul_(sl)
     if needs[i_B]:
-        dB = s * (dyl.t() @ xa) if graph else (dyl.t() @ xa).mul_(s)
-        if g is not None:
-            dB.mul_(g.to(dB.dtype)[:, None])
+        gs = s if g is None else (g.float() * s)[:, None]  # s·g in fp32: one rounding
+        dB = s * (dyl.t() @ xa) if graph else (dyl.t() @ xa).mul_(gs)
     if needs[i_bias] and ctx.bias_dtype is not None:
         dbias = dy.sum(0).to(ctx.bias_dtype)
     if g is not None and needs[i_g]:
