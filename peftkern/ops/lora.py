@@ -189,6 +189,13 @@ def _dense_weight(ctx, K, saved):
                              [ctx.out_features, K], cd)
 
 
+def _scaled_mm(a, b, alpha):
+    """alpha·(a·b) with alpha applied to the GEMM's accumulator: one rounding."""
+    if alpha == 1.0:
+        return a @ b
+    return torch.addmm(a.new_empty(a.shape[0], b.shape[1]), a, b, beta=0, alpha=alpha)
+
+
 def _backward(ctx, dy, _dxa, _dz, needs=None):
     """`needs`: which op inputs need a gradient (default ctx.needs_input_grad). Only those are
     computed: a frozen lora_A (LoRA-FA) costs no dA, a frozen bias no reduction. With an output
@@ -214,9 +221,14 @@ def _backward(ctx, dy, _dxa, _dz, needs=None):
                      out_dtype=ctx.x_dtype)
         dscale = (dy * z).sum(0).to(g.dtype) if needs[i_g] else None
         dy, dyl, g = dy * g.to(dy.dtype), dyl * g.to(dyl.dtype), None  # dZ, as torch ops
-    # With a scale, s·(g⊙B) is rounded once (fp32 products): dyb then carries s, so dX's LoRA
-    # term and dA take it unscaled (rounding B⊙g, then dA·s, erred twice in 16 bits)
-    Bg, sl = (B, s) if g is None else ((B.float() * (g.float() * s)[:, None]).to(B.dtype), 1.0)
+    # Each factor's gradient is rounded once to its dtype: s enters as the GEMM's alpha, never as
+    # a multiply after a rounded product (up to 1.5 ulp in 16 bits where torch's autograd has
+    # ~0.5). With a scale g: 16-bit adapters form dY⊙g first, as torch does; fp32 adapters fold
+    # s·g into B (dyb then carries s, so dX's LoRA term and dA take it unscaled).
+    gl = g
+    if g is not None and dyl.element_size() < 4:
+        dyl, gl = dyl * g.to(dyl.dtype), None
+    Bg, sl = (B, s) if gl is None else ((B.float() * (gl.float() * s)[:, None]).to(B.dtype), 1.0)
     dyb = dyl @ Bg if needs[0] or needs[i_A] else None
     xl = lora_input(x, A, mask) if x is not None and (needs[i_A] or graph) else None
     dx = dw = dA = dB = dbias = None
@@ -233,12 +245,16 @@ def _backward(ctx, dy, _dxa, _dz, needs=None):
         args = (dy, data, absmax, absmax2, code8, offset, qt, bs, K, A, dyb, sl, mask, cd, g)
         dx = (_quant_dx if _eager((dy, data, A, dyb, g)) else qlora_linear_dx)(*args)
     if ctx.dense and needs[1]:  # a trainable base weight
-        dw = dy.t() @ x if g is None else (dy.t() @ x).mul_(g.to(dy.dtype)[:, None])
-    if needs[i_A]:  # fresh results: scaled in place unless building a graph
-        dA = sl * (dyb.t() @ xl) if graph else (dyb.t() @ xl).mul_(sl)
+        dw = (dy if g is None else dy * g.to(dy.dtype)).t() @ x
+    if needs[i_A]:
+        dA = sl * (dyb.t() @ xl) if graph else _scaled_mm(dyb.t(), xl, sl)
     if needs[i_B]:
-        gs = s if g is None else (g.float() * s)[:, None]  # s·g in fp32: one rounding
-        dB = s * (dyl.t() @ xa) if graph else (dyl.t() @ xa).mul_(gs)
+        if graph:
+            dB = s * (dyl.t() @ xa)
+        elif gl is None:
+            dB = _scaled_mm(dyl.t(), xa, s)
+        else:  # fp32: s·g after the product
+            dB = (dyl.t() @ xa).mul_((gl.float() * s)[:, None])
     if needs[i_bias] and ctx.bias_dtype is not None:
         dbias = dy.sum(0).to(ctx.bias_dtype)
     if g is not None and needs[i_g]:
