@@ -397,11 +397,12 @@ def test_found_lora_examples_follow_error_rule(quant, case, monkeypatch):
         lora_property(dict(case, backend=backend), quant)
 
 
-@pytest.mark.xfail(strict=True, reason="open (thorough profile, second run): fp16 with a scale, "
+@pytest.mark.xfail(strict=False, reason="open (thorough profile, second run): fp16 with a scale, "
                    "M = N = K = 1, r = 8: dA = s·x·((dY⊙g)·B) rounds three times (0.84 ulp at "
                    "one element of 512) where torch's autograd landed at 0.16: over 2x its max "
                    "error. The triton and cpp backends (the fused backward) fail; a fix needs "
-                   "dY⊙g·B in fp32 or a rule that allows one rounding step")
+                   "dY⊙g·B in fp32 or a rule that allows one rounding step. Not strict: "
+                   "torch's CPU fp16 GEMMs may round otherwise on another ISA (AVX512-FP16)")
 def test_found_qlora_single_term_dA_follows_error_rule(monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "event", lambda *a: None)  # outside @given
     lora_property({'quant_type': 'nf4', 'double_quant': False, 'blocksize': 32,
