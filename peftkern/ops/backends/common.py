@@ -33,8 +33,10 @@ def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
         if torch.is_grad_enabled() and (y.requires_grad or L.requires_grad or R2.requires_grad):
             return torch.addmm(y, L, R2, alpha=scaling)  # out of place: a cheaper backward
         return y.addmm_(L, R2, alpha=scaling)  # y is the caller's fresh result: no new buffer
+    # the product too in the wide dtype: L and R2 are small (rank r), and a 16-bit L·R2 would
+    # round twice more (the product, then s·) before the wide sum
     wide = torch.promote_types(torch.promote_types(y.dtype, L.dtype), out_dtype)
-    return (y.to(wide) + dropped(scaling * (L @ R2), mask).to(wide)).to(out_dtype)
+    return (y.to(wide) + dropped(scaling * (L.to(wide) @ R2.to(wide)), mask)).to(out_dtype)
 
 
 def scaled_output(z, scale, bias, out_dtype):
