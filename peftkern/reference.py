@@ -72,11 +72,13 @@ def dequantize_4bit(packed, absmax, quant_type: str, blocksize: int, shape, dtyp
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_mask=None):
     """`y = x·Wᵀ + bias + s·(drop(x)·Aᵀ)·Bᵀ`, with dropout only on the LoRA branch.
 
-    `dropout_mask` already holds the 1/(1-p) factor (0 where dropped), shaped like `x`.
+    `dropout_mask` already holds the 1/(1-p) factor (0 where dropped), shaped like `x`. As in
+    PEFT, the LoRA term is in the adapters' dtype (x cast to it) and y in x's.
     """
-    xd = x if dropout_mask is None else x * dropout_mask
+    xl = x.to(lora_A.dtype)
+    xd = xl if dropout_mask is None else xl * dropout_mask
     y = x @ weight.t() + scaling * ((xd @ lora_A.t()) @ lora_B.t())
-    return y if bias is None else y + bias
+    return (y if bias is None else y + bias).to(x.dtype)
 
 
 def lora_linear_backward(dy, x, weight, lora_A, lora_B, scaling, dropout_mask=None):
@@ -146,10 +148,11 @@ def dora_weight_norm(weight, lora_A, lora_B, scaling):
 def dora_linear(x, weight, bias, lora_A, lora_B, scaling, magnitude, dropout_mask=None):
     """PEFT's DoRA: `base(x) + (g − 1)·(drop(x)·Wᵀ) + g·s·(drop(x)·Aᵀ)·Bᵀ` with
     `g = m / ‖W + s·B·A‖_row` (the norm detached). Without dropout: `g ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + b`."""
-    g = magnitude / dora_weight_norm(weight, lora_A, lora_B, scaling).detach()
+    g = magnitude / dora_weight_norm(weight.to(lora_A.dtype), lora_A, lora_B, scaling).detach()
     xd = x if dropout_mask is None else x * dropout_mask
-    y = x @ weight.t() + (g - 1) * (xd @ weight.t()) + g * (scaling * ((xd @ lora_A.t()) @ lora_B.t()))
-    return y if bias is None else y + bias
+    lora = (xd.to(lora_A.dtype) @ lora_A.t()) @ lora_B.t()
+    y = x @ weight.t() + (g - 1) * (xd @ weight.t()) + g * (scaling * lora)
+    return (y if bias is None else y + bias).to(x.dtype)  # mixed dtypes: as PEFT, y in x's
 
 
 # --------------------------------------------------------------------------------------------

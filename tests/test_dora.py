@@ -334,30 +334,44 @@ def test_dora_with_several_active_adapters_goes_to_peft():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_enable_on_a_16bit_dora_llama_keeps_peft_precision(dtype):
     """fp32 adapters and magnitude on a 16-bit model (PEFT's default): logits and every gradient
-    within the error rule of a float64 copy of the same model, PEFT's own error the baseline."""
+    within the error rule of a float64 copy of the same model. The baseline is plain torch's
+    error, PEFT's layers or peftkern's on the reference backend, whichever is larger (as in
+    test_properties). Pooled over three models: one model's gradients are each driven by a few
+    upstream fp16 roundings, so a single max error is a noisy yardstick (measured: PEFT against
+    the reference backend alone goes over 2x on some seeds)."""
     peft = pytest.importorskip("peft")
     from helpers import LINEARS, llama, loss_and_grads, randomize_lora, tokens
     import peftkern.integrations.peft as pk
 
-    def model(dt):
-        m = peft.get_peft_model(llama(dtype=dt), peft.LoraConfig(target_modules=LINEARS, r=4,
-                                                                 lora_alpha=8, use_dora=True))
-        randomize_lora(m)
+    def model(dt, seed):
+        m = peft.get_peft_model(llama(seed, dtype=dt), peft.LoraConfig(
+            target_modules=LINEARS, r=4, lora_alpha=8, use_dora=True))
+        randomize_lora(m, seed + 1)
         return m
 
-    ours = model(dtype)
-    assert ours.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype \
-        == torch.float32
-    oracle_model = model(torch.float64)
-    oracle_model.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
-    ids = tokens()
-    want, oracle = loss_and_grads(ours, ids), loss_and_grads(oracle_model, ids)
-    assert pk.enable(ours) == 14
-    got = loss_and_grads(ours, ids)
-    assert_error_rule("logits", got[0], oracle[0], want[0])
-    for n in oracle[2]:
-        assert got[2][n].dtype == want[2][n].dtype, n
-        assert_error_rule(n, got[2][n], oracle[2][n], want[2][n])
+    runs = []  # per model: (ours, oracle, PEFT, reference backend), each (logits, grads)
+    for seed in range(3):
+        ours = model(dtype, seed)
+        assert ours.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"] \
+            .weight.dtype == torch.float32
+        oracle_model = model(torch.float64, seed)
+        oracle_model.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+        ids = tokens(seed + 2)
+        want, oracle = loss_and_grads(ours, ids), loss_and_grads(oracle_model, ids)
+        assert pk.enable(ours) == 14
+        with ops.use_backend("reference"):
+            ref = loss_and_grads(ours, ids)
+        runs.append([(r[0], r[2]) for r in (loss_and_grads(ours, ids), oracle, want, ref)])
+
+    def pooled(i, name=None):  # one output over the three models, flattened
+        return torch.cat([(run[i][0] if name is None else run[i][1][name]).reshape(-1)
+                          for run in runs])
+
+    for name in [None, *runs[0][1][1]]:
+        got, oracle, *bases = (pooled(i, name) for i in range(4))
+        assert all(b.dtype == got.dtype for b in bases), name
+        base = max(bases, key=lambda b: (b.double() - oracle).abs().max().item())
+        assert_error_rule(name or "logits", got, oracle, base)
 
 
 @pytest.mark.parametrize("kind", ["dense", "nf4-dq"])

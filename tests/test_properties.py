@@ -59,6 +59,7 @@ ROWS = st.one_of(st.just(0), SIZES)  # M = 0: an empty batch, which the ops acce
 RANKS = st.integers(1, 16)
 SEEDS = st.integers(0, 2**31)
 DTYPE = st.sampled_from(list(DTYPES))
+ADAPTERS = st.sampled_from(["same", "fp32"])  # fp32 LoRA factors on a 16-bit x: PEFT's default
 LAYOUTS = ["contiguous", "transposed", "sliced", "expanded"]
 X_LAYOUTS = st.sampled_from(LAYOUTS + ["3d"])
 DROPOUT = st.sampled_from([0.0, 0.1, 0.5])
@@ -219,11 +220,17 @@ def trials(trial, seed):
             [cat(r[2][j] for r in runs) for j in range(len(runs[0][2]))])
 
 
+def adapter_dtype(case):
+    """The LoRA factors' dtype: x's, or fp32 (the case's "adapters")."""
+    return torch.float32 if case.get("adapters") == "fp32" else DTYPES[case["dtype"]]
+
+
 def check(names, results, dtype, backend):
-    """The error rule for every output the oracle has, each in the op's dtype: against the larger
-    of the baselines' errors."""
+    """The error rule for every output the oracle has, each in its dtype (`dtype`, or one per
+    name): against the larger of the baselines' errors."""
     got, oracle, baselines = results
-    for name, g, o, *bs in zip(names, got, oracle, *baselines):
+    dtypes = dtype if isinstance(dtype, list) else [dtype] * len(names)
+    for name, dtype, g, o, *bs in zip(names, dtypes, got, oracle, *baselines):
         if o is None:
             continue
         assert g is not None, f"{name}[{backend}]: missing"
@@ -313,7 +320,8 @@ def lora_cases(draw, quant):
     fmt, N, K = draw(weight_shape(quant))
     train = draw(st.booleans())
     return dict(fmt, backend=backend, dtype=draw(DTYPE), M=draw(ROWS), N=N, K=K, r=draw(RANKS),
-                x_layout=draw(X_LAYOUTS), w_layout=None if quant else draw(st.sampled_from(LAYOUTS)),
+                adapters=draw(ADAPTERS), x_layout=draw(X_LAYOUTS),
+                w_layout=None if quant else draw(st.sampled_from(LAYOUTS)),
                 ab_layout=draw(st.sampled_from(LAYOUTS[:3])), bias=draw(st.booleans()),
                 scale=draw(st.booleans()), dropout=draw(DROPOUT), train=train,
                 train_w=not quant and train and draw(st.booleans()),
@@ -329,8 +337,8 @@ def lora_trial(case, quant):
     def trial(gen):
         w, W = base_weight(gen, case, dtype)
         x = x_input(gen, case, dtype, case["M"])
-        A = rand(gen, (r, K), dtype, case["ab_layout"], 1 / math.sqrt(K))
-        B = rand(gen, (N, r), dtype, case["ab_layout"], 1 / math.sqrt(r))
+        A = rand(gen, (r, K), adapter_dtype(case), case["ab_layout"], 1 / math.sqrt(K))
+        B = rand(gen, (N, r), adapter_dtype(case), case["ab_layout"], 1 / math.sqrt(r))
         b = rand(gen, (N,), dtype) if case["bias"] else None
         sc = (torch.rand(N, generator=gen) + 0.5).to(dtype) if case["scale"] else None
         mask = dropout_mask(gen, x.shape, p, dtype)
@@ -364,7 +372,8 @@ def lora_property(case, quant):
     with simd:
         results = trials(lora_trial(case, quant), case["seed"])
     if results is not None:
-            check(["y", "dx", "dA", "dB", "dbias", "dscale", "dW"], results, DTYPES[case["dtype"]],
+        d, a = DTYPES[case["dtype"]], adapter_dtype(case)
+        check(["y", "dx", "dA", "dB", "dbias", "dscale", "dW"], results, [d, d, a, a, d, d, d],
               case["backend"])
 
 
@@ -435,12 +444,13 @@ def dora_cases(draw):
     # a dense weight never runs C++ (no dense C++ matmul; forcing it raises: tests/test_dora.py)
     backend = draw(st.sampled_from([b for b in CPU_BACKENDS if quant or b != "cpp"]))
     return dict(fmt, backend=backend, dtype=draw(DTYPE), M=draw(ROWS), N=N, K=K, r=draw(RANKS),
-                x_layout=draw(X_LAYOUTS), w_layout=draw(st.sampled_from(LAYOUTS)),
+                adapters=draw(ADAPTERS), x_layout=draw(X_LAYOUTS),
+                w_layout=draw(st.sampled_from(LAYOUTS)),
                 ab_layout=draw(st.sampled_from(LAYOUTS[:3])), bias=draw(st.booleans()),
                 dropout=draw(DROPOUT), train=draw(st.booleans()), seed=draw(SEEDS))
 
 
-def factors(gen, case, dtype, r=None):
+def factors(gen, case, dtype, r=None):  # dtype: the adapters' (adapter_dtype)
     r, N, K = r or case["r"], case["N"], case["K"]
     return (rand(gen, (r, K), dtype, case["ab_layout"], 1 / math.sqrt(K)),
             rand(gen, (N, r), dtype, case["ab_layout"], 1 / math.sqrt(r)))
@@ -456,10 +466,10 @@ def test_dora_linear_follows_error_rule(case):
     def trial(gen):
         w, W = base_weight(gen, case, dtype)
         x = x_input(gen, case, dtype, case["M"])
-        A, B = factors(gen, case, dtype)
-        # a trained-looking magnitude: the row norms, perturbed
+        A, B = factors(gen, case, adapter_dtype(case))
+        # a trained-looking magnitude (in the adapters' dtype, as PEFT's): the row norms, perturbed
         m = (R.dora_weight_norm(W.double(), A.double(), B.double(), s) *
-             (1 + 0.2 * torch.rand(case["N"], generator=gen, dtype=torch.float64))).to(dtype)
+             (1 + 0.2 * torch.rand(case["N"], generator=gen, dtype=torch.float64))).to(A.dtype)
         b = rand(gen, (case["N"],), dtype) if case["bias"] else None
         mask = dropout_mask(gen, x.shape, p, dtype)
         dy = rand(gen, (*x.shape[:-1], case["N"]), dtype)
@@ -478,7 +488,9 @@ def test_dora_linear_follows_error_rule(case):
 
     results = trials(trial, case["seed"])
     if results is not None:
-        check(["y", "dx", "dA", "dB", "dm", "dbias"], results, dtype, backend)
+        a = adapter_dtype(case)
+        check(["y", "dx", "dA", "dB", "dm", "dbias"], results, [dtype, dtype, a, a, a, dtype],
+              backend)
 
 
 @profile(fast=20)
@@ -490,9 +502,9 @@ def test_dora_weight_norm_follows_error_rule(case):
 
     def trial(gen):
         w, W = base_weight(gen, case, dtype)
-        A, B = factors(gen, case, dtype)
+        A, B = factors(gen, case, adapter_dtype(case))
         A.requires_grad_(case["train"])
-        if refused(backend, dtype):
+        if refused(backend, A.dtype):  # planned on the adapters' dtype
             return assert_refused(lambda: ops.dora_weight_norm(w, A, B, s), backend)
         with ops.use_backend(backend):
             got = ops.dora_weight_norm(w, A, B, s)
@@ -500,11 +512,11 @@ def test_dora_weight_norm_follows_error_rule(case):
             torch_path = ops.dora_weight_norm(w, A, B, s)
         assert not got.requires_grad
         return ([got], [R.dora_weight_norm(W.double(), A.double(), B.double(), s)],
-                [[R.dora_weight_norm(W.to(dtype), A.detach(), B, s)], [torch_path]])
+                [[R.dora_weight_norm(W.to(A.dtype), A.detach(), B, s)], [torch_path]])
 
     results = trials(trial, case["seed"])
     if results is not None:
-        check(["norm"], results, dtype, backend)
+        check(["norm"], results, adapter_dtype(case), backend)
 
 
 # ---- mixed-adapter batches -----------------------------------------------------------------------
