@@ -215,16 +215,16 @@ def gemv(simd, M_list=(1, 4, 7, 16), N=33, K=128, blocksize=64):
             for bf16 in (False, True):
                 out[f"M{M}.{EXT.gemv_path(M, bf16, simd)}.bf16={bf16}"] = EXT.qlora_gemv(
                     x, q.data.view(-1), q.absmax, q.absmax2, q.code8, q.offset.reshape(1), 0,
-                    blocksize, N, b, _one_thread(lambda: x @ A.t()), B, 0.5, simd, bf16)
+                    blocksize, N, b, _at_threads(1, lambda: x @ A.t()), B, 0.5, simd, bf16)
         return out
     return run
 
 
-def _one_thread(fn):
-    """`fn()` at one torch thread: an input made by a torch GEMM, which may round otherwise at
-    another thread count (MKL on Intel CPUs), so that only the kernel under test varies."""
+def _at_threads(n, fn):
+    """`fn()` at `n` torch threads (the count restored after). An input made by a torch GEMM is
+    made at one: it may round otherwise at another count (MKL on Intel CPUs)."""
     prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         return fn()
     finally:
@@ -437,12 +437,7 @@ def test_same_results_across_processes(case, backend, other_processes):
     threads, every one in a torch matmul (the reference backend, the C++ backend's dX and LoRA
     terms); the C++ kernels themselves are thread-count independent (the test below)."""
     key = f"{case.name}-{backend}"
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        here = digest(case.run(backend))
-    finally:
-        torch.set_num_threads(prev)
+    here = _at_threads(1, lambda: digest(case.run(backend)))
     first, second, unfilled = (run[key] for run in other_processes)
     assert first == second, "two fresh processes differ"
     assert first == here, "a fresh process differs from this one"
@@ -542,14 +537,7 @@ def _torch_gemm_thread_invariant():
     """Whether torch's fp32 CPU GEMM at the ops' shapes gives the same bits at 1 and 2 threads."""
     g = torch.Generator().manual_seed(0)
     x, w = _rand(g, 40, BIG_K), _rand(g, BIG_N, BIG_K)
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = x @ w.t()
-        torch.set_num_threads(2)
-        return torch.equal(one, x @ w.t())
-    finally:
-        torch.set_num_threads(prev)
+    return torch.equal(_at_threads(1, lambda: x @ w.t()), _at_threads(2, lambda: x @ w.t()))
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
@@ -558,13 +546,6 @@ def test_cpp_same_results_with_one_or_two_threads(case):
     if case.name in TORCH_GEMM_CASES and not _torch_gemm_thread_invariant():
         pytest.skip("torch's own CPU GEMM rounds otherwise at 2 threads on this host (MKL on an "
                     "Intel CPU): x·Aᵀ at M = 16..40, K = 4096 differ; the kernels' own cases run")
-    prev = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = case.run("cpp")
-        torch.set_num_threads(2)
-        two = case.run("cpp")
-    finally:
-        torch.set_num_threads(prev)
+    one, two = _at_threads(1, lambda: case.run("cpp")), _at_threads(2, lambda: case.run("cpp"))
     assert_no_nan(one, case.name)
     assert_identical(two, one, f"{case.name}: 2 threads vs 1")

@@ -230,12 +230,12 @@ def check(names, results, dtype, backend):
     name): against the larger of the baselines' errors."""
     got, oracle, baselines = results
     dtypes = dtype if isinstance(dtype, list) else [dtype] * len(names)
-    for name, dtype, g, o, *bs in zip(names, dtypes, got, oracle, *baselines):
+    for name, want, g, o, *bs in zip(names, dtypes, got, oracle, *baselines):
         if o is None:
             continue
         assert g is not None, f"{name}[{backend}]: missing"
-        assert g.dtype == dtype and all(b.dtype == dtype for b in bs), \
-            f"{name}[{backend}]: dtype {g.dtype}, expected {dtype}"
+        assert g.dtype == want and all(b.dtype == want for b in bs), \
+            f"{name}[{backend}]: dtype {g.dtype}, expected {want}"
         errs = [(b.double() - o).abs().max().item() if o.numel() else 0.0 for b in bs]
         usable = [(e, b) for e, b in zip(errs, bs) if math.isfinite(e)]
         if not usable:  # plain torch itself overflowed or divided 0 by 0 where the oracle did not

@@ -116,11 +116,7 @@ def dora_linear(x, weight, bias, lora_A, lora_B, scaling: float, magnitude: torc
     x2 = _rows(x, K)
     mask = lora._mask(x2, dropout_p, dropout_mask, lora_A.dtype)  # one draw for both terms
     if mask is None:  # the scale in the fused op's epilogue, or after it under autograd
-        # dmagnitude = Σ dY ⊙ z: z kept wide for wider adapters (PEFT's LoRA term is fp32 there)
-        wide = torch.promote_types(x.dtype, lora_A.dtype)
-        out = wide if wide != x.dtype and lora._keep_z(g) else None
-        y = _fused(x2, weight, bias, lora_A, lora_B, scaling, cd, scale=g, out_dtype=out)
-        y = y.to(x.dtype)
+        y = _fused(x2, weight, bias, lora_A, lora_B, scaling, cd, scale=g)
     else:
         xd = (x2.to(lora_A.dtype) * mask).to(x.dtype)
         rest = base_linear(x2 - xd, weight, bias, cd)

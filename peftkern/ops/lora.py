@@ -480,6 +480,16 @@ def _keep_z(scale) -> bool:
     return scale is not None and scale.requires_grad and torch.is_grad_enabled()
 
 
+def _z_dtype(x, lora_A, keep_z, out_dtype):
+    """The fused call's result dtype when z is kept for adapters wider than x: theirs, so z keeps
+    PEFT's precision (its LoRA term is in their dtype; dscale = Σ dY ⊙ z), and the caller rounds
+    y to x's after. None otherwise (the result as asked)."""
+    if out_dtype is not None or not keep_z:
+        return None
+    wide = torch.promote_types(x.dtype, lora_A.dtype)
+    return None if wide == x.dtype else wide
+
+
 def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropout_mask=None,
                  scale=None, out_dtype=None):
     """`lora_linear` on checked arguments (the PEFT integration checks once per layer state);
@@ -489,10 +499,12 @@ def _lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, dropou
     mask = _mask(x2, dropout_p, dropout_mask, lora_A.dtype)
 
     s = check_real("scaling", scaling)  # per call: the signature leaves the scaling out
-    args = (x2, weight, bias, lora_A, lora_B, s, mask, scale, out_dtype, _keep_z(scale))
+    keep = _keep_z(scale)
+    wide = _z_dtype(x2, lora_A, keep, out_dtype)
+    args = (x2, weight, bias, lora_A, lora_B, s, mask, scale, out_dtype or wide, keep)
     y = _run("lora_linear_fwd", lora_linear_fwd, args,
              (x2, weight, bias, lora_A, lora_B, mask, scale), (N, K))[0]
-    return _unrows(y, x)
+    return _unrows(y if wide is None else y.to(x2.dtype), x)
 
 
 @on_local_rows
@@ -539,8 +551,10 @@ def _qlora_linear(x, q, bias, lora_A, lora_B, scaling, dropout_p, dropout_mask, 
     qw = _qw(q.data, q.absmax, q.absmax2, q.code8, q.offset, q.quant_type, q.blocksize)
 
     s = check_real("scaling", scaling)
-    args = (x2, *qw, N, bias, lora_A, lora_B, s, mask, compute_dtype, scale, out_dtype,
-            _keep_z(scale))
+    keep = _keep_z(scale)
+    wide = _z_dtype(x2, lora_A, keep, out_dtype)
+    args = (x2, *qw, N, bias, lora_A, lora_B, s, mask, compute_dtype, scale, out_dtype or wide,
+            keep)
     y = _run("qlora_linear_fwd", qlora_linear_fwd, args,
              (x2, bias, lora_A, lora_B, mask, scale, *qw[:5]), (N, K, q.blocksize, compute_dtype))[0]
-    return _unrows(y, x)
+    return _unrows(y if wide is None else y.to(x2.dtype), x)
