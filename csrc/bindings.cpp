@@ -287,12 +287,12 @@ TORCH_LIBRARY(peftkern_C, m) {
   m.def("quantize_4bit(Tensor A, int quant_type, int blocksize) -> (Tensor packed, Tensor absmax)");
   m.def("dequantize_4bit(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, "
         "Tensor? offset, int quant_type, int blocksize, int numel, ScalarType dtype, "
-        "int simd_level=2) -> Tensor");
+        "int simd_level=3) -> Tensor");
   m.def("code_table(int quant_type) -> Tensor");
   m.def("qlora_gemv(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? code8, "
         "Tensor? offset, int quant_type, int blocksize, int out_features, Tensor? bias, Tensor? xa, "
-        "Tensor? lora_B, float scaling, int simd_level=2, bool bf16_products=False) -> Tensor");
-  m.def("gemv_path(int M, bool bf16_products, int simd_level=2) -> str");
+        "Tensor? lora_B, float scaling, int simd_level=3, bool bf16_products=False) -> Tensor");
+  m.def("gemv_path(int M, bool bf16_products, int simd_level=3) -> str");
 }
 
 TORCH_LIBRARY_IMPL(peftkern_C, CPU, m) {

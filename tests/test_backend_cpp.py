@@ -24,7 +24,7 @@ def quantized(W, *args):
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
-@pytest.mark.parametrize("simd", [2, 1, 0], ids=["best", "avx2", "scalar"])
+@pytest.mark.parametrize("simd", [3, 2, 1, 0], ids=["best", "avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("M, N, K, blocksize, qt, dq, bias", [
     (1, 33, 64, 64, "nf4", True, True), (7, 45, 256, 32, "fp4", False, False),
     (16, 70, 1024, 64, "nf4", True, True), (9, 5, 128, 128, "fp4", True, False),
@@ -47,7 +47,7 @@ def test_cpu_decode_gemv_follows_error_rule(simd, M, N, K, blocksize, qt, dq, bi
                                       None if q.offset is None else q.offset.reshape(1),
                                       0 if qt == "nf4" else 1, blocksize, N, b, x @ A.t(), B, 0.5, simd)
     assert_error_rule("y", got, want, base)
-    if simd == 2:  # and through the public op, which dispatches here for fp32, M <= 16
+    if simd == 3:  # and through the public op, which dispatches here for fp32, M <= 16
         with ops.use_backend("cpp"):
             assert_error_rule("qlora_linear", ops.qlora_linear(x, q, b, A, B, 0.5), want, base)
 
@@ -70,13 +70,16 @@ def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
-@pytest.mark.parametrize("simd", [2, 1, 0], ids=["best", "avx2", "scalar"])
+@pytest.mark.parametrize("simd", [3, 2, 1, 0], ids=["best", "avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("M, N, K, blocksize, dq", [
     # bf16 products (AVX512-BF16 hosts, M >= 5): 4 rows x 512 codes per L1 chunk, 6-row x tiles:
     # a partial second chunk (K=640), one short chunk (K=96), N tails, x-row tails 5, 6+6+1,
     # 6+6+4, 6+3; absmax blocks smaller than, equal to and longer than a chunk
     (5, 9, 96, 32, False), (13, 6, 640, 64, True), (16, 70, 1024, 1024, True),
-    (9, 5, 640, 128, False), (4, 7, 64, 64, True)])
+    (9, 5, 640, 128, False), (4, 7, 64, 64, True),
+    # AMX (M >= 2): 16-row W tiles with an N tail, an odd count of 32-code tiles in a short last
+    # chunk (K=544), M=2 and 16 columns of x
+    (2, 17, 544, 32, True), (16, 33, 96, 32, False)])
 def test_cpu_gemv_bf16_products_follow_error_rule(simd, M, N, K, blocksize, dq, gen):
     """bf16_products=True (bf16 compute): x and the scaled weights in bf16, as bnb's bf16 path;
     where a host has no faster path for it the GEMV computes in fp32. Either way the error rule
@@ -152,3 +155,21 @@ def test_cpu_panel_path_forward_and_dx_follow_error_rule(N, K, blocksize, qt, dq
     (base_dx,) = torch.autograd.grad(base, base_x, gy)
     assert_error_rule("y", y, want, base)
     assert_error_rule("dx", dx, want_dx, base_dx)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.skipif("amx_bf16" not in _cpu_flags(), reason="no AMX-BF16 on this host")
+def test_cpu_gemv_takes_amx_for_bf16_from_two_rows():
+    """On an AMX host the bf16 GEMV's best path is the AMX one from M=2 (so the cases above run
+    it), and level 2 still reaches the AVX512-BF16 path."""
+    path = ops.backends.ext.EXT.gemv_path
+    assert [path(M, True, 3) for M in (1, 2, 16)] == ["avx512", "amx-tiled", "amx-tiled"]
+    assert path(16, True, 2) == "avx512bf16-tiled" and path(16, False, 3) == "avx2-tiled"

@@ -92,7 +92,7 @@ def test_schemas():
     assert str(OPS.dequantize_4bit.default._schema) == (
         "peftkern_C::dequantize_4bit(Tensor packed, Tensor absmax, Tensor? absmax2, "
         "Tensor? code8, Tensor? offset, int quant_type, int blocksize, int numel, "
-        "ScalarType dtype, int simd_level=2) -> Tensor")
+        "ScalarType dtype, int simd_level=3) -> Tensor")
     assert str(OPS.code_table.default._schema) == (
         "peftkern_C::code_table(int quant_type) -> Tensor")
 

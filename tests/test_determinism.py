@@ -322,7 +322,7 @@ CASES = [
     Case("expert_lora_linear[dense]", LORA, experts),
     Case("expert_lora_linear[nf4]", QLORA, lambda b: experts(b, quantized=True)),
     Case("adalora_update_ipt", ADALORA, adalora_ipt),
-    *[Case(f"cpp gemv[simd={s}]", CPP, gemv(s)) for s in (0, 1, 2)],
+    *[Case(f"cpp gemv[simd={s}]", CPP, gemv(s)) for s in (0, 1, 2, 3)],
     Case("LoRALinear", LORA, layer("LoRALinear")),
     Case("QLoRALinear", QLORA, layer("QLoRALinear")),
     Case("DoRALinear", DORA, layer("DoRALinear")),
@@ -487,7 +487,7 @@ BIG_N, BIG_K = 256, 4096  # x BIG_K: M = 1 already reaches 2^20
 THREAD_CASES = [pytest.param(c, id=c.name) for c in [
     Case("quantize_4bit", CPP, lambda b: quantize(b, shapes=((BIG_N, BIG_K), (BIG_N, BIG_K)))),
     Case("dequantize_4bit", CPP, lambda b: dequantize(b, BIG_N, BIG_K)),
-    *[Case(f"cpp gemv[simd={s}]", CPP, gemv(s, (1, 7, 16), BIG_N, BIG_K)) for s in (0, 1, 2)],
+    *[Case(f"cpp gemv[simd={s}]", CPP, gemv(s, (1, 7, 16), BIG_N, BIG_K)) for s in (0, 1, 2, 3)],
     Case("qlora_linear[gemv]", CPP, lambda b: qlora(b, M=16, N=BIG_N, K=BIG_K)),  # torch GEMMs
     Case("qlora_linear[panels]", CPP, lambda b: qlora(b, M=40, N=BIG_N, K=BIG_K)),
     Case("dora_weight_norm[nf4]", CPP, lambda b: dora_norm(b, True, BIG_N, BIG_K)),

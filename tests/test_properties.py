@@ -138,8 +138,8 @@ def base_weight(gen, case, dtype):
 
 @contextlib.contextmanager
 def gemv_simd(level):
-    """The C++ decode GEMV at SIMD `level` (2: best, 1: AVX2, 0: scalar), as
-    test_backend_cpp.py runs it, here through the public op (whose backend asks for 2)."""
+    """The C++ decode GEMV at SIMD `level` (3: best, 2: AVX-512 without AMX, 1: AVX2, 0: scalar), as
+    test_backend_cpp.py runs it, here through the public op (whose backend asks for 3)."""
     real = ops.backends.ext.EXT
 
     class Forced:
@@ -325,7 +325,7 @@ def lora_cases(draw, quant):
                 ab_layout=draw(st.sampled_from(LAYOUTS[:3])), bias=draw(st.booleans()),
                 scale=draw(st.booleans()), dropout=draw(DROPOUT), train=train,
                 train_w=not quant and train and draw(st.booleans()),
-                simd=draw(st.sampled_from([2, 1, 0])) if backend == "cpp" else None,
+                simd=draw(st.sampled_from([3, 2, 1, 0])) if backend == "cpp" else None,
                 seed=draw(SEEDS))
 
 

@@ -1,8 +1,13 @@
 // Run-time CPU feature checks shared by the CPU kernels (each SIMD path is compiled with a target
 // attribute and chosen here, so one binary runs on any x86-64 CPU), and the SIMD pieces they share.
 #pragma once
+#include <cpuid.h>
 #include <immintrin.h>
 #include <stdint.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace peftkern::cpu {
 
@@ -26,7 +31,24 @@ inline bool has_avx512() {
 
 inline bool has_avx512_bf16() {
   static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16") &&
-                         __builtin_cpu_supports("avx512bw");
+                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+
+// AMX-TILE and AMX-BF16 (CPUID.7.0:EDX bits 24, 22), usable once Linux grants this process the
+// tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; torch's oneDNN asks the same).
+inline bool has_amx_bf16() {
+  static const bool ok = [] {
+    unsigned eax, ebx, ecx, edx;
+    if (!has_avx512_bf16() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    if (!((edx >> 24) & 1) || !((edx >> 22) & 1)) return false;
+#if defined(__linux__) && defined(SYS_arch_prctl)
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
   return ok;
 }
 

@@ -25,15 +25,16 @@ struct GemvArgs {
   float* y;               // [M, N]
   // Round x and the decoded (scaled) weights to bf16 before multiplying, as bitsandbytes' bf16
   // compute does (x is exact there: it came from bf16); products exact, sums in fp32. Only the
-  // AVX512-BF16 tiled path (vdpbf16ps) acts on it; the others compute in fp32 (more precise).
+  // AVX512-BF16 and AMX tiled paths act on it; the others compute in fp32 (more precise).
   bool bf16_products;
 };
 
 // Which path qlora_gemv takes for M rows: "scalar", "avx2", "avx2-tiled", "avx512",
-// "avx512bf16-tiled" (dispatch reports it in plan(...).reason).
+// "avx512bf16-tiled", "amx-tiled" (dispatch reports it in plan(...).reason).
 const char* gemv_path(int64_t M, bool bf16_products, int simd_level);
 
-// simd_level: 2 = the best the CPU has (AVX-512, else AVX2), 1 = at most AVX2, 0 = scalar.
+// simd_level: 3 = the best the CPU has (AMX for bf16 compute, AVX-512, AVX2), 2 = at most
+// AVX-512 (no AMX), 1 = at most AVX2, 0 = scalar.
 // Lower levels exist so that tests cover every path on any machine.
 void qlora_gemv(const GemvArgs& args, int simd_level);
 

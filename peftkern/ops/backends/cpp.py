@@ -57,7 +57,7 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
         y = ext.EXT.qlora_gemv(_f32(xc), packed_bytes(data), absmax, absmax2, code8,
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
                                out_features, _f32(bias) if scale is None else None, _f32(xa),
-                               _f32(lora_B), float(scaling), 2, compute_dtype == torch.bfloat16)
+                               _f32(lora_B), float(scaling), 3, compute_dtype == torch.bfloat16)
         if scale is None:
             return y.to(out), xa, None
         return scaled_output(y, scale, bias, out), xa, y.to(out) if keep_z else None
