@@ -29,14 +29,6 @@ constexpr int64_t kTiledMinRows = 5;
 // M=1 keeps the fp32 row path); M=2 0.81 vs 0.94; M=4 0.82 vs 1.09; M=16 vs vdpbf16ps ~3x faster.
 constexpr int64_t kAmxMinRows = 2;
 
-// The bf16 bits of v, rounded to nearest even (NaN stays NaN).
-inline uint16_t bf16_bits(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((b >> 16) | 0x40);
-  return uint16_t((b + 0x7FFFu + ((b >> 16) & 1)) >> 16);
-}
-
 struct Scales {
   const float* absmax; const uint8_t* absmax_q; const float* absmax2; const float* code8;
   float offset;
@@ -422,17 +414,22 @@ struct Amx {
 
   explicit Amx(int quant_type) : bf16(quant_type) {}
 
-  // x as B tiles: codes [k, k + 32) at data + k * M, rows of M pairs (M * 4 bytes), 64-byte aligned.
+  // x as B tiles: codes [k, k + 32) at data + k * M, rows of M pairs (M * 4 bytes), 64-byte aligned;
+  // rearranged from Avx512Bf16's bf16 layout of x (the same rounding).
   struct X {
     std::vector<uint16_t> buf;
     const uint16_t* data;
     explicit X(const GemvArgs& a) : buf(a.M * a.K + 32) {
+      const Avx512Bf16::X xb(a);
       uint16_t* d = buf.data() + (32 - (reinterpret_cast<uintptr_t>(buf.data()) / 2) % 32) % 32;
       data = d;
-      for (int64_t k = 0; k < a.K; ++k)
+      for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
+        const int64_t len = std::min(kChunk, a.K - k0);
         for (int64_t m = 0; m < a.M; ++m)
-          d[(k & ~int64_t(31)) * a.M + ((k & 31) / 2) * 2 * a.M + 2 * m + (k & 1)] =
-              bf16_bits(a.x[m * a.K + k]);
+          for (int64_t i = 0; i < len; ++i)
+            d[(k0 + (i & ~int64_t(31))) * a.M + ((i & 31) / 2) * 2 * a.M + 2 * m + (i & 1)] =
+                xb.data[k0 * a.M + m * len + i];
+      }
     }
   };
 
