@@ -1,5 +1,6 @@
 """`pk.enable` keeps PEFT's results: precision, copies, pickling, gradients of every kind, and the
 configurations that fall back or fuse (GPT-2 Conv1D, lora_bias, several adapters, patterns)."""
+import contextlib
 import copy
 import functools
 import io
@@ -473,6 +474,99 @@ def test_several_adapters_with_dropout_in_training_go_to_peft():
     pk.enable(model)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert "several active adapters" in pk._call_reason(layer.train(), torch.zeros(1, 64), (), {})
+
+
+# ---- the kept call (host cost): it follows every change, and is re-checked when one comes --------
+
+
+def _mutations(layer, gen, four_bit):
+    """`(what, change, rechecks)`: each changes something the fused call reads; `rechecks`: the
+    layer's full checks must run again (not for in-place updates, which the kept call reads, nor
+    for a return to the state it was kept in)."""
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    base = layer.get_base_layer()
+    fresh = functools.partial(torch.randn, generator=gen)
+    return [
+        ("optimizer step, in place", lambda: B.weight.data.add_(0.5), False),
+        ("scaling", lambda: layer.set_scale("default", 0.5), True),
+        ("lora_B replaced", lambda: setattr(B, "weight", nn.Parameter(fresh(N, R))), True),
+        ("lora_A .data swapped", lambda: setattr(A.weight, "data", fresh(R, K)), False),
+        ("lora_A frozen", lambda: A.weight.requires_grad_(False), True),
+        ("new adapter active", lambda: (layer.update_layer("other", 4, 8, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5)),
+                                        randomize_lora(layer, seed=7), layer.eval(),
+                                        layer.set_adapter("other")), True),
+        ("dropout on (train)", lambda: layer.train(), True),  # p = 0.5: a mask per call
+        ("dropout off (eval)", lambda: layer.eval(), True),
+        ("adapters disabled", lambda: layer.enable_adapters(False), True),
+        ("adapters enabled", lambda: layer.enable_adapters(True), False),  # as kept before
+        ("back to default", lambda: layer.set_adapter("default"), True),
+        ("merged", lambda: layer.merge(), True),
+        ("unmerged", lambda: layer.unmerge(), four_bit),  # dense: W restored in place
+        ("float64", lambda: layer.to(torch.float64), True),
+        ("float32 again", lambda: layer.to(torch.float32), False),  # as kept before
+        ("base weight replaced" if not hasattr(base.weight, "quant_state") else "bnb weight replaced",
+         lambda: setattr(base, "weight", nn.Parameter(fresh(N, K), requires_grad=False)
+                         if not hasattr(base.weight, "quant_state") else
+                         peftkern.to_bnb(peftkern.quantize_4bit(fresh(N, K), "nf4", 64, True))), True),
+        ("backend forced", None, True),  # run under use_backend("reference")
+    ]
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "4bit"])
+def test_the_kept_call_follows_every_change_and_is_rechecked(gen, four_bit, monkeypatch):
+    model = _peft(_one_layer(gen, torch.float32, four_bit, torch.float32))
+    pk.enable(model)
+    layer = _first_lora(model)
+    checks = []
+    full = pk._call_reason
+    monkeypatch.setattr(pk, "_call_reason", lambda *a, **k: checks.append(1) or full(*a, **k))
+
+    def same_as_peft(x, ctx=contextlib.nullcontext):
+        """The enabled layer's output and gradients against PEFT's own forward, same state."""
+        params = [p for p in layer.parameters() if p.requires_grad]
+        outs = []
+        for f in (layer, pk._installed(layer).peft_forward):
+            with ctx():
+                torch.manual_seed(3)  # the same dropout masks
+                xx = x.clone().requires_grad_(True)
+                y = f(xx)
+            grads = torch.autograd.grad((y * y).sum(), [xx] + params, allow_unused=True)
+            outs.append((y.detach(), grads))
+        (y, g), (y0, g0) = outs
+        torch.testing.assert_close(y, y0, rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, g0):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    layer.eval()
+    x = torch.randn(5, K, generator=gen)
+    same_as_peft(x)
+    n = len(checks)
+    same_as_peft(x)
+    assert len(checks) == n and pk._installed(layer).cache["fast"] is not None  # kept: no checks
+    same_as_peft(x[None].expand(2, 5, K))  # another shape: checked again, and back
+    same_as_peft(x)
+    assert len(checks) == n + 2
+    for what, change, rechecks in _mutations(layer, gen, four_bit):
+        n = len(checks)
+        ctx = contextlib.nullcontext
+        if change is None:
+            ctx = functools.partial(ops.use_backend, "reference")
+        else:
+            change()
+        x = x.to(layer.get_base_layer().weight.dtype if not four_bit else torch.float32)
+        same_as_peft(x, ctx)  # in training, the same masks: both draw bernoulli_ like x
+        same_as_peft(x, ctx)  # the kept call, where the state fuses
+        with ctx():
+            fused = full(layer, x, (), {}) is None
+        assert len(checks) == n + rechecks + (not fused), what
+        if what == "dropout on (train)":  # the kept call draws a fresh mask per call
+            xg = x.clone().requires_grad_(True)
+            assert not torch.equal(layer(xg), layer(xg)) and len(checks) == n + 1
+    layer.requires_grad_(False)  # LoRA frozen too (attribution through a frozen model)
+    layer(x)  # kept for an x without grad: nothing to differentiate
+    same_as_peft(x)  # x needs grad: dX flows through the call planned for it
 
 
 # ---- mixed-adapter batches (adapter_names) ---------------------------------------------------------

@@ -30,7 +30,7 @@ from peft.tuners.lora import layer as lora_layer
 from torch import nn
 
 from .. import ops
-from ..ops import multi_lora
+from ..ops import dispatch, multi_lora
 from . import peft_moe
 from .bitsandbytes import from_bnb
 from ..validation import FLOAT_DTYPES
@@ -269,13 +269,21 @@ def _qweight(base, cache):
 
 def fused_forward(layer, x: torch.Tensor, peft_forward, *args, cache=None, **kwargs):
     """PEFT LoRA forward through peftkern; `peft_forward` handles every case it does not fuse.
-    `cache` (a dict kept per layer) saves the per-call checks that only change with the layer."""
-    if cache is None or torch.compiler.is_compiling():  # traced once: no identities to compare
+    `cache` (a dict kept per layer) saves the per-call checks that only change with the layer,
+    and keeps a single-adapter call bound to x alone while nothing it read has changed (the
+    host cost of a small layer: `python -m peftkern.bench.host`)."""
+    kept = cache is not None and not torch.compiler.is_compiling()
+    if not kept:  # traced once: no identities to compare
         cache = {}
     if isinstance(layer, lora_layer.ParamWrapper):  # target_parameters on expert weights
         if peft_moe.call_reason(layer, args, kwargs) is not None:
             return peft_forward(x, *args, **kwargs)
         return peft_moe.forward(layer, x, *args)
+    key = _fast_key(layer, x) if kept and not args and not kwargs else None
+    if key is not None:
+        fast = cache.get("fast")
+        if fast is not None and fast[0] == key:
+            return fast[1](x)  # nothing it read has changed: the call as planned last time
     mixed = _mixed(args, kwargs)
     if mixed is not None:
         if _mixed_reason(layer, x, mixed, cache) is not None:
@@ -297,8 +305,57 @@ def fused_forward(layer, x: torch.Tensor, peft_forward, *args, cache=None, **kwa
     else:
         y = ops.lora_linear(x, w, bias, A, B, s, p)
     if lora_bias is not None:  # lora_bias=True: PEFT adds s·b_B after the base result
-        y = (y.to(lora_bias.dtype) + lora_bias).to(y.dtype)
+        return (y.to(lora_bias.dtype) + lora_bias).to(y.dtype)
+    if key is not None and len(names) == 1 and "lora_E" not in _mods(layer):
+        _keep_fast(cache, key, x, w, bias, A, B, s, p, cd)
     return y
+
+
+def _keep_fast(cache, key, x, w, bias, A, B, s, p, cd):
+    """After a fused call the op accepted: the same call bound to x alone (`ops.lora.bind`),
+    kept with the `_fast_key` it was planned under. A 4-bit bias cast per call is not bound."""
+    base = cache["static"][1]
+    if bias is _param(base, "bias"):
+        call = ops.lora.bind(x, w, bias, A, B, s, p, cd)
+        weight = _param(base, "weight")  # held, with its quant_state: their ids stay taken
+        cache["fast"] = None if call is None else \
+            (key, call, weight, getattr(weight, "quant_state", None), base.__dict__.get("quant_state"))
+
+
+def _facts(t):
+    """What the op's checks and plan read of a tensor (its id: the kept call holds it)."""
+    return None if t is None else (id(t), t.dtype, t.shape, t.device, t.requires_grad)
+
+
+def _fast_key(layer, x):
+    """Everything a single-adapter fused call reads that can change between calls, read in one
+    pass: x; grad mode and autocast; the layer's adapter switches, its active adapter's modules,
+    parameters, dropout and scaling; the base weight (a bnb one: its bytes and quant_state); and
+    peftkern's dispatch state. Equal keys: the checks pass alike and the same plan runs, so the
+    call kept under the key is reused (`_keep_fast`). Another adapter of the layer added or
+    removed changes the count, so the layer is checked again. (Attributes that may be missing
+    are read from `__dict__`: a miss through nn.Module's __getattr__ costs ~1 µs.)"""
+    d = layer.__dict__
+    mods, name = d["_modules"], layer._active_adapter
+    if type(name) is list and len(name) == 1:
+        name = name[0]
+    if type(name) is not str:  # several active adapters: the full checks every call
+        return None
+    A, B = _mods(mods["lora_A"]).get(name), _mods(mods["lora_B"]).get(name)
+    if A is None or B is None:
+        return None
+    base = _base_of(layer)
+    bd, w = base.__dict__, _param(base, "weight")
+    quant = getattr(w, "quant_state", None) or bd.get("quant_state")
+    return (type(x), x.dtype, x.shape, x.device, x.requires_grad, torch.is_grad_enabled(),
+            torch._C._is_any_autocast_enabled(), layer._disable_adapters,
+            bool(layer.merged_adapters), name, len(_mods(mods["lora_A"])), layer.scaling.get(name),
+            (d.get("lora_variant") or {}).get(name), d.get("cast_input_dtype_enabled"), A, B,
+            _mods(mods["lora_dropout"]).get(name), _dropout_p(layer, name), mods["base_layer"],
+            base, _facts(_param(A, "weight")), _facts(_param(B, "weight")),
+            _facts(_param(B, "bias")), _facts(w), _facts(_param(base, "bias")),
+            None if quant is None else (w.data_ptr(), id(quant)), bd.get("compute_dtype"),
+            dispatch.stamp())
 
 
 def _base_operand(layer, x, cache):

@@ -160,11 +160,19 @@ def _plan(op, x, N=0, K=0, blocksize=0, dtype=None) -> Plan:
     """`plan` on raw fields, as the custom ops hold them; `dtype` is the compute dtype. Cached:
     the answer depends only on these fields, the forced backend and config, the interpreter
     switch and the tuning table (whose `generation` changes when it is reloaded)."""
-    state = _state.__dict__  # this thread's (one dict read: this runs on every call)
-    if state.get("config") is not None:  # a forced tile config (tuner, tests): not cached
+    forced_name, config, interp, gen = stamp()
+    if config is not None:  # a forced tile config (tuner, tests): not cached
         return _decide(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype)
-    return _cached(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype,
-                   state.get("forced"), interpreting(), tuning.generation)
+    return _cached(op, x.device, x.shape[0], N, K, blocksize, dtype or x.dtype, forced_name,
+                   interp, gen)
+
+
+def stamp() -> tuple:
+    """What a plan depends on besides the call's own fields: this thread's forced backend and
+    tile config, the interpreter switch and the tuning table's generation. Plans made under
+    equal stamps for equal fields are equal (callers that keep a plan compare stamps)."""
+    state = _state.__dict__  # this thread's (one dict read: this runs on every call)
+    return state.get("forced"), state.get("config"), interpreting(), tuning.generation
 
 
 @functools.lru_cache(maxsize=8192)

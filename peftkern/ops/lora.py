@@ -317,6 +317,46 @@ def _run(op, custom, args, tensors, fields):
     return _direct_call(op, plan, args)
 
 
+def bind(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, compute_dtype=None):
+    """`lora_linear` (dense `weight`) or `qlora_linear` (a QuantizedWeight, `bias` in
+    `compute_dtype`) on arguments it has just accepted, as a function of x alone: checked and
+    planned now, so that each call runs only the backend (and draws the dropout mask). For
+    callers that call one layer many times and know when anything changes (the PEFT
+    integration): it stays valid while x keeps this x's type, dtype, device, shape and
+    requires_grad, the other tensors keep theirs, and the grad mode and `dispatch.stamp()`
+    stay. None where the call must take the custom op (torch.compile, tensor subclasses)."""
+    N, K = weight.shape
+    x2 = _rows(x, K)
+    if isinstance(weight, QuantizedWeight):
+        qw = _qw(weight.data, weight.absmax, weight.absmax2, weight.code8, weight.offset,
+                 weight.quant_type, weight.blocksize)
+        op, fields, tensors = "qlora_linear_fwd", (N, K, weight.blocksize, compute_dtype), \
+            (x2, bias, lora_A, lora_B, *qw[:5])
+        head, tail = (*qw, N, bias), (compute_dtype, None, None, False)
+    else:
+        op, fields, tensors = "lora_linear_fwd", (N, K), (x2, weight, bias, lora_A, lora_B)
+        head, tail = (weight, bias), (None, None, False)
+    if not _eager(tensors):
+        return None
+    plan, s, flat = _plan(op, x2, *fields), check_real("scaling", scaling), x.dim() == 2
+    if plan.backend not in _TORCH_BACKENDS and _records(tensors):
+        def run(x2, mask):
+            return _Eager.apply(op, plan, x2, *head, lora_A, lora_B, s, mask, *tail)[0]
+    else:  # the backend's forward itself, bound (a QuantizedWeight's fields as one tuple)
+        fwd, front = getattr(MODULES[plan.backend], op), head if op == "lora_linear_fwd" else \
+            (head[:7], *head[7:])
+
+        def run(x2, mask):
+            return fwd(x2, *front, lora_A, lora_B, s, mask, *tail, plan.config)[0]
+
+    def call(x):
+        x2 = x if flat else x.reshape(-1, K)
+        return _unrows(run(x2, None if dropout_p == 0.0 else
+                           _mask(x2, dropout_p, None, lora_A.dtype)), x)
+
+    return call
+
+
 # ---- public functions: validate once, flatten leading dims, draw the dropout mask ---------------
 
 

@@ -21,7 +21,7 @@ def lora_input(x, lora_A, mask):
 
 def lora_xa(x, lora_A, mask):
     """The small first LoRA product `drop(x)·Aᵀ` [M, r], saved for the backward."""
-    return lora_input(x, lora_A, mask) @ lora_A.t()
+    return torch.nn.functional.linear(lora_input(x, lora_A, mask), lora_A)  # x·Aᵀ in one call
 
 
 def add_lora(y, L, R2, scaling, mask=None, out_dtype=None):
