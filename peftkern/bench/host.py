@@ -61,11 +61,11 @@ def _per_call_us(model, x, train: bool, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def run(n=64, r=8, M=4, calls=500, repeats=7) -> list[dict]:
+def run(n=64, r=8, M=4, calls=500, repeats=7, input_grad=False) -> list[dict]:
     rows = []
     for four_bit in (False, True):
         theirs, ours = _models(four_bit, n, r)
-        x = torch.randn(M, n)
+        x = torch.randn(M, n, requires_grad=input_grad)
         for train in (False, True):
             for m in (theirs, ours):  # warm-up
                 _per_call_us(m, x, train, 20)
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--M", type=int, default=4, help="rows per call (default 4)")
     p.add_argument("--calls", type=int, default=500)
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--input-grad", action="store_true",
+                   help="x requires grad, as for every layer but a model's first")
     args = p.parse_args(argv)
     try:
         import bitsandbytes  # noqa: F401
@@ -96,9 +98,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     meta = measure.metadata("cpu")
     print(f"host: {meta['device']}; SIMD flags: {' '.join(meta['cpu_flags']) or 'none'}; "
-          f"torch threads 1; peftkern {meta['peftkern_commit']}")
+          f"torch threads 1; x requires grad: {args.input_grad}; peftkern {meta['peftkern_commit']}")
     print("| base | mode | PEFT µs/call | enabled µs/call | enabled / PEFT |\n|---|---|---|---|---|")
-    for row in run(args.n, args.rank, args.M, args.calls, args.repeats):
+    for row in run(args.n, args.rank, args.M, args.calls, args.repeats, args.input_grad):
         print(f"| {row['base']} | {row['mode']} | {row['peft_us']:.1f} | {row['enabled_us']:.1f} "
               f"| {row['ratio']:.2f} |")
     return 0
