@@ -135,3 +135,16 @@ def test_tuning_table_from_measurements(tmp_path, monkeypatch):
 def test_tune_refuses_without_gpu(capsys):
     assert tune.main(["--quick"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_host_cost_bench_times_both_layers_in_every_mode():
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    from peftkern.bench import host
+    for input_grad in (False, True):
+        rows = host.run(n=16, r=2, M=2, calls=3, repeats=1, input_grad=input_grad)
+        assert [(r["base"], r["mode"]) for r in rows] == [
+            ("dense", "no_grad"), ("dense", "training"), ("bnb 4-bit", "no_grad"),
+            ("bnb 4-bit", "training")]
+        assert all(r["peft_us"] > 0 and r["enabled_us"] > 0 and
+                   math.isclose(r["ratio"], r["enabled_us"] / r["peft_us"]) for r in rows)
