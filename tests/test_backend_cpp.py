@@ -77,9 +77,12 @@ def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
     # 6+6+4, 6+3; absmax blocks smaller than, equal to and longer than a chunk
     (5, 9, 96, 32, False), (13, 6, 640, 64, True), (16, 70, 1024, 1024, True),
     (9, 5, 640, 128, False), (4, 7, 64, 64, True),
-    # AMX (M >= 2): 16-row W tiles with an N tail, an odd count of 32-code tiles in a short last
-    # chunk (K=544), M=2 and 16 columns of x
-    (2, 17, 544, 32, True), (16, 33, 96, 32, False)])
+    # AMX (every M): 16-row W tiles with an N tail, 32-code groups in fours with 1-3 left over
+    # (K=544, 96, 2112), M=1, 2, 3 and 16 columns of x, nested blocks of 256 absmax crossed
+    # within a row's 16 scales, and rows of 66 blocks (block scales decoded 32 at a time: 32,
+    # 32, 2)
+    (2, 17, 544, 32, True), (16, 33, 96, 32, False), (3, 20, 2112, 32, True),
+    (1, 19, 192, 64, True)])
 def test_cpu_gemv_bf16_products_follow_error_rule(simd, M, N, K, blocksize, dq, gen):
     """bf16_products=True (bf16 compute): x and the scaled weights in bf16, as bnb's bf16 path;
     where a host has no faster path for it the GEMV computes in fp32. Either way the error rule
@@ -167,9 +170,9 @@ def _cpu_flags():
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 @pytest.mark.skipif("amx_bf16" not in _cpu_flags(), reason="no AMX-BF16 on this host")
-def test_cpu_gemv_takes_amx_for_bf16_from_two_rows():
-    """On an AMX host the bf16 GEMV's best path is the AMX one from M=2 (so the cases above run
+def test_cpu_gemv_takes_amx_for_bf16_at_every_m():
+    """On an AMX host the bf16 GEMV's best path is the AMX one at every M (so the cases above run
     it), and level 2 still reaches the AVX512-BF16 path."""
     path = ops.backends.ext.EXT.gemv_path
-    assert [path(M, True, 3) for M in (1, 2, 16)] == ["avx512", "amx-tiled", "amx-tiled"]
+    assert [path(M, True, 3) for M in (1, 2, 16)] == ["amx-tiled"] * 3
     assert path(16, True, 2) == "avx512bf16-tiled" and path(16, False, 3) == "avx2-tiled"

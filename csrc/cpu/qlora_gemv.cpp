@@ -5,8 +5,9 @@
 // of x, and the block scale (plain or double-quantized absmax) is applied once per block to the
 // partial sums. From kTiledMinRows on, the decoded weights go through L1 to a register-blocked
 // micro-kernel instead: fp32 FMAs (Avx2::run_tiled), or bf16 dot products (vdpbf16ps,
-// Avx512Bf16) when the caller computes in bf16 and the CPU has AVX512-BF16. OpenMP across output
-// features. `choose` picks the path at run time; the scalar loop is the fallback.
+// Avx512Bf16) when the caller computes in bf16 and the CPU has AVX512-BF16. With AMX-BF16 and bf16
+// compute, every M runs on the tile unit instead (Amx). OpenMP across output features. `choose`
+// picks the path at run time; the scalar loop is the fallback.
 // Requires in_features % blocksize == 0 (blocks never span rows).
 #include <immintrin.h>
 
@@ -24,10 +25,11 @@ namespace {
 // AVX2: from this M on, decode into L1 + micro-kernel (measured on a 2-core EPYC, 4096x4096: at
 // M = 4 the two paths tie, at M = 16 the tiled one takes 0.6x the time).
 constexpr int64_t kTiledMinRows = 5;
-// AMX (bf16 compute): from this M on. Measured on a 2-core Intel Xeon with AMX, 4096x4096 NF4 +
-// double quant, weights from memory: M=1 AMX 0.81 ms vs the AVX-512 row path 0.79 ms (a tie, so
-// M=1 keeps the fp32 row path); M=2 0.81 vs 0.94; M=4 0.82 vs 1.09; M=16 vs vdpbf16ps ~3x faster.
-constexpr int64_t kAmxMinRows = 2;
+// AMX (bf16 compute): from this M on, i.e. whenever there is a row (M = 0 would configure
+// empty tiles). Measured on a 2-core Intel Xeon with AMX,
+// 4096x4096 NF4 + double quant, two threads: M=1 0.46 ms against the AVX-512 row path's 0.82;
+// M=2 0.45, M=4 0.49, M=8 0.53, M=16 0.64 ms (vdpbf16ps at M=16: ~3 ms).
+constexpr int64_t kAmxMinRows = 1;
 
 struct Scales {
   const float* absmax; const uint8_t* absmax_q; const float* absmax2; const float* code8;
@@ -402,79 +404,202 @@ struct Avx512Bf16 {
 };
 
 // ---- AMX (AMX-BF16), bf16 compute: the tile unit multiplies, so only the decode costs. With yᵀ =
-// W·xᵀ, W's decoded rows are the A tile as Avx512Bf16 lays them out (16 rows of W, 32 codes per
-// row, stride kChunk), and x goes in the B tile's pair-interleaved (VNNI) layout: row p of the
-// B tile for codes [k, k + 32) holds (x[m, k + 2p], x[m, k + 2p + 1]) for m < M. C is yᵀ for 16
-// output features: 16 rows of M fp32 columns. Two accumulators alternate along K, so that
-// consecutive tdpbf16ps do not wait on each other. The tile unit flushes denormals (DAZ, FTZ).
+// W·xᵀ, 16 rows of W decoded to bf16 are the A tile (16 rows x 32 codes), and x goes in the B
+// tile's pair-interleaved (VNNI) layout: row p of the B tile for codes [k, k + 32) holds
+// (x[m, k + 2p], x[m, k + 2p + 1]) for m < M. C is yᵀ for 16 output features: 16 rows of M fp32
+// columns. The decode walks the 16 rows together, 32 codes of each, and multiplies that A tile
+// at once, so the tile unit works while the next one decodes (decoding 16 x 512 codes before
+// multiplying them serialized the two: 1.8 ms against 1.3 decoding + 0.4 multiplying, M=16,
+// 4096x4096, one thread). Each row's block table (the 16 code values times the block's absmax,
+// rounded to bf16 once: the bits of rounding each decoded weight) stays in L1 for vpermw. Four
+// accumulators and four A buffers take the tiles in turn. The tile unit flushes denormals (DAZ, FTZ).
 struct Amx {
   static constexpr int kWRows = 16;
-  static constexpr int64_t kChunk = Avx512Bf16::kChunk;
-  Avx512Bf16 bf16;
+  float table[16];
 
-  explicit Amx(int quant_type) : bf16(quant_type) {}
+  explicit Amx(int quant_type) {
+    for (int i = 0; i < 16; ++i) table[i] = code_value(quant_type, i);
+  }
 
-  // x as B tiles: codes [k, k + 32) at data + k * M, rows of M pairs (M * 4 bytes), 64-byte aligned;
-  // rearranged from Avx512Bf16's bf16 layout of x (the same rounding).
+  // x as B tiles: codes [k, k + 32) at data + k * M, rows of M pairs (M * 4 bytes), 64-byte
+  // aligned, rounded to bf16 as Avx512Bf16::X rounds it. K % 32 == 0 (K % blocksize == 0).
   struct X {
     std::vector<uint16_t> buf;
     const uint16_t* data;
-    explicit X(const GemvArgs& a) : buf(a.M * a.K + 32) {
-      const Avx512Bf16::X xb(a);
+    __attribute__((target("avx512f,avx512bf16,avx512bw"))) explicit X(const GemvArgs& a)
+        : buf(a.M * a.K + 32) {
       uint16_t* d = buf.data() + (32 - (reinterpret_cast<uintptr_t>(buf.data()) / 2) % 32) % 32;
       data = d;
-      for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
-        const int64_t len = std::min(kChunk, a.K - k0);
-        for (int64_t m = 0; m < a.M; ++m)
-          for (int64_t i = 0; i < len; ++i)
-            d[(k0 + (i & ~int64_t(31))) * a.M + ((i & 31) / 2) * 2 * a.M + 2 * m + (i & 1)] =
-                xb.data[k0 * a.M + m * len + i];
-      }
+      const __m512i pairs = _mm512_mullo_epi32(  // pair p of a row goes to dword p * M
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+          _mm512_set1_epi32(int(a.M)));
+      for (int64_t k = 0; k < a.K; k += 32)
+        for (int64_t m = 0; m < a.M; ++m) {
+          const float* src = a.x + m * a.K + k;
+          const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
+          _mm512_i32scatter_epi32(reinterpret_cast<int*>(d + k * a.M) + m, pairs, (__m512i)v, 4);
+        }
     }
   };
 
-  // tile 0, 1: C (16 x M fp32); 2, 3: A (16 x 32 bf16); 4, 5: B (16 x M bf16 pairs)
+  // tile 0-3: C (16 x M fp32); 4, 5: A (16 x 32 bf16); 6, 7: B (16 x M bf16 pairs)
   struct alignas(64) Config {
     uint8_t palette = 1, start_row = 0, reserved[14] = {};
     uint16_t colsb[16] = {};
     uint8_t rows[16] = {};
     explicit Config(int64_t M) {
-      for (int t = 0; t < 6; ++t) {
+      for (int t = 0; t < 8; ++t) {
         rows[t] = 16;
-        colsb[t] = t == 2 || t == 3 ? 64 : uint16_t(4 * M);
+        colsb[t] = t == 4 || t == 5 ? 64 : uint16_t(4 * M);
       }
     }
   };
 
-  __attribute__((target("avx512f,avx512bf16,avx512bw,amx-tile,amx-bf16"))) void run_tiled(
+  // Block scales are decoded kSpan blocks of each row at a time, 16 per vector (one at a time,
+  // per row and block, they took 0.65 of 1.57 ms, M=16, 4096x4096, one thread).
+  static constexpr int kSpan = 32;
+  // Groups decoded ahead of the tile unit (1-6 measured within 5% of each other; 2 was best)
+  static constexpr int kAhead = 2, kBuffers = 4;
+
+  // One block of 16 output features: where its rows' codes are, their block scales and tables, x.
+  struct Block {
+    const uint8_t* row[kWRows];
+    alignas(64) float sc[kWRows][kSpan];      // scales of the rows' blocks [kb, kb + kSpan)
+    alignas(64) uint16_t scaled[kWRows][32];  // each row's block table, twice (vpermw's 5 bits)
+    alignas(64) uint16_t w[kBuffers][kWRows * 32];  // A tiles decoded, not yet multiplied
+    const uint16_t* x;
+    int64_t M, xstride, ahead;
+  };
+
+  // b.sc[r][j] = the scale of row r's block kb + j, j < kSpan (past the row's end or past N: 0).
+  __attribute__((target("avx512f,avx512bw,avx512vl"))) static void scales(
+      const GemvArgs& a, const Scales& scale, int64_t n, int64_t rows, int64_t kb, Block& b) {
+    const int64_t per_row = a.K >> scale.shift, count = std::min<int64_t>(kSpan, per_row - kb);
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int r = 0; r < kWRows; ++r)
+      for (int64_t j = 0; j < kSpan; j += 16) {
+        const int64_t left = r < rows ? std::clamp<int64_t>(count - j, 0, 16) : 0;
+        const __mmask16 live = __mmask16((1u << left) - 1);
+        const int64_t first = (n + r) * per_row + kb + j;  // this vector's first block
+        __m512 s;
+        if (scale.absmax_q) {  // code8[q] * absmax2[block / 256] + offset, rounded twice
+          if (!left) {
+            _mm512_store_ps(&b.sc[r][j], _mm512_setzero_ps());
+            continue;
+          }
+          const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, scale.absmax_q + first));
+          const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, q, scale.code8, 4);
+          // 16 blocks span at most two nested blocks of 256: absmax2 of the first and last
+          const int64_t lo = first >> 8, hi = (first + left - 1) >> 8;
+          const __mmask16 upper = _mm512_cmpneq_epi32_mask(
+              _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(int(first & 255)), iota), 8),
+              _mm512_setzero_si512());
+          const __m512 a2 = _mm512_mask_blend_ps(upper, _mm512_set1_ps(scale.absmax2[lo]),
+                                                 _mm512_set1_ps(scale.absmax2[hi]));
+          s = _mm512_maskz_add_ps(live, _mm512_mul_ps(c, a2), _mm512_set1_ps(scale.offset));
+        } else {
+          s = _mm512_maskz_loadu_ps(live, scale.absmax + first);
+        }
+        _mm512_store_ps(&b.sc[r][j], s);
+      }
+  }
+
+  // Block tables of the 16 rows for their blocks' scales b.sc[.][j] (rows past N: scale 0, so
+  // they decode to 0).
+  __attribute__((target("avx512f,avx512bf16"))) void tables(int64_t j, Block& b) const {
+    const __m512 lut = _mm512_loadu_ps(table);
+    for (int r = 0; r < kWRows; ++r) {
+      const __m512 v = _mm512_mul_ps(lut, _mm512_set1_ps(b.sc[r][j]));
+      _mm512_store_si512(b.scaled[r], (__m512i)_mm512_cvtne2ps_pbh(v, v));
+    }
+  }
+
+  // Codes [k, k + 32) of the 16 rows decoded into the A buffer for them (a new block: its
+  // tables first).
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi"))) void decode(
+      const GemvArgs& a, const Scales& scale, int64_t n, int64_t rows, int64_t k, Block& b) const {
+    if ((k & ((int64_t(1) << scale.shift) - 1)) == 0) {  // a new block in every row
+      const int64_t block = k >> scale.shift;
+      if (block % kSpan == 0) scales(a, scale, n, rows, block, b);
+      tables(block % kSpan, b);
+    }
+    // vpermb spreads packed byte j to both words of dword j; vpsrlvw then shifts the even word
+    // right by 4: word 2j = the high nibble, word 2j + 1 = the byte, whose low nibble vpermw reads
+    // (it reads an index's low 5 bits: the table sits in words 0..15 and again 16..31)
+    const __m512i spread = _mm512_set_epi8(
+        15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12, 11, 11, 11, 11, 10, 10, 10,
+        10, 9, 9, 9, 9, 8, 8, 8, 8, 7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2,
+        2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m512i shifts = _mm512_set1_epi32(4);  // word 2j by 4, word 2j + 1 by 0
+    uint16_t* w = b.w[(k / 32) % kBuffers];
+#pragma GCC unroll 16
+    for (int r = 0; r < kWRows; ++r) {
+      const uint8_t* p = b.row[r] + k / 2;
+      if ((k & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + b.ahead), _MM_HINT_T0);
+      const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m512i idx = _mm512_srlv_epi16(
+          _mm512_maskz_permutexvar_epi8(0x5555555555555555ull, spread, bytes), shifts);
+      _mm512_store_si512(w + r * 32, _mm512_permutexvar_epi16(idx, _mm512_load_si512(b.scaled[r])));
+    }
+  }
+
+  // The A buffer of codes [k, k + 32) into A tile 4 + G % 2, times x's B tile 6 + G % 2, into
+  // accumulator G (tile numbers are literals in the intrinsics' asm: an instance per G).
+  template <int G>
+  __attribute__((target("amx-tile,amx-bf16"))) static void multiply(int64_t k, const Block& b) {
+    const uint16_t* xk = b.x + k * b.M;
+    const uint16_t* w = b.w[(k / 32) % kBuffers];
+    if constexpr (G % 2 == 0) {
+      _tile_loadd(4, w, 64);
+      _tile_loadd(6, xk, b.xstride);
+    } else {
+      _tile_loadd(5, w, 64);
+      _tile_loadd(7, xk, b.xstride);
+    }
+    if constexpr (G == 0) _tile_dpbf16ps(0, 4, 6);
+    if constexpr (G == 1) _tile_dpbf16ps(1, 5, 7);
+    if constexpr (G == 2) _tile_dpbf16ps(2, 4, 6);
+    if constexpr (G == 3) _tile_dpbf16ps(3, 5, 7);
+  }
+
+  // y[:, n .. n + rows) for all M rows of x (`x`: this struct's X of a.x). Group g (codes
+  // [32g, 32g + 32)) decodes two groups before it is multiplied: a tile load waits for the
+  // stores it reads to retire, which waits for the older tile ops to finish, so decoding right
+  // before multiplying put the decode and the tile unit in series (1.27 ms against 0.45 decoding
+  // and 0.40 multiplying, M=16, 4096x4096, one thread).
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,avx512vbmi,amx-tile,amx-bf16"))) void run_tiled(
       const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n, int64_t rows) const {
-    alignas(64) uint16_t w[kWRows * kChunk];
-    std::fill(w + rows * kChunk, w + kWRows * kChunk, uint16_t(0));  // rows past N: zero
+    Block b;
+    for (int r = 0; r < kWRows; ++r)  // rows past N read row n's codes (with a zero table)
+      b.row[r] = a.packed + (n + (r < rows ? r : 0)) * a.K / 2;
+    b.x = x, b.M = a.M, b.xstride = 4 * a.M, b.ahead = kWRows * a.K / 2;  // prefetch: next block
     const Config config(a.M);
     _tile_loadconfig(&config);  // per thread: the tile configuration is thread state
     _tile_zero(0);
     _tile_zero(1);
-    const int64_t xstride = 4 * a.M;
-    for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
-      const int64_t len = std::min(kChunk, a.K - k0);
-      bf16.decode_rows(a, scale, n, rows, k0, len, kWRows * a.K, w);
-      for (int64_t i = 0; i < len; i += 64) {
-        _tile_loadd(2, w + i, 2 * kChunk);
-        _tile_loadd(4, x + (k0 + i) * a.M, xstride);
-        _tile_dpbf16ps(0, 2, 4);
-        if (i + 32 < len) {
-          _tile_loadd(3, w + i + 32, 2 * kChunk);
-          _tile_loadd(5, x + (k0 + i + 32) * a.M, xstride);
-          _tile_dpbf16ps(1, 3, 5);
-        }
-      }
+    _tile_zero(2);
+    _tile_zero(3);
+    const int64_t groups = a.K / 32;
+    for (int64_t g = 0; g < std::min<int64_t>(kAhead, groups); ++g) decode(a, scale, n, rows, 32 * g, b);
+    for (int64_t g = 0; g < groups; g += 4) {
+      if (g + kAhead < groups) decode(a, scale, n, rows, 32 * (g + kAhead), b);
+      multiply<0>(32 * g, b);
+      if (g + 1 + kAhead < groups) decode(a, scale, n, rows, 32 * (g + 1 + kAhead), b);
+      if (g + 1 < groups) multiply<1>(32 * (g + 1), b);
+      if (g + 2 + kAhead < groups) decode(a, scale, n, rows, 32 * (g + 2 + kAhead), b);
+      if (g + 2 < groups) multiply<2>(32 * (g + 2), b);
+      if (g + 3 + kAhead < groups) decode(a, scale, n, rows, 32 * (g + 3 + kAhead), b);
+      if (g + 3 < groups) multiply<3>(32 * (g + 3), b);
     }
-    alignas(64) float c0[16 * 16], c1[16 * 16];
-    _tile_stored(0, c0, 64);
-    _tile_stored(1, c1, 64);
+    alignas(64) float c[4][16 * 16];
+    _tile_stored(0, c[0], 64);
+    _tile_stored(1, c[1], 64);
+    _tile_stored(2, c[2], 64);
+    _tile_stored(3, c[3], 64);
     _tile_release();
     for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = c0[r * 16 + m] + c1[r * 16 + m];
+      for (int64_t r = 0; r < rows; ++r)
+        a.y[m * a.N + n + r] = (c[0][r * 16 + m] + c[1][r * 16 + m]) + (c[2][r * 16 + m] + c[3][r * 16 + m]);
   }
 };
 

@@ -53,11 +53,13 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
     xc = x.to(compute_dtype)
     if config == "gemv":
         # the best SIMD level; bf16 products (as bnb's bf16 compute) only for bf16 compute; a
-        # scale applies to the fp32 result before the bias
+        # scale applies to the fp32 result before the bias. The low-rank term goes to MKL after
+        # it (the kernel's scalar epilogue for it took 0.2 ms of 1.15 at M=16, 4096x4096, r=16)
         y = ext.EXT.qlora_gemv(_f32(xc), packed_bytes(data), absmax, absmax2, code8,
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
-                               out_features, _f32(bias) if scale is None else None, _f32(xa),
-                               _f32(lora_B), float(scaling), 3, compute_dtype == torch.bfloat16)
+                               out_features, _f32(bias) if scale is None else None, None, None,
+                               0.0, 3, compute_dtype == torch.bfloat16)
+        y.addmm_(_f32(xa), _f32(lora_B).t(), alpha=float(scaling))
         if scale is None:
             return y.to(out), xa, None
         return scaled_output(y, scale, bias, out), xa, y.to(out) if keep_z else None
