@@ -111,6 +111,9 @@ def test_cpu_gemv_path_is_reported():
             assert ext.gemv_path(M, bf16, 1) in {"scalar", "avx2", "avx2-tiled"}
             assert ext.gemv_path(M, bf16, 2) in paths
             assert (ext.gemv_path(M, bf16) == "avx512bf16-tiled") <= bf16  # only if asked for
+    if "avx512f" in _cpu_flags() and "avx2" in _cpu_flags():  # fp32 rows, chosen per host class
+        assert ext.gemv_path(1, False, 2) == "avx512"
+        assert ext.gemv_path(1, False, 3) == ("avx512" if _cpu_vendor() == "AuthenticAMD" else "avx2")
     q = peftkern.quantize_4bit(torch.randn(8, 64), "nf4", 64)
     with ops.use_backend("cpp"):
         plan = ops.plan("qlora_linear_fwd", torch.empty(9, 64, dtype=torch.bfloat16), q)
@@ -158,6 +161,14 @@ def test_cpu_panel_path_forward_and_dx_follow_error_rule(N, K, blocksize, qt, dq
     (base_dx,) = torch.autograd.grad(base, base_x, gy)
     assert_error_rule("y", y, want, base)
     assert_error_rule("dx", dx, want_dx, base_dx)
+
+
+def _cpu_vendor():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line for line in f if line.startswith("vendor_id")).split(":")[1].strip()
+    except (OSError, StopIteration):
+        return ""
 
 
 def _cpu_flags():

@@ -639,15 +639,21 @@ void run_tiled(const GemvArgs& a, const X* x, const Scales& scale) {
 
 enum class Path { kScalar, kAvx2, kAvx2Tiled, kAvx512, kAvx512Bf16Tiled, kAmxTiled };
 
-// Measured on a 2-core AMD EPYC (Zen 4: 512-bit FMAs are double-pumped, so fp32 AVX-512 has no
-// FMA-rate advantage): fp32 AVX-512 for M < kTiledMinRows, else AVX2's tiled path (an fp32
-// AVX-512 tiled one took 1.2-1.6x its time); vdpbf16ps, where bf16 products are asked for, from
-// kTiledMinRows on.
+// Measured per host class. AMD (2-core EPYC, Zen 4: 512-bit FMAs are double-pumped, so fp32
+// AVX-512 has no FMA-rate advantage): fp32 AVX-512 rows for M < kTiledMinRows, else AVX2's tiled
+// path (an fp32 AVX-512 tiled one took 1.2-1.6x its time); vdpbf16ps, where bf16 products are
+// asked for, from kTiledMinRows on. Intel (2-core Xeon with AMX, 4096x4096 fp32, rotated
+// weights, two threads): the AVX2 rows beat the AVX-512 ones (M=1 0.80-0.84 against 0.91-1.0 ms,
+// M=4 1.57-1.86 against 2.0-2.1; 512-bit shuffles issue on one port, 256-bit ones on two), so
+// level 3 takes them there; level 2 still runs the AVX-512 rows (tests force each path).
+inline bool avx512_rows_win() { return __builtin_cpu_is("amd"); }
+
 Path choose(int64_t M, bool bf16_products, int simd_level) {
   const bool tiled = M >= kTiledMinRows;
   if (simd_level >= 3 && M >= kAmxMinRows && bf16_products && has_amx_bf16()) return Path::kAmxTiled;
   if (simd_level >= 2 && tiled && bf16_products && has_avx512_bf16()) return Path::kAvx512Bf16Tiled;
-  if (simd_level >= 2 && !tiled && has_avx512()) return Path::kAvx512;
+  if (simd_level >= 2 && !tiled && has_avx512() && (simd_level == 2 || avx512_rows_win() || !has_avx2()))
+    return Path::kAvx512;
   if (simd_level >= 1 && has_avx2()) return tiled ? Path::kAvx2Tiled : Path::kAvx2;
   return Path::kScalar;
 }

@@ -33,8 +33,8 @@ struct GemvArgs {
 // "avx512bf16-tiled", "amx-tiled" (dispatch reports it in plan(...).reason).
 const char* gemv_path(int64_t M, bool bf16_products, int simd_level);
 
-// simd_level: 3 = the best the CPU has (AMX for bf16 compute, AVX-512, AVX2), 2 = at most
-// AVX-512 (no AMX), 1 = at most AVX2, 0 = scalar.
+// simd_level: 3 = the path measured fastest on this CPU's class (AMX for bf16 compute, AVX-512,
+// AVX2), 2 = the AVX-512 paths where the CPU has them (no AMX), 1 = at most AVX2, 0 = scalar.
 // Lower levels exist so that tests cover every path on any machine.
 void qlora_gemv(const GemvArgs& args, int simd_level);
 
