@@ -4,7 +4,7 @@
 // registers (vpshufb on AVX2, vpermps on AVX-512); every decoded vector is used for a tile of rows
 // of x, and the block scale (plain or double-quantized absmax) is applied once per block to the
 // partial sums. From kTiledMinRows on, the decoded weights go through L1 to a register-blocked
-// micro-kernel instead: fp32 FMAs (Avx2::run_tiled), or bf16 dot products (vdpbf16ps,
+// micro-kernel instead: fp32 FMAs (Avx2::run_tiled; Avx512::run_tiled on Intel), or bf16 dot products (vdpbf16ps,
 // Avx512Bf16) when the caller computes in bf16 and the CPU has AVX512-BF16. With AMX-BF16 and bf16
 // compute, every M runs on the tile unit instead (Amx). OpenMP across output features. `choose`
 // picks the path at run time; the scalar loop is the fallback.
@@ -281,6 +281,78 @@ struct Avx512 {
       for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(part[m], s, acc[m]);
     }
     for (int m = 0; m < M; ++m) a.y[(m0 + m) * a.N + n] = _mm512_reduce_add_ps(acc[m]);
+  }
+
+  // ---- larger batches, fp32 (Intel: two 512-bit FMA ports): Avx2's tiled scheme in zmm. kWRows
+  // rows of W decode (and scale) kChunk codes at a time into L1 in element order, and a 6 x 4
+  // register block of x rows by W rows takes 10 loads per 24 FMAs.
+  static constexpr int kWRows = 4, kXRows = 6;
+  static constexpr int64_t kChunk = 256;
+
+  __attribute__((target("avx512f"))) void decode_rows(const GemvArgs& a, const Scales& scale,
+                                                      int64_t n, int64_t rows, int64_t k0,
+                                                      int64_t len, float* w) const {
+    const __m512 lut = _mm512_loadu_ps(table);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t flat = (n + r) * a.K + k0;  // 32-code groups never span an absmax block
+      for (int64_t i = 0; i < len; i += 32) {
+        const __m512 s = _mm512_set1_ps(scale.at(flat + i));
+        const uint8_t* p = a.packed + (flat + i) / 2;
+        if ((i & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+        for (int h = 0; h < 2; ++h) {
+          const __m512 v = _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(codes16(p + 8 * h)), lut);
+          _mm512_store_ps(w + r * kChunk + i + 16 * h, _mm512_mul_ps(v, s));
+        }
+      }
+    }
+  }
+
+  template <int MX>
+  __attribute__((target("avx512f"))) static void micro(const float* x, int64_t len, const float* w,
+                                                       __m512* acc) {
+    __m512 c[MX][kWRows];
+    for (int i = 0; i < MX; ++i)
+      for (int j = 0; j < kWRows; ++j) c[i][j] = acc[i * kWRows + j];
+    for (int64_t k = 0; k < len; k += 16) {
+      __m512 wv[kWRows];
+      for (int j = 0; j < kWRows; ++j) wv[j] = _mm512_load_ps(w + j * kChunk + k);
+      for (int i = 0; i < MX; ++i) {
+        const __m512 xv = _mm512_load_ps(x + i * len + k);
+        for (int j = 0; j < kWRows; ++j) c[i][j] = _mm512_fmadd_ps(xv, wv[j], c[i][j]);
+      }
+    }
+    for (int i = 0; i < MX; ++i)
+      for (int j = 0; j < kWRows; ++j) acc[i * kWRows + j] = c[i][j];
+  }
+
+  template <int MX>
+  __attribute__((target("avx512f"))) static void micro_rest(const float* xc, int64_t M, int64_t m0,
+                                                            int64_t len, const float* w, __m512* acc) {
+    if constexpr (MX > 0) {
+      if (M - m0 == MX) return micro<MX>(xc + m0 * len, len, w, acc + m0 * kWRows);
+      micro_rest<MX - 1>(xc, M, m0, len, w, acc);
+    }
+  }
+
+  // y[:, n .. n + rows) for all M rows of x (x in XChunked(a, kChunk, nullptr) layout).
+  __attribute__((target("avx512f"))) void run_tiled(const GemvArgs& a, const float* x,
+                                                    const Scales& scale, int64_t n,
+                                                    int64_t rows) const {
+    alignas(64) float w[kWRows * kChunk];
+    std::fill(w + rows * kChunk, w + kWRows * kChunk, 0.0f);  // rows past N: never written
+    __m512 acc[kMaxGemvRows * kWRows];
+    for (auto& v : acc) v = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
+      const int64_t len = std::min(kChunk, a.K - k0);
+      decode_rows(a, scale, n, rows, k0, len, w);
+      const float* xc = x + k0 * a.M;
+      int64_t m0 = 0;
+      for (; m0 + kXRows <= a.M; m0 += kXRows)
+        micro<kXRows>(xc + m0 * len, len, w, acc + m0 * kWRows);
+      micro_rest<kXRows - 1>(xc, a.M, m0, len, w, acc);
+    }
+    for (int64_t m = 0; m < a.M; ++m)
+      for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[m * kWRows + r]);
   }
 };
 
@@ -637,15 +709,17 @@ void run_tiled(const GemvArgs& a, const X* x, const Scales& scale) {
   }
 }
 
-enum class Path { kScalar, kAvx2, kAvx2Tiled, kAvx512, kAvx512Bf16Tiled, kAmxTiled };
+enum class Path { kScalar, kAvx2, kAvx2Tiled, kAvx512, kAvx512Bf16Tiled, kAmxTiled, kAvx512Tiled };
 
 // Measured per host class. AMD (2-core EPYC, Zen 4: 512-bit FMAs are double-pumped, so fp32
 // AVX-512 has no FMA-rate advantage): fp32 AVX-512 rows for M < kTiledMinRows, else AVX2's tiled
 // path (an fp32 AVX-512 tiled one took 1.2-1.6x its time); vdpbf16ps, where bf16 products are
 // asked for, from kTiledMinRows on. Intel (2-core Xeon with AMX, 4096x4096 fp32, rotated
 // weights, two threads): the AVX2 rows beat the AVX-512 ones (M=1 0.80-0.84 against 0.91-1.0 ms,
-// M=4 1.57-1.86 against 2.0-2.1; 512-bit shuffles issue on one port, 256-bit ones on two), so
-// level 3 takes them there; level 2 still runs the AVX-512 rows (tests force each path).
+// M=4 1.57-1.86 against 2.0-2.1; 512-bit shuffles issue on one port, 256-bit ones on two), and
+// the AVX-512 tiled path beats AVX2's (two 512-bit FMA ports: M=5 1.37-1.39 against 1.81-1.84 ms,
+// M=16 2.91-2.92 against 3.53-3.54), so level 3 takes those there. Level 2 runs the AVX-512
+// paths on any host (tests force each path).
 inline bool avx512_rows_win() { return __builtin_cpu_is("amd"); }
 
 Path choose(int64_t M, bool bf16_products, int simd_level) {
@@ -654,6 +728,8 @@ Path choose(int64_t M, bool bf16_products, int simd_level) {
   if (simd_level >= 2 && tiled && bf16_products && has_avx512_bf16()) return Path::kAvx512Bf16Tiled;
   if (simd_level >= 2 && !tiled && has_avx512() && (simd_level == 2 || avx512_rows_win() || !has_avx2()))
     return Path::kAvx512;
+  if (simd_level >= 2 && tiled && has_avx512() && (simd_level == 2 || !avx512_rows_win() || !has_avx2()))
+    return Path::kAvx512Tiled;
   if (simd_level >= 1 && has_avx2()) return tiled ? Path::kAvx2Tiled : Path::kAvx2;
   return Path::kScalar;
 }
@@ -674,6 +750,10 @@ void qlora_gemv(const GemvArgs& a, int simd_level) {
     }
     case Path::kAvx512:
       return run_rows<Avx512>(a, scale);
+    case Path::kAvx512Tiled: {  // x chunked, in element order
+      const XChunked xp(a, Avx512::kChunk, nullptr);
+      return run_tiled<Avx512>(a, xp.data, scale);
+    }
     case Path::kAvx2Tiled: {  // x chunked, in decode32's lane order
       const XChunked xp(a, Avx2::kChunk, Avx2::kLaneOrder);
       return run_tiled<Avx2>(a, xp.data, scale);
@@ -691,7 +771,7 @@ void qlora_gemv(const GemvArgs& a, int simd_level) {
 
 const char* gemv_path(int64_t M, bool bf16_products, int simd_level) {
   static const char* names[] = {"scalar",          "avx2",     "avx2-tiled", "avx512",
-                                "avx512bf16-tiled", "amx-tiled"};
+                                "avx512bf16-tiled", "amx-tiled", "avx512-tiled"};
   return names[static_cast<int>(choose(M, bf16_products, simd_level))];
 }
 

@@ -30,7 +30,7 @@ struct GemvArgs {
 };
 
 // Which path qlora_gemv takes for M rows: "scalar", "avx2", "avx2-tiled", "avx512",
-// "avx512bf16-tiled", "amx-tiled" (dispatch reports it in plan(...).reason).
+// "avx512-tiled", "avx512bf16-tiled", "amx-tiled" (dispatch reports it in plan(...).reason).
 const char* gemv_path(int64_t M, bool bf16_products, int simd_level);
 
 // simd_level: 3 = the path measured fastest on this CPU's class (AMX for bf16 compute, AVX-512,
