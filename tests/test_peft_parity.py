@@ -161,10 +161,15 @@ def test_torch_save_and_pickle_of_an_enabled_model_load_back(gen, route):
         model = get_peft_model(_one_layer(gen, torch.float32), cfg)
         randomize_lora(model)
     x = torch.randn(3, K, generator=gen)
+    model(x)  # fills the layer's cache: copies must not carry it (it holds ids of these tensors)
     buf = io.BytesIO()
     torch.save(model, buf)
     buf.seek(0)
-    for back in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(model))):
+    for back in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(model)),
+                 copy.deepcopy(model)):
+        layer = _first_lora(back)
+        cache = layer.forward.cache if route == "enable" else layer.__dict__.get(pk._CACHE)
+        assert not cache
         torch.testing.assert_close(back(x), model(x))
         assert pk.coverage(back) == {"fused": 1}
 
@@ -512,11 +517,24 @@ def _mutations(layer, gen, four_bit):
     ]
 
 
+@pytest.mark.parametrize("route", ["enable", "custom"])
 @pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "4bit"])
-def test_the_kept_call_follows_every_change_and_is_rechecked(gen, four_bit, monkeypatch):
-    model = _peft(_one_layer(gen, torch.float32, four_bit, torch.float32))
-    pk.enable(model)
+def test_the_kept_call_follows_every_change_and_is_rechecked(gen, four_bit, route, monkeypatch):
+    base = _one_layer(gen, torch.float32, four_bit, torch.float32)
+    if route == "enable":
+        model = _peft(base)
+        pk.enable(model)
+    else:
+        cfg = LoraConfig(target_modules=["0"], r=R, lora_alpha=16)
+        cfg._register_custom_module(pk.custom_modules())
+        model = get_peft_model(base, cfg)
+        randomize_lora(model)
     layer = _first_lora(model)
+    if route == "enable":
+        peft_forward, kept = pk._installed(layer).peft_forward, pk._installed(layer).cache
+    else:  # PEFT's own class follows the custom route's in the MRO
+        assert isinstance(layer, pk._CustomRoute)
+        peft_forward, kept = super(pk._CustomRoute, layer).forward, None
     checks = []
     full = pk._call_reason
     monkeypatch.setattr(pk, "_call_reason", lambda *a, **k: checks.append(1) or full(*a, **k))
@@ -525,7 +543,7 @@ def test_the_kept_call_follows_every_change_and_is_rechecked(gen, four_bit, monk
         """The enabled layer's output and gradients against PEFT's own forward, same state."""
         params = [p for p in layer.parameters() if p.requires_grad]
         outs = []
-        for f in (layer, pk._installed(layer).peft_forward):
+        for f in (layer, peft_forward):
             with ctx():
                 torch.manual_seed(3)  # the same dropout masks
                 xx = x.clone().requires_grad_(True)
@@ -544,7 +562,8 @@ def test_the_kept_call_follows_every_change_and_is_rechecked(gen, four_bit, monk
     same_as_peft(x)
     n = len(checks)
     same_as_peft(x)
-    assert len(checks) == n and pk._installed(layer).cache["fast"] is not None  # kept: no checks
+    kept = kept if kept is not None else layer.__dict__[pk._CACHE]
+    assert len(checks) == n and kept["fast"] is not None  # kept: no checks
     same_as_peft(x[None].expand(2, 5, K))  # another shape: checked again, and back
     same_as_peft(x)
     assert len(checks) == n + 2

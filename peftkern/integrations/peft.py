@@ -562,6 +562,9 @@ def _peft_builds(base_layer, adapter_name, config, **kwargs):
     return LoraModel._create_new_module(config, adapter_name, base_layer, **kwargs)
 
 
+_CACHE = "_peftkern_cache"  # the custom-route layer's per-layer cache, in its __dict__
+
+
 class _CustomRoute:
     """The custom-module classes: PEFT's layer, computing through peftkern. A target they do not
     fuse (a parameter: `target_parameters`; a subclass such as bnb's Linear8bitLt, which PEFT's
@@ -578,7 +581,15 @@ class _CustomRoute:
         return super().__new__(cls)
 
     def forward(self, x, *args, **kwargs):
-        return fused_forward(self, x, super().forward, *args, **kwargs)
+        cache = self.__dict__.get(_CACHE)
+        if cache is None:
+            cache = self.__dict__[_CACHE] = {}
+        return fused_forward(self, x, super().forward, *args, cache=cache, **kwargs)
+
+    def __getstate__(self):  # copies and pickles start with an empty cache (ids differ there)
+        state = super().__getstate__()
+        state.pop(_CACHE, None)
+        return state
 
     def _get_name(self):
         return self._peft_name
