@@ -1,8 +1,6 @@
 """peftkern layers under DistributedDataParallel: 2 processes, gloo backend, CPU."""
 import os
-import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -27,9 +25,10 @@ def _batch():
     return torch.randn(8, 32, generator=g), torch.randn(8, 8, generator=g)
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, out_dir):
+    # a file rendezvous: no port to pick and release (another process could take it meanwhile)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+                            rank=rank, world_size=world)
     model = torch.nn.parallel.DistributedDataParallel(_model())
     x, y = _batch()
     shard = slice(rank * 4, rank * 4 + 4)
@@ -40,10 +39,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_ddp_gloo_two_processes_match_single_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     single = _model()
     x, y = _batch()
     # DDP averages the two shard gradients: the same as the mean of the per-shard losses

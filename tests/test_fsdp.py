@@ -13,7 +13,6 @@ and the tests compare them with the same models run in this one process:
   the gradient of a replicated DTensor parameter is the sum over the ranks.
 """
 import os
-import socket
 import warnings
 
 import pytest
@@ -213,9 +212,10 @@ def _rank_dtensor_inputs(mesh, rank, out):
     safetensors_torch.save_file(res, os.path.join(out, f"dtensor.rank{rank}.safetensors"))
 
 
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, out):
+    # a file rendezvous: no port to pick and release (another process could take it meanwhile)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out, 'rendezvous')}",
+                            rank=rank, world_size=WORLD)
     from torch.distributed.device_mesh import init_device_mesh
     mesh = init_device_mesh("cpu", (WORLD,))
     for kind in KINDS:
@@ -245,10 +245,7 @@ def ranks(tmp_path_factory):
     pytest.importorskip("peft")
     out = str(tmp_path_factory.mktemp("fsdp"))
     full = _full_checkpoint(out)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(out,), nprocs=WORLD, join=True)
     return out, full
 
 
