@@ -339,20 +339,13 @@ def bind(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, compute_dtype=
     if not _eager(tensors):
         return None
     plan, s, flat = _plan(op, x2, *fields), check_real("scaling", scaling), x.dim() == 2
-    if plan.backend not in _TORCH_BACKENDS and _records(tensors):
-        def run(x2, mask):
-            return _Eager.apply(op, plan, x2, *head, lora_A, lora_B, s, mask, *tail)[0]
-    else:  # the backend's forward itself, bound (a QuantizedWeight's fields as one tuple)
-        fwd, front = getattr(MODULES[plan.backend], op), head if op == "lora_linear_fwd" else \
-            (head[:7], *head[7:])
-
-        def run(x2, mask):
-            return fwd(x2, *front, lora_A, lora_B, s, mask, *tail, plan.config)[0]
+    eager = plan.backend not in _TORCH_BACKENDS and _records(tensors)  # as _run decides
 
     def call(x):
         x2 = x if flat else x.reshape(-1, K)
-        return _unrows(run(x2, None if dropout_p == 0.0 else
-                           _mask(x2, dropout_p, None, lora_A.dtype)), x)
+        mask = None if dropout_p == 0.0 else _mask(x2, dropout_p, None, lora_A.dtype)
+        args = (x2, *head, lora_A, lora_B, s, mask, *tail)
+        return _unrows((_Eager.apply(op, plan, *args) if eager else _direct_call(op, plan, args))[0], x)
 
     return call
 
