@@ -325,35 +325,9 @@ struct Avx512 {
       for (int j = 0; j < kWRows; ++j) acc[i * kWRows + j] = c[i][j];
   }
 
-  template <int MX>
-  __attribute__((target("avx512f"))) static void micro_rest(const float* xc, int64_t M, int64_t m0,
-                                                            int64_t len, const float* w, __m512* acc) {
-    if constexpr (MX > 0) {
-      if (M - m0 == MX) return micro<MX>(xc + m0 * len, len, w, acc + m0 * kWRows);
-      micro_rest<MX - 1>(xc, M, m0, len, w, acc);
-    }
-  }
-
   // y[:, n .. n + rows) for all M rows of x (x in XChunked(a, kChunk, nullptr) layout).
-  __attribute__((target("avx512f"))) void run_tiled(const GemvArgs& a, const float* x,
-                                                    const Scales& scale, int64_t n,
-                                                    int64_t rows) const {
-    alignas(64) float w[kWRows * kChunk];
-    std::fill(w + rows * kChunk, w + kWRows * kChunk, 0.0f);  // rows past N: never written
-    __m512 acc[kMaxGemvRows * kWRows];
-    for (auto& v : acc) v = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
-      const int64_t len = std::min(kChunk, a.K - k0);
-      decode_rows(a, scale, n, rows, k0, len, w);
-      const float* xc = x + k0 * a.M;
-      int64_t m0 = 0;
-      for (; m0 + kXRows <= a.M; m0 += kXRows)
-        micro<kXRows>(xc + m0 * len, len, w, acc + m0 * kWRows);
-      micro_rest<kXRows - 1>(xc, a.M, m0, len, w, acc);
-    }
-    for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[m * kWRows + r]);
-  }
+  void run_tiled(const GemvArgs& a, const float* x, const Scales& scale, int64_t n,
+                 int64_t rows) const;
 };
 
 // ---- AVX512-BF16, larger batches of bf16 compute: Avx2's tiled scheme with vdpbf16ps, which
@@ -397,7 +371,8 @@ struct Avx512Bf16 {
   // of rows, which OpenMP's static schedule gives the same thread.
   __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vbmi"))) void decode_rows(
       const GemvArgs& a, const Scales& scale, int64_t n, int64_t rows, int64_t k0, int64_t len,
-      int64_t ahead, uint16_t* w) const {
+      uint16_t* w) const {
+    const int64_t ahead = kWRows * a.K;  // codes: the same place in the next block of rows
     const __m512 lut = _mm512_loadu_ps(table);
     // vpermb spreads packed byte j to both words of dword j; vpsrlvw then shifts the even word
     // right by 4: word 2j = the high nibble, word 2j + 1 = the byte, whose low nibble vpermw reads
@@ -444,36 +419,53 @@ struct Avx512Bf16 {
       for (int j = 0; j < kWRows; ++j) acc[i * kWRows + j] = c[i][j];
   }
 
-  template <int MX>
-  __attribute__((target("avx512f,avx512bf16,avx512bw"))) static void micro_rest(
-      const uint16_t* xc, int64_t M, int64_t m0, int64_t len, const uint16_t* w, __m512* acc) {
-    if constexpr (MX > 0) {
-      if (M - m0 == MX) return micro<MX>(xc + m0 * len, len, w, acc + m0 * kWRows);
-      micro_rest<MX - 1>(xc, M, m0, len, w, acc);
-    }
-  }
-
   // y[:, n .. n + rows) for all M rows of x (`x`: this struct's X of a.x).
-  __attribute__((target("avx512f,avx512bf16,avx512bw"))) void run_tiled(
-      const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n, int64_t rows) const {
-    alignas(64) uint16_t w[kWRows * kChunk];
-    std::fill(w + rows * kChunk, w + kWRows * kChunk, uint16_t(0));  // rows past N: zero
-    __m512 acc[kMaxGemvRows * kWRows];
-    for (auto& v : acc) v = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
-      const int64_t len = std::min(kChunk, a.K - k0);
-      decode_rows(a, scale, n, rows, k0, len, kWRows * a.K, w);
-      const uint16_t* xc = x + k0 * a.M;
-      int64_t m0 = 0;
-      for (; m0 + kXRows <= a.M; m0 += kXRows)
-        micro<kXRows>(xc + m0 * len, len, w, acc + m0 * kWRows);
-      micro_rest<kXRows - 1>(xc, a.M, m0, len, w, acc);
-    }
-    for (int64_t m = 0; m < a.M; ++m)
-      for (int64_t r = 0; r < rows; ++r)
-        a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[m * kWRows + r]);
-  }
+  void run_tiled(const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n,
+                 int64_t rows) const;
 };
+
+// The zmm tiled paths' loop (Avx512 in fp32, Avx512Bf16 in bf16; T: their element type): per
+// kChunk codes, kWRows rows of W decoded into L1, then Isa::micro over kXRows-row tiles of x
+// (the last tile, 1 to kXRows - 1 rows, by its own instance), sums reduced at the end.
+template <class Isa, int MX, class T>
+__attribute__((target("avx512f"))) void zmm_micro_rest(const T* xc, int64_t M, int64_t m0,
+                                                       int64_t len, const T* w, __m512* acc) {
+  if constexpr (MX > 0) {
+    if (M - m0 == MX) return Isa::template micro<MX>(xc + m0 * len, len, w, acc + m0 * Isa::kWRows);
+    zmm_micro_rest<Isa, MX - 1>(xc, M, m0, len, w, acc);
+  }
+}
+
+template <class Isa, class T>
+__attribute__((target("avx512f"))) void zmm_run_tiled(const Isa& isa, const GemvArgs& a, const T* x,
+                                                      const Scales& scale, int64_t n, int64_t rows) {
+  constexpr int kW = Isa::kWRows, kX = Isa::kXRows;
+  constexpr int64_t kChunk = Isa::kChunk;
+  alignas(64) T w[kW * kChunk];
+  std::fill(w + rows * kChunk, w + kW * kChunk, T(0));  // rows past N: never written
+  __m512 acc[kMaxGemvRows * kW];
+  for (auto& v : acc) v = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
+    const int64_t len = std::min(kChunk, a.K - k0);
+    isa.decode_rows(a, scale, n, rows, k0, len, w);
+    const T* xc = x + k0 * a.M;
+    int64_t m0 = 0;
+    for (; m0 + kX <= a.M; m0 += kX) Isa::template micro<kX>(xc + m0 * len, len, w, acc + m0 * kW);
+    zmm_micro_rest<Isa, kX - 1>(xc, a.M, m0, len, w, acc);
+  }
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[m * kW + r]);
+}
+
+void Avx512::run_tiled(const GemvArgs& a, const float* x, const Scales& scale, int64_t n,
+                       int64_t rows) const {
+  zmm_run_tiled(*this, a, x, scale, n, rows);
+}
+
+void Avx512Bf16::run_tiled(const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n,
+                           int64_t rows) const {
+  zmm_run_tiled(*this, a, x, scale, n, rows);
+}
 
 // ---- AMX (AMX-BF16), bf16 compute: the tile unit multiplies, so only the decode costs. With yᵀ =
 // W·xᵀ, 16 rows of W decoded to bf16 are the A tile (16 rows x 32 codes), and x goes in the B
