@@ -59,12 +59,13 @@ def dora_norm(weight, wq, lora_A, lora_B, scaling: float, N: int, K: int,
               config: dict | None = None) -> torch.Tensor:
     """`‖W + s·B·A‖` per row, `[N]` in the adapters' dtype. `weight` is the dense `[N, K]` weight
     (any strides), or the packed uint8 codes when `wq` holds the 4-bit state `(absmax, absmax2,
-    code8, offset, table [16], byte-pair table [256], blocksize)` (see `lora_linear.lora_matmul`)."""
+    code8, offset, table [16], byte-pair tables [256] (fp32, MMA dtype), blocksize)` (see
+    `lora_linear.lora_matmul`)."""
     out = empty((N,), lora_A.dtype, lora_A.device)
     if N == 0:
         return out
     quant = wq is not None
-    absmax, absmax2, code8, offset, table, pairs, blocksize = wq if quant else (weight,) * 6 + (1,)
+    absmax, absmax2, code8, offset, table, pairs, _, blocksize = wq if quant else (weight,) * 7 + (1,)
     nested = quant and absmax2 is not None
     if not nested:
         absmax2 = code8 = offset = absmax

@@ -7,6 +7,10 @@ One kernel computes `out[M, P] = inp[M, Q] · Wop[Q, P] + s · (L[M, R] · R2[R,
   backward: inp = dY, Wop = W  (q=n, p=k), L = dY·B,           R2 = A,  ⊙ dropout mask
 and a 4-bit weight is decoded tile by tile inside the K loop (never written to global memory),
 with plain or double-quantized absmax. The LoRA term is added in the epilogue.
+Rounding of a 4-bit weight: like dequantize-then-matmul, each value `code · scale` is rounded once
+to the activation dtype before the MMA, except in the swapped (small-M) forward, which multiplies
+the codes' table values (rounded once to the activation dtype; exact in fp32) and scales each
+quantization block's fp32 partial sum (`_block_scaled_mma`): as exact, not bit-identical.
 Deterministic: every output tile is owned by one program (split-K partials are added in a fixed
 order by the second launch), no atomics.
 """
@@ -56,7 +60,7 @@ def _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_p
     byte = load_masked(base + (r * (ncols // 2))[:, None] + byte_col[None, :],
                        (byte_col < ncols // 2)[None, :], 0, not EVEN_COLS)
     blk = (row0 + r).to(tl.int64) * (ncols // BS)
-    scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+    scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, 0,
                         blk[:, None] + blk_col[None, :], blk_ok, NESTED, not EVEN_COLS)
     if not EVEN_COLS:
         scale = tl.where(blk_ok, scale, 0.0)
@@ -65,9 +69,8 @@ def _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_p
     pairs = tl.load(table_ptr + tl.arange(0, 256))
     two = tl.reshape(tl.gather(pairs, tl.reshape(byte.to(tl.int32), [NROWS * HALF]), axis=0),
                      [NROWS, HALF])
-    hi = _scaled(two.to(tl.int32).to(tl.float32, bitcast=True), scale, NROWS, G, HALF)
-    lo = _scaled((two >> 32).to(tl.int32).to(tl.float32, bitcast=True), scale, NROWS, G, HALF)
-    return hi, lo
+    hi, lo = _pair_halves(two, tl.float32)
+    return _scaled(hi, scale, NROWS, G, HALF), _scaled(lo, scale, NROWS, G, HALF)
 
 
 @triton.jit
@@ -117,6 +120,76 @@ def _mma(lhs, rhs, acc, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(lhs, rhs, acc, input_precision="ieee")
     return tl.dot(lhs, rhs, acc)
+
+
+@triton.jit
+def _block_scaled_mma(acc, x_rows, stride_iq, w_ptr, absmax_ptr, absmax2_ptr, code8_ptr,
+                      offset_ptr, table_ptr, n0, q0, Q, P, BS: tl.constexpr, NESTED: tl.constexpr,
+                      EVEN_COLS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """The swapped forward's K step, `accᵀ[BLOCK_N, BLOCK_M] += W[n0:, q0:q0+BLOCK_K] · xᵀ`, one
+    quantization block at a time: the MMA multiplies the 4-bit codes' table values (exact in
+    fp32, rounded once to the activation dtype in the pair table), then each block's fp32 scale
+    multiplies its fp32 partial sum: a multiply and an add per accumulator element and block,
+    instead of a multiply and a rounding per weight element. Rows of whole blocks, BS constexpr."""
+    SUB: tl.constexpr = BLOCK_K if BLOCK_K < BS else BS  # a sub-step lies within one block
+    HALF: tl.constexpr = SUB // 2
+    G: tl.constexpr = BLOCK_K // SUB
+    # Rows past the end read the last row: they land in output columns that are never stored.
+    r = tl.minimum(tl.arange(0, BLOCK_N), P - 1 - n0)
+    w_rows = w_ptr + tl.cast(n0, tl.int64) * (Q // 2) + (r * (Q // 2))[:, None]
+    blk0 = tl.cast(n0, tl.int64) * (Q // BS)  # the tile's first block; in-tile offsets int32
+    cols = q0 // BS + tl.arange(0, G)
+    # The step's G scales per row at once (in-thread; `_column` picks one per sub-step)
+    scales = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, blk0,
+                         (r * (Q // BS))[:, None] + cols[None, :], (cols < Q // BS)[None, :],
+                         NESTED, not EVEN_COLS)
+    pairs = tl.load(table_ptr + tl.arange(0, 256))
+    for j in tl.static_range(G):
+        k0 = q0 + j * SUB
+        offs = k0 + tl.arange(0, SUB)
+        # Without EVEN_COLS a sub-step may be past the row's end (then wholly: whole blocks).
+        byte = load_masked(w_rows + (k0 // 2 + tl.arange(0, HALF))[None, :],
+                           (k0 + 2 * tl.arange(0, HALF) < Q)[None, :], 0, not EVEN_COLS)
+        x = load_masked(x_rows + offs[None, :] * stride_iq, (offs < Q)[None, :], 0.0,
+                        not EVEN_COLS)
+        codes = _pair_values(tl.gather(pairs, tl.reshape(byte.to(tl.int32), [BLOCK_N * HALF]),
+                                       axis=0), x.dtype, BLOCK_N, SUB)
+        scale = _column(scales, j, BLOCK_N, G)
+        part = _mma(codes, tl.trans(x), tl.zeros_like(acc), IEEE)
+        acc += part * scale[:, None]  # not contracted (NO_FMA): the interpreter rounds alike
+    return acc
+
+
+@triton.jit
+def _column(t, J: tl.constexpr, NROWS: tl.constexpr, G: tl.constexpr):
+    """Column J of t [NROWS, G] (G <= 8, a power of two) by halving splits, kept in-thread."""
+    if G == 1:
+        c = tl.reshape(t, [NROWS])
+    else:
+        even, odd = tl.split(tl.reshape(t, [NROWS, G // 2, 2]))
+        c = _column(odd if J % 2 == 1 else even, J // 2, NROWS, G // 2)
+    return c
+
+
+@triton.jit
+def _pair_values(two, DT: tl.constexpr, NROWS: tl.constexpr, NCOLS: tl.constexpr):
+    """[NROWS, NCOLS] table values from the byte-pair lookups `two` ([NROWS * NCOLS / 2])."""
+    hi, lo = _pair_halves(two, DT)
+    return tl.reshape(tl.join(hi, lo), [NROWS, NCOLS])
+
+
+@triton.jit
+def _pair_halves(two, DT: tl.constexpr):
+    """The high- and the low-nibble values (dtype DT) of byte-pair lookups: an int64 entry holds
+    two fp32 values, an int32 entry two 16-bit ones (the high nibble's in the low half)."""
+    if two.dtype == tl.int64:
+        hi = two.to(tl.int32).to(DT, bitcast=True)
+        lo = (two >> 32).to(tl.int32).to(DT, bitcast=True)
+    else:
+        hi = two.to(tl.int16).to(DT, bitcast=True)
+        lo = (two >> 16).to(tl.int16).to(DT, bitcast=True)
+    return hi, lo
 
 
 @triton.jit
@@ -181,20 +254,16 @@ def _lora_matmul_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for q0 in range(q_lo, tl.minimum(Q, q_lo + span), BLOCK_K):
-        offs_q = q0 + tl.arange(0, BLOCK_K)
-        # Rows past M read row M - 1 (their outputs are never stored): only K may need a mask.
-        a = load_masked(inp_ptr + a_rows * stride_im + offs_q[None, :] * stride_iq,
-                  (offs_q < Q)[None, :], 0.0, not EVEN_Q)
         if QUANT and ROWS and W_T and SWAP:
-            # The sum over K in another order: even columns (high nibbles), then odd ones, so
-            # each byte's two values stay in the thread that decoded them (no interleave).
-            hi, lo = _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
-                                   table_ptr, pid_n * BLOCK_N, q0, Q, P, BLOCK_N, BLOCK_K, BS,
-                                   NESTED, EVEN_COLS, False)
-            a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
-            acc = _mma(hi.to(a.dtype), tl.trans(a_even), acc, IEEE)
-            acc = _mma(lo.to(a.dtype), tl.trans(a_odd), acc, IEEE)
+            acc = _block_scaled_mma(acc, inp_ptr + a_rows * stride_im, stride_iq, w_ptr,
+                                    absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
+                                    pid_n * BLOCK_N, q0, Q, P, BS, NESTED, EVEN_COLS, IEEE,
+                                    BLOCK_N, BLOCK_K)
         else:
+            offs_q = q0 + tl.arange(0, BLOCK_K)
+            # Rows past M read row M - 1 (their outputs are never stored): only K may need a mask.
+            a = load_masked(inp_ptr + a_rows * stride_im + offs_q[None, :] * stride_iq,
+                            (offs_q < Q)[None, :], 0.0, not EVEN_Q)
             w = _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
                              blocksize, q0, pid_n * BLOCK_N, offs_q, offs_p, Q, P, stride_wq,
                              stride_wp, QUANT, NESTED, ROWS, W_T, BS, EVEN_COLS, EVEN_Q, BLOCK_K,
@@ -275,9 +344,10 @@ def regime(M: int) -> str:
 # The default where no tuned entry exists, per regime and arch family (Hopper and newer: 90;
 # Ampere/Ada: 80): the candidate with the best static bound among those that compile without
 # spills and fit shared memory there (`python -m peftkern.bench.static`; unmeasured on a GPU).
-# On sm_90a the swapped small-M configs put the decoded weight in wgmma's register operand; on
-# sm_80 the large 4-bit tile with BLOCK_K = 128 spills.
-RULE = {"small": {90: 0, 80: 5}, "large": {90: 0, 80: 2}}
+# On sm_90a the swapped small-M configs put the decoded weight in wgmma's register operand; of
+# them 16x128x128 split-K 4 has the best bound (issue, MMA and shared-pipe time) in both passes
+# at 4096x4096 and 14336x4096; on sm_80 the large 4-bit tile with BLOCK_K = 128 spills.
+RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 
 
 # Candidates that the static check finds over shared memory or spilling in 16-bit on an arch
@@ -320,8 +390,9 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     """Launch the fused kernel; see the module docstring.
 
     `weight` is the dense weight, or the packed uint8 codes when `wq` holds the 4-bit state
-    `(absmax, absmax2, code8, offset, table [16], byte-pair table [256] int64, blocksize)`;
-    `wq` is None for a dense weight.
+    `(absmax, absmax2, code8, offset, table [16], byte-pair table [256] int64 (fp32 values),
+    byte-pair table in inp's dtype (`codes.byte_pair_table`), blocksize)`; `wq` is None for a
+    dense weight.
     `L` is [M, R] and `R2` is [R, P], both in the LoRA dtype (the activation dtype, or fp32 for
     fp32 adapters). `config` (tile sizes, warps, stages) overrides the rule-based choice; the
     interpreter ignores warps and stages. `out_dtype` (default: inp's) is rounded to once.
@@ -335,13 +406,13 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     if M == 0 or P == 0:
         return (out, z) if keep_z else out
     quant = wq is not None
-    absmax, absmax2, code8, offset, table, pairs, blocksize = wq if quant else (weight,) * 6 + (1,)
+    absmax, absmax2, code8, offset, table, pairs, mma_pairs, blocksize = (
+        wq if quant else (weight,) * 7 + (1,))
     nested = quant and absmax2 is not None
     # Rows of whole quantization blocks (every LLM shape): the tile decoder in _decode_rows.
     forward = stride_wq == 1  # Wop = Wᵀ: the tile's columns run along K in the forward
     K = Q if forward else P
     rows = quant and K % blocksize == 0
-    table = pairs if rows else table  # rows: one lookup per byte, else one per nibble
     if not nested:
         absmax2 = code8 = offset = absmax
     cfg = {"SPLIT_K": 1, "SWAP": False, **(config or _config(M, _capability(inp.device))),
@@ -349,6 +420,9 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     if INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     split = cfg["SPLIT_K"]
+    # rows: one lookup per byte (the swapped forward: codes in the activation dtype, scaled per
+    # block after the MMA), else one per nibble
+    table = (mma_pairs if forward and cfg["SWAP"] else pairs) if rows else table
     even_cols = rows and K % cfg["BLOCK_K" if forward else "BLOCK_N"] == 0  # no column masks
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_N"]))
     ws = torch.empty((split, M, P), dtype=torch.float32, device=inp.device) if split > 1 else out

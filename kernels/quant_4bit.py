@@ -55,23 +55,28 @@ def decode_4bit(packed_ptr, idx, live, absmax_ptr, absmax2_ptr, code8_ptr, offse
     """
     byte = tl.load(packed_ptr + idx // 2, mask=live, other=0).to(tl.int32)
     code = tl.where(idx % 2 == 0, byte >> 4, byte & 15)
-    scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, idx // blocksize, live,
-                        NESTED, True)
+    scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, 0, idx // blocksize,
+                        live, NESTED, True)
     return tl.load(table_ptr + code) * scale
 
 
 @triton.jit
-def block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, blk, live, NESTED: tl.constexpr,
-                MASKED: tl.constexpr):
-    """The fp32 scale of quantization blocks `blk`: absmax, or the double-quantized
-    `code8[q] * absmax2[blk // 256] + offset`, rounded twice as in bnb. With MASKED, blocks outside
-    `live` are not read (their scale is not meaningful)."""
+def block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, blk0, blk, live,
+                NESTED: tl.constexpr, MASKED: tl.constexpr):
+    """The fp32 scale of quantization blocks `blk0 + blk` (blk0 a scalar, so that `blk` may be
+    int32 offsets in a tile): absmax, or the double-quantized `code8[q] * absmax2[(blk0 + blk)
+    // 256] + offset`, rounded twice as in bnb. With MASKED, blocks outside `live` are not read
+    (their scale is not meaningful)."""
     if NESTED:
-        q = load_masked(absmax_ptr + blk, live, 0, MASKED).to(tl.int32)
-        scale = tl.load(code8_ptr + q) * load_masked(absmax2_ptr + blk // 256, live, 0.0, MASKED)
+        q = load_masked(absmax_ptr + blk0 + blk, live, 0, MASKED).to(tl.int32)
+        # absmax2[(blk0 + blk) // 256] (bnb's nested blocksize, codes.NESTED_BLOCKSIZE) as a
+        # scalar base and offsets of blk's type (all >= 0)
+        group = (tl.cast(blk0 % 256, tl.int32) + blk) >> 8
+        scale = tl.load(code8_ptr + q) * load_masked(absmax2_ptr + blk0 // 256 + group, live,
+                                                     0.0, MASKED)
         scale = scale + tl.load(offset_ptr)
     else:
-        scale = load_masked(absmax_ptr + blk, live, 0.0, MASKED)
+        scale = load_masked(absmax_ptr + blk0 + blk, live, 0.0, MASKED)
     return scale
 
 

@@ -59,13 +59,14 @@ def code_table(quant_type: str) -> torch.Tensor:
 
 
 @_cached_on
-def byte_pair_table(quant_type: str) -> torch.Tensor:
-    """[256] int64: the fp32 values of a packed byte's high nibble (bits 0-31) and low nibble
-    (bits 32-63), so that the fused GEMM looks a whole byte up at once (cached per device)."""
+def byte_pair_table(quant_type: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values of a packed byte's high nibble (low half) and low nibble (high half), so that
+    the fused GEMM looks a whole byte up at once (cached per device): [256] int64 of two fp32
+    values, or with a 16-bit `dtype` [256] int32 of two values rounded once to it."""
     b = torch.arange(256)
-    t = code_table(quant_type)
-    bits = torch.stack([t[b >> 4], t[b & 15]], 1).contiguous().view(torch.int32).to(torch.int64)
-    return (bits[:, 0] & 0xFFFFFFFF) | (bits[:, 1] << 32)
+    t = code_table(quant_type).to(dtype)
+    pair = torch.stack([t[b >> 4], t[b & 15]], 1).contiguous()
+    return pair.view(torch.int64 if dtype == torch.float32 else torch.int32).reshape(256)
 
 
 @_cached_on

@@ -131,6 +131,22 @@ def test_reference_tables_match_bitsandbytes():
     assert torch.equal(codes.dynamic_map(), F.create_dynamic_map())
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("quant_type", codes.QUANT_TYPES)
+def test_byte_pair_tables_hold_both_nibbles(quant_type, dtype):
+    """The fused GEMM's byte lookup: entry b holds the values of b's high nibble (low half, the
+    even column) and low nibble (high half), each rounded once to `dtype`."""
+    t = codes.code_table(quant_type).to(dtype)
+    pairs = codes.byte_pair_table(quant_type, dtype)
+    assert pairs.dtype == (torch.int64 if dtype == torch.float32 else torch.int32)
+    both = pairs.view(dtype).reshape(256, 2)
+    b = torch.arange(256)
+    assert torch.equal(both[:, 0], t[b >> 4]) and torch.equal(both[:, 1], t[b & 15])
+    assert torch.equal(codes.byte_pair_table(quant_type),
+                       codes.byte_pair_table(quant_type, torch.float32))
+
+
 # ---- bitsandbytes interop -------------------------------------------------------------------
 
 

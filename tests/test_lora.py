@@ -129,6 +129,35 @@ def test_every_candidate_tile_config_is_correct(regime, M, N, K, weight_kind, bl
             assert_error_rule(f"{name} {cfg}", g, o, t)
 
 
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs Triton (interpreter)")
+@pytest.mark.parametrize("dt", ["fp16", "fp32"])
+@pytest.mark.parametrize("M, N, K, weight_kind, blocksize", [
+    (1, 150, 512, "nf4-dq", 64),   # 2 or 4 blocks per K step, the last output tile partial
+    (3, 70, 384, "fp4", 128),      # one or 2 blocks per step; K ends mid-step (a dead sub-step)
+    (5, 64, 768, "nf4", 256),      # blocks longer than a K step: one scale per tile row
+    (2, 150, 96, "nf4-dq", 32)])   # 8 blocks per step; tiles start mid-group of 256 blocks
+def test_swapped_forward_scales_blocks_after_the_mma(M, N, K, weight_kind, blocksize, dt, gen):
+    """The swapped small-M forward multiplies the codes' table values (in the activation dtype)
+    and scales each quantization block's partial sum after the MMA (`_block_scaled_mma`): every
+    swapped candidate follows the error rule against the exactly decoded weight, in fp16 (16-bit
+    pair table) and fp32 (fp32 pair table)."""
+    from peftkern.kernels.lora_linear import CANDIDATES
+    dtype = DT[dt]
+    W32, q, x, A, B, b, _, _ = _inputs(gen, weight_kind, dtype, M, 8, N, K, True, 0.0, "2d",
+                                       blocksize)
+    cast = [t.to(dtype) for t in (x, A, B, b)]
+    oracle = R.lora_linear(*[t.double() for t in (x,)], W32.double(), b.double(), A.double(),
+                           B.double(), 0.5)
+    baseline = R.lora_linear(cast[0], W32.to(dtype), cast[3], cast[1], cast[2], 0.5)
+    swapped = [c for c in CANDIDATES["small"] if c.get("SWAP")]
+    assert swapped
+    for cfg in swapped:
+        with ops.use_backend("triton"), ops.use_config(cfg):
+            got = ops.qlora_linear(cast[0], q, cast[3], cast[1], cast[2], 0.5)
+        assert got.dtype == dtype
+        assert_error_rule(f"y {cfg}", got, oracle, baseline)
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dropout_is_random_on_lora_branch_only(backend, gen):
     lin = torch.nn.Linear(40, 24)

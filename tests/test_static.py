@@ -151,6 +151,18 @@ def test_gemm_quick_set(slow_report, weight, dtype, pass_, check):
     assert not bad, "\n".join(bad)
 
 
+def test_4bit_decode_costs_at_most_six_instructions_per_weight_element(fast_report):
+    """Issue 13's bar for the default tiles on sm_90a (bf16): the 4-bit forward and dX main
+    loops issue at most 6 thread-instructions per decoded weight element."""
+    rows = [r for r in fast_report["rows"] if r["kernel"] == "_lora_matmul_kernel" and r["rule"]
+            and r["arch"] == "sm_90a" and r["weight"] != "dense" and r["extra"] is None]
+    assert {(r["regime"], r["pass"]) for r in rows} == {(g, p) for g in ("small", "large")
+                                                        for p in ("fwd", "dx")}
+    over = [f"{r['config']} {r['pass']} M={r['M']}: {r['instr_per_weight_elem']}" for r in rows
+            if r["instr_per_weight_elem"] > 6]
+    assert not over, over
+
+
 def test_rule_configs_are_candidates_the_dispatcher_may_pick():
     from peftkern.kernels import lora_linear as L
     for regime, by_arch in L.RULE.items():
@@ -222,6 +234,30 @@ def test_sass_and_ptx_parsing():
     assert mix["widths"] == {"LDG.E.128": 1}
     assert sum(bool(static.DIV64_ROUTINE.search(r)) for _, op, r in body if op == "CALL.REL.NOINC")
     assert static.ptx_loop_div64(PTX) == (1, 2)
+
+
+def test_shared_pipe_model():
+    """Wavefronts per warp access, wgmma's shared operand bytes, and the lookup-conflict model
+    (the constants the model's description quotes)."""
+    body = static.parse_sass("""
+.L_x_1:
+        /*0000*/                   LDS R4, [R2] ;
+        /*0010*/                   LDS.64 R4, [R2+0x8] ;
+        /*0020*/                   STS.128 [R3], R8 ;
+        /*0030*/                   LDSM.16.M88.4 R12, [R5] ;
+        /*0038*/                   LDSM.16.MT88 R12, [R5] ;
+        /*0040*/                   LDGSTS.E.BYPASS.128 [R6], desc[UR4][R8.64] ;
+        /*0050*/                   HGMMA.64x16x16.F32.BF16 R24, R32, gdesc[UR20], R24 ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0070*/              @P1 BRA `(.L_x_1) ;
+""")
+    t = static.shared_traffic(static.sass_main_loop(body))
+    assert t["main_loop_shared_wavefronts"] == 1 + 2 + 4 + 4 + 1 + 4
+    assert t["main_loop_wgmma_shared_bytes"] == 16 * 16 * 2 + (16 * 128 * 2 + 64 * 16 * 2)
+    assert static.gather_wavefronts(16, 4) == 1.0  # 16 words in 16 banks: never a conflict
+    assert round(static.gather_wavefronts(256, 4), 2) == 3.15
+    assert round(static.gather_wavefronts(256, 8), 2) == 5.82
+    assert "3.15" in static.MODEL_MD and "5.82" in static.MODEL_MD
 
 
 def test_bound_model_occupancy():

@@ -41,14 +41,24 @@ First-order bound model (a STATIC ESTIMATE, never a measurement):
     per SM, each issuing one warp-instruction per cycle; a warp issues at most one per cycle);
     MMA cycles / CTA iteration = 2·BM·BN·BK / (dense 16-bit tensor FLOP per cycle per SM) when
     the loop has tensor-core MMAs (else 0: fp32 IEEE runs on FFMA, already in the issue count);
+  * L1 cycles / CTA iteration = shared-memory wavefronts (32 banks × 4 B: one 128 B wavefront
+    per cycle per SM): every LDS / STS / LDSM / STSM / cp.async of the loop × num_warps, as if
+    conflict-free (ceil(32 lanes × width / 128); ldmatrix .xN: N), + wgmma's shared operands
+    (B, and A unless in registers) per warpgroup / 128 B, + the table lookups' bank conflicts:
+    BLOCK_N·BLOCK_K/2 lookups (one per packed byte) / 32 lanes × (the expected wavefronts of a
+    warp's 32 uniformly random lookups into the 256-entry pair table, 4 B entries in the swapped
+    16-bit forward: 3.15, else 8 B: 5.82 — `gather_wavefronts` — minus the conflict-free cost);
   * the busiest SM runs ceil(#CTAs / SMs) CTAs, `resident` = min(that, CTAs per SM) at a time
-    in ceil(that / resident) waves; co-resident CTAs share the schedulers and tensor cores, so
-    compute time = max(issue, MMA) × resident × iterations (ceil(ceil(Q / SPLIT_K) / BK)) ×
+    in ceil(that / resident) waves; co-resident CTAs share the schedulers, tensor cores and the
+    shared pipe, so
+    compute time = max(issue, MMA, L1) × resident × iterations (ceil(ceil(Q / SPLIT_K) / BK)) ×
     waves / clock; CTAs per SM = min(65536 registers / (registers per warp rounded to 256 ×
     warps), floor(shared limit / shared), 64 warps / warps, 32). Latency is not modelled: with
     few warps per SM the real time is longer;
   * HBM time = bytes once each (x or dY, the weight: dense, or packed codes + absmax (+ nested
-    absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM);
+    absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM); the split-K
+    workspace (SPLIT_K × M × P fp32, written and read back once: 0.9-3.7 MB at M = 16) is
+    assumed to stay in L2 and is not counted;
   * bound_vs_dense = the 4-bit variant's bound / the dense variant's (same config, dtype, pass,
     arch, M), both estimated this way (per row at N = K = 4096 and the row's M; per shape in
     `shape_bounds` for N x K = 4096 x 4096 and 14336 x 4096, M = 1, 16, 8192, r = 16, bf16).
@@ -68,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import io
 import itertools
@@ -81,7 +92,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-STATIC_VERSION = 2  # bump when analyze() reports new fields (cache key)
+STATIC_VERSION = 3  # bump when analyze() reports new fields (cache key)
 OUT_DEFAULT = os.path.join("benchmarks", "results", "static")
 CACHE_DEFAULT = os.path.join(os.path.expanduser("~"), ".cache", "peftkern", "static")
 RANK = 16
@@ -524,11 +535,86 @@ def analyze(kernel, log: str) -> dict:
         main_loop_div64_calls=sum(bool(DIV64_ROUTINE.search(r)) for _, op, r in body
                                   if op.startswith("CALL")),
         main_loop_hgmma=_count(body, "HGMMA"), main_loop_hmma=_count(body, "HMMA"),
-        main_loop_mix=mix,
+        main_loop_mix=mix, **shared_traffic(body),
         # bnb's roundings: IEEE division in quantize, no contracted FMAs where it rounds twice
         ptx_div_approx=len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx)),
         ptx_fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)),
         **({} if body else {"kernel_mix": instruction_mix(instrs)}))
+
+
+# Shared-memory (L1) pipe: 32 banks x 4 B, one 128 B wavefront per cycle per SM. A conflict-free
+# warp access of W bytes per lane takes ceil(32 W / 128) wavefronts; ldmatrix / stmatrix .xN move
+# N 8x8 16-bit matrices (N wavefronts); cp.async writes its width into shared memory.
+_WAVEFRONTS = {"": 1, "U8": 1, "S8": 1, "U16": 1, "S16": 1, "32": 1, "64": 2, "128": 4}
+
+
+def _wavefronts(op: str) -> int:
+    parts = op.split(".")
+    if parts[0] in ("LDSM", "STSM"):  # LDSM.16.M88.4: .x4; no count suffix: .x1
+        return int(parts[-1]) if parts[-1].isdigit() else 1
+    if parts[0] in ("LDS", "STS", "LDGSTS"):
+        sizes = [p for p in parts[1:] if p in _WAVEFRONTS and p]
+        return _WAVEFRONTS[sizes[-1]] if sizes else 1
+    return 0
+
+
+def shared_traffic(body) -> dict:
+    """Per main-loop iteration: shared-memory wavefronts one warp issues (LDS / STS / LDSM /
+    STSM / cp.async, each as if conflict-free), and the shared bytes each warpgroup's wgmma reads
+    (B, and A unless it comes from registers; 16-bit operands)."""
+    waves, wgmma = 0, 0
+    for _, op, rest in body:
+        waves += _wavefronts(op)
+        if op.startswith("HGMMA"):
+            m = re.match(r"x(\d+)x(\d+)", rest)
+            n, k = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+            a_in_regs = re.match(r"\S+\s+R\d+,\s*R\d+", rest) is not None
+            wgmma += k * n * 2 + (0 if a_in_regs else 64 * k * 2)
+    return dict(main_loop_shared_wavefronts=waves, main_loop_wgmma_shared_bytes=wgmma)
+
+
+@functools.lru_cache(maxsize=None)
+def gather_wavefronts(entries: int, entry_bytes: int, trials: int = 4000) -> float:
+    """Expected wavefronts of one warp's table lookup (tl.gather from shared memory) with 32
+    uniformly random indices into `entries` entries: per 128 B wavefront (32 lanes of 4 B, 16 of
+    8 B), the most distinct words any one bank serves (same word: a broadcast). NF4 codes are
+    equiprobable for normal weights, so the bytes are close to uniform. Fixed seed: a constant."""
+    import numpy as np
+    lanes = 128 // entry_bytes
+    idx = np.random.default_rng(0).integers(0, entries, size=(trials * 32 // lanes, lanes))
+    words = entry_bytes // 4
+    bank = (idx * words) % 32  # an entry's first bank; its other words follow in order
+    distinct = np.zeros((idx.shape[0], 32), dtype=np.int64)
+    for row in range(idx.shape[0]):
+        seen = {}
+        for b, e in zip(bank[row], idx[row]):
+            seen.setdefault(b, set()).add(e)
+        for b, es in seen.items():
+            distinct[row, b] = len(es)
+    return float(distinct.max(axis=1).mean() * 32 / lanes)
+
+
+def gather_lookups(row: dict) -> tuple[int, int, int]:
+    """(lookups per CTA iteration, table entries, entry bytes) of a 4-bit GEMM's byte-pair table
+    (rows of whole blocks: one lookup per packed byte); (0, 0, 0) for a dense weight."""
+    if row["weight"] == "dense":
+        return 0, 0, 0
+    cfg = row["config_dict"]
+    mma_dtype = row["pass"] == "fwd" and cfg.get("SWAP") and row["dtype"] != "fp32"
+    return cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2, 256, 4 if mma_dtype else 8
+
+
+def shared_cycles(row: dict) -> float:
+    """Shared-pipe cycles per CTA iteration: the warps' wavefronts, wgmma's operand reads, and
+    the expected extra wavefronts of the table lookups' bank conflicts."""
+    warps = row["num_warps"]
+    waves = row.get("main_loop_shared_wavefronts", 0) * warps
+    waves += row.get("main_loop_wgmma_shared_bytes", 0) * max(1, warps // 4) / 128
+    lookups, entries, ebytes = gather_lookups(row)
+    if lookups:
+        per_warp = 32  # lanes; a conflict-free lookup costs ebytes / 4 wavefronts per warp
+        waves += lookups / per_warp * (gather_wavefronts(entries, ebytes) - ebytes / 4)
+    return waves
 
 
 def _count(body, base: str) -> int:
@@ -616,15 +702,17 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     # instruction per cycle, so fewer than 4 resident warps cannot use all 4 schedulers.
     issue = row["main_loop_instructions"] * warps / min(4, resident * warps)
     mma = 2 * bm * bn * bk / hw["mma_flop"] if row["main_loop_mma"] else 0.0
-    compute = max(issue * resident, mma * resident) * iters * waves / hw["clock"]
+    l1 = shared_cycles(row)
+    compute = max(issue, mma, l1) * resident * iters * waves / hw["clock"]
     elt = {"fp16": 2, "bf16": 2, "fp32": 4}[row["dtype"]]
     lelt = 4 if row.get("extra") == "lora-fp32" else elt
     nbytes = (M * Q * elt + weight_bytes(row["weight"], N, K, elt) + M * P * elt
               + (M + P) * RANK * lelt)
     hbm = nbytes / hw["hbm"]
-    return dict(issue_cycles_per_iter=issue, mma_cycles_per_iter=mma, iterations=iters, ctas=ctas,
-                ctas_per_sm=occ, waves=waves, compute_s=compute, hbm_s=hbm,
-                bound_s=max(compute, hbm), limiter="compute" if compute >= hbm else "hbm")
+    limiter = max((issue, "issue"), (mma, "mma"), (l1, "l1"))[1] if compute >= hbm else "hbm"
+    return dict(issue_cycles_per_iter=issue, mma_cycles_per_iter=mma, l1_cycles_per_iter=l1,
+                iterations=iters, ctas=ctas, ctas_per_sm=occ, waves=waves, compute_s=compute,
+                hbm_s=hbm, bound_s=max(compute, hbm), limiter=limiter)
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -800,7 +888,8 @@ def _summary_md(rows) -> list[str]:
 def _bounds_md(bounds) -> list[str]:
     head = ("arch", "weight", "pass", "M", "N", "K", "config", "compiled_M", "launchable",
             "ctas_per_sm", "waves",
-            "issue_cycles_per_iter", "mma_cycles_per_iter", "compute_s", "hbm_s", "bound_s",
+            "issue_cycles_per_iter", "mma_cycles_per_iter", "l1_cycles_per_iter", "compute_s",
+            "hbm_s", "bound_s",
             "limiter", "bound_vs_dense")
     out = ["## Per-shape bounds (static estimate; bf16, r=16, rule config)", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -12,9 +12,10 @@ def _kernels():
     return lora_linear, quant_4bit, adalora, dora_norm, multi_lora
 
 
-def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device):
+def _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, device, dtype):
     return (absmax, absmax2, code8, offset, codes.code_table(quant_type, device=device),
-            codes.byte_pair_table(quant_type, device=device), blocksize)
+            codes.byte_pair_table(quant_type, device=device),
+            codes.byte_pair_table(quant_type, dtype, device=device), blocksize)
 
 
 def lora_linear_fwd(x, weight, bias, lora_A, lora_B, scaling, mask, scale=None, out_dtype=None,
@@ -48,7 +49,8 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
     xa = lora_xa(x, lora_A, mask)
     K = x.shape[1]
-    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device)
+    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, x.device,
+                compute_dtype)
     y = _kernels()[0].lora_matmul(x.to(compute_dtype), packed_bytes(data), q, xa, lora_B.t(),
                                   scaling, None, bias, stride_wq=1, stride_wp=K, P=out_features,
                                   config=config, out_dtype=out_dtype or x.dtype, scale=scale,
@@ -59,7 +61,8 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
 def qlora_linear_dx(dy, qw, in_features, lora_A, dyb, scaling, mask, compute_dtype,
                     inp_scale=None, config=None):
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
-    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device)
+    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, dy.device,
+                compute_dtype)
     return _kernels()[0].lora_matmul(_scaled_dy(dy, inp_scale).to(compute_dtype),
                                      packed_bytes(data), q, dyb, lora_A, scaling, mask, None,
                                      stride_wq=in_features, stride_wp=1, P=in_features,
@@ -87,7 +90,8 @@ def dora_norm(weight, qw, lora_A, lora_B, scaling, N, K, config=None):
     if qw is None:
         return _kernels()[3].dora_norm(weight, None, lora_A, lora_B, scaling, N, K)
     data, absmax, absmax2, code8, offset, quant_type, blocksize = qw
-    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, data.device)
+    q = _qstate(absmax, absmax2, code8, offset, quant_type, blocksize, data.device,
+                lora_A.dtype)
     return _kernels()[3].dora_norm(packed_bytes(data), q, lora_A, lora_B, scaling, N, K)
 
 
