@@ -87,13 +87,13 @@ def _weight_tile(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
     """Wop[offs_q, offs_p] as fp32. A 4-bit weight whose rows hold whole blocks (ROWS) is decoded
     in its stored layout: forward (W_T: Wop = Wᵀ) transposes the [n, k] tile in registers, dX
-    (Wop = W) uses it as is. Otherwise each element is decoded from its flat index."""
+    (Wop = W) uses it as is. Otherwise each element is decoded from its flat index. (The swapped
+    forward of such a weight runs `_block_scaled_mma` instead.)"""
     if QUANT and ROWS:
         if W_T:
-            w = _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
-                             p0, q0, Q, P, BLOCK_N, BLOCK_K, BS, NESTED, EVEN_COLS, False)
-            if not SWAP:
-                w = tl.trans(w)
+            w = tl.trans(_decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                                      table_ptr, p0, q0, Q, P, BLOCK_N, BLOCK_K, BS, NESTED,
+                                      EVEN_COLS, False))
         else:
             w = _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr,
                              q0, p0, P, Q, BLOCK_K, BLOCK_N, BS, NESTED, EVEN_COLS, EVEN_Q)
