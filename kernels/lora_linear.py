@@ -31,18 +31,8 @@ def _decode_rows(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_pt
                  ncols, nrows, NROWS: tl.constexpr, NCOLS: tl.constexpr, BS: tl.constexpr,
                  NESTED: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_ROWS: tl.constexpr):
     """W[row0:row0+NROWS, col0:col0+NCOLS] in its stored [N, K] layout, as fp32, when every row
-    holds whole quantization blocks (K % BS == 0, BS constexpr): `_decode_pairs` interleaved."""
-    hi, lo = _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, row0,
-                           col0, ncols, nrows, NROWS, NCOLS, BS, NESTED, EVEN_COLS, EVEN_ROWS)
-    return tl.reshape(tl.join(hi, lo), [NROWS, NCOLS])
-
-
-@triton.jit
-def _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_ptr, row0, col0,
-                  ncols, nrows, NROWS: tl.constexpr, NCOLS: tl.constexpr, BS: tl.constexpr,
-                  NESTED: tl.constexpr, EVEN_COLS: tl.constexpr, EVEN_ROWS: tl.constexpr):
-    """The even and the odd columns of W[row0:row0+NROWS, col0:col0+NCOLS] (`[NROWS, NCOLS/2]`
-    each, fp32): the high and the low nibbles of the packed bytes. The bytes are loaded as one
+    holds whole quantization blocks (K % BS == 0, BS constexpr): the high and the low nibbles of
+    the packed bytes are the even and the odd columns. The bytes are loaded as one
     [NROWS, NCOLS/2] tile (lanes along K) and each byte is looked up once; one scale per block
     is loaded and broadcast over its BS columns. The tile's base is int64, offsets in it int32."""
     HALF: tl.constexpr = NCOLS // 2
@@ -70,7 +60,8 @@ def _decode_pairs(w_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, table_p
     two = tl.reshape(tl.gather(pairs, tl.reshape(byte.to(tl.int32), [NROWS * HALF]), axis=0),
                      [NROWS, HALF])
     hi, lo = _pair_halves(two, tl.float32)
-    return _scaled(hi, scale, NROWS, G, HALF), _scaled(lo, scale, NROWS, G, HALF)
+    return tl.reshape(tl.join(_scaled(hi, scale, NROWS, G, HALF),
+                              _scaled(lo, scale, NROWS, G, HALF)), [NROWS, NCOLS])
 
 
 @triton.jit

@@ -345,7 +345,8 @@ def bind(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, compute_dtype=
         x2 = x if flat else x.reshape(-1, K)
         mask = None if dropout_p == 0.0 else _mask(x2, dropout_p, None, lora_A.dtype)
         args = (x2, *head, lora_A, lora_B, s, mask, *tail)
-        return _unrows((_Eager.apply(op, plan, *args) if eager else _direct_call(op, plan, args))[0], x)
+        out = _Eager.apply(op, plan, *args) if eager else _direct_call(op, plan, args)
+        return _unrows(out[0], x)
 
     return call
 
