@@ -13,6 +13,9 @@ the codes' table values (rounded once to the activation dtype; exact in fp32) an
 quantization block's fp32 partial sum (`_block_scaled_mma`): as exact, not bit-identical.
 Deterministic: every output tile is owned by one program (split-K partials are added in a fixed
 order by the second launch), no atomics.
+A GLUON tile config (a tuning candidate) runs the 16-bit 4-bit forward at M <= 16 on sm_90+ as
+kernels/qlora_wgmma.py (the same block-scaled math with the decoded weight in wgmma's registers)
+into the split-K workspace, which `_split_k_epilogue_kernel` finishes as for split-K tiles.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import qlora_wgmma
 from .common import INTERPRET, NO_FMA, empty, load_masked
 from .quant_4bit import block_scale, decode_4bit
 
@@ -306,10 +310,11 @@ def _split_k_epilogue_kernel(
 SMALL_M = 16
 
 
-def _configs(rows, split_k=1, swap=False):
+def _configs(rows, split_k=1, swap=False, gluon=False):
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     return [dict(zip(keys, r), **({"SPLIT_K": split_k} if split_k > 1 else {}),
-                 **({"SWAP": True} if swap else {})) for r in rows]
+                 **({"SWAP": True} if swap else {}), **({"GLUON": True} if gluon else {}))
+            for r in rows]
 
 
 CANDIDATES = {
@@ -320,7 +325,11 @@ CANDIDATES = {
     + _configs([(16, 64, 128, 4, 3)], split_k=4, swap=True)
     + _configs([(16, 64, 128, 4, 3), (16, 32, 128, 2, 3), (16, 32, 256, 4, 3),
                 (16, 128, 64, 4, 3), (16, 16, 256, 2, 4)])
-    + _configs([(16, 64, 128, 4, 3)], split_k=4) + _configs([(16, 32, 128, 4, 3)], split_k=8),
+    + _configs([(16, 64, 128, 4, 3)], split_k=4) + _configs([(16, 32, 128, 4, 3)], split_k=8)
+    # GLUON: on sm_90+ the 16-bit 4-bit forward runs kernels/qlora_wgmma.py where it applies
+    # (its own tiles); every other call, and the interpreter, the Triton kernel with the sm_90 rule
+    # tiles (candidate 4)
+    + _configs([(16, 128, 128, 4, 3)], split_k=4, swap=True, gluon=True),
     "large": _configs([(128, 128, 128, 8, 2), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
                        (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
                        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3),
@@ -337,7 +346,9 @@ def regime(M: int) -> str:
 # spills and fit shared memory there (`python -m peftkern.bench.static`; unmeasured on a GPU).
 # On sm_90a the swapped small-M configs put the decoded weight in wgmma's register operand; of
 # them 16x128x128 split-K 4 has the best bound (issue, MMA and shared-pipe time) in both passes
-# at 4096x4096 and 14336x4096; on sm_80 the large 4-bit tile with BLOCK_K = 128 spills.
+# at 4096x4096 and 14336x4096; on sm_80 the large 4-bit tile with BLOCK_K = 128 spills. The GLUON
+# candidate's forward (kernels/qlora_wgmma.py) has a better bound still (memory-bound), but no GPU
+# has run it: it is tuned in only where a GPU measures it and its result agrees (bench/tune.py).
 RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 
 
@@ -345,7 +356,9 @@ RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 # family (`python -m peftkern.bench.static --configs all`): never tuned or picked there.
 # sm_80: the swapped BLOCK_K = 256 tiles spill 8-36 B (4-bit), the large 4-bit tiles with BLOCK_K
 # = 128 or 256-wide spill 112-316 B; both arches: 128x256, 256x128 and 64x256 spill (up to 1.6 KB).
-EXCLUDED = {90: {"small": (), "large": (6, 8, 9)}, 80: {"small": (0, 1, 3), "large": (0, 1, 6, 8, 9)}}
+# The GLUON candidate (13) is Hopper's: on sm_80 it would only repeat a Triton config.
+EXCLUDED = {90: {"small": (), "large": (6, 8, 9)},
+            80: {"small": (0, 1, 3, 13), "large": (0, 1, 6, 8, 9)}}
 
 
 def arch_family(capability: tuple[int, int] | None) -> int:
@@ -368,6 +381,13 @@ def _config(M: int, capability: tuple[int, int] | None = None) -> dict:
 def rule_config(regime_: str, capability: tuple[int, int] | None = None) -> dict:
     """The GPU default of a regime on an arch (RULE)."""
     return CANDIDATES[regime_][RULE[regime_][arch_family(capability)]]
+
+
+def _wgmma_applies(inp, blocksize) -> bool:
+    """The Gluon forward (a GLUON config) runs here: compiled code (not the interpreter) for an
+    sm_90+ GPU, or no device (the static check records it for sm_90a), on shapes it takes."""
+    return (not INTERPRET and qlora_wgmma.hopper(_capability(inp.device))
+            and qlora_wgmma.supported(inp.shape[0], inp.shape[1], blocksize, inp.dtype))
 
 
 @functools.lru_cache(maxsize=None)
@@ -410,13 +430,19 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
            "BLOCK_R": max(16, triton.next_power_of_2(R))}
     if INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-    split = cfg["SPLIT_K"]
+    wgmma = cfg.pop("GLUON", False) and rows and forward and _wgmma_applies(inp, blocksize)
+    split = qlora_wgmma.splits(Q) if wgmma else cfg["SPLIT_K"]
     # rows: one lookup per byte (the swapped forward: codes in the activation dtype, scaled per
     # block after the MMA), else one per nibble
     table = (mma_pairs if forward and cfg["SWAP"] else pairs) if rows else table
     even_cols = rows and K % cfg["BLOCK_K" if forward else "BLOCK_N"] == 0  # no column masks
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_N"]))
-    ws = torch.empty((split, M, P), dtype=torch.float32, device=inp.device) if split > 1 else out
+    if wgmma:  # the Gluon kernel's split-K partials; the epilogue kernel below adds them
+        ws = qlora_wgmma.forward_partials(inp, weight, absmax, absmax2 if nested else None,
+                                          code8, offset, mma_pairs, blocksize, P)
+    else:
+        ws = torch.empty((split, M, P), dtype=torch.float32, device=inp.device) \
+            if split > 1 else out
     m = mask if mask is not None else out
     epilogue_args = (L, L.stride(0), L.stride(1), R2, R2.stride(0), R2.stride(1), R, float(scaling),
                      m, m.stride(0), m.stride(1), bias if bias is not None else out,
@@ -424,13 +450,14 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
                      out.stride(0), out.stride(1))
     flags = dict(HAS_MASK=mask is not None, HAS_BIAS=bias is not None,
                  HAS_SCALE=scale is not None, HAS_Z=keep_z, LORA_IEEE=L.dtype == torch.float32)
-    _lora_matmul_kernel[grid + (split,)](
-        inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
-        absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
-        QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=forward,
-        BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0,
-        **flags, **cfg, **NO_FMA)
-    if split > 1:
+    if not wgmma:
+        _lora_matmul_kernel[grid + (split,)](
+            inp, M, Q, inp.stride(0), inp.stride(1), weight, P, stride_wq, stride_wp,
+            absmax, absmax2, code8, offset, table, blocksize, *epilogue_args, ws,
+            QUANT=quant, NESTED=nested, IEEE=inp.dtype == torch.float32, ROWS=rows, W_T=forward,
+            BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0,
+            **flags, **cfg, **NO_FMA)
+    if split > 1 or wgmma:
         _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
                                        BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
                                        SPLIT_K=split, **NO_FMA)

@@ -148,3 +148,13 @@ def test_host_cost_bench_times_both_layers_in_every_mode():
             ("bnb 4-bit", "training")]
         assert all(r["peft_us"] > 0 and r["enabled_us"] > 0 and
                    math.isclose(r["ratio"], r["enabled_us"] / r["peft_us"]) for r in rows)
+
+
+def test_tune_rejects_a_candidate_with_a_wrong_result():
+    """A tuning run times a candidate only if its result agrees with dequantize + cuBLAS."""
+    want = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    assert tune.agrees(want + 1e-3 * want.abs().max(), want)
+    assert tune.agrees((want.half(), None, None), (want, None, None))
+    assert not tune.agrees(want.flip(1), want)  # a permuted result
+    assert not tune.agrees(torch.full_like(want, float("nan")), want)
+    assert not tune.agrees(want[:8], want)

@@ -98,3 +98,45 @@ def test_default_dispatch_follows_the_measured_crossover(gen, monkeypatch, gemv_
     for M in (1, 4, 5, 16, 17):
         ops.qlora_linear(torch.randn(M, 256, device="cuda"), q.to("cuda"), None, A, B, 1.0)
     assert gemv_calls == [1, 4]
+
+
+# ---- the Gluon small-M forward (kernels/qlora_wgmma.py, sm_90+), through the GLUON config ----------
+
+def _hopper():
+    from peftkern.kernels import qlora_wgmma
+    return (torch.cuda.is_available() and "triton" in GPU_BACKENDS and qlora_wgmma.AVAILABLE
+            and torch.cuda.get_device_capability()[0] >= 9)
+
+
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90+ GPU and Triton with Gluon")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("M, N, K, blocksize, qt, dq, bias, r, layout", [
+    (1, 4096, 4096, 64, "nf4", True, False, 16, "2d"), (16, 4096, 4096, 64, "nf4", True, True, 16, "2d"),
+    (7, 333, 1280, 128, "fp4", False, True, 8, "2d"),      # a partial n-tile, a shorter last slice
+    (16, 14336, 4096, 64, "nf4", True, True, 16, "2d"),    # several tiles per program
+    (3, 4096, 11008, 256, "nf4", True, False, 16, "transposed"),  # x non-contiguous
+    (5, 130, 512, 512, "nf4", False, False, 4, "2d")])
+def test_gluon_forward_follows_error_rule(M, N, K, blocksize, qt, dq, bias, r, layout, dtype, gen,
+                                          monkeypatch):
+    from peftkern.kernels import lora_linear as L
+    from peftkern.kernels import qlora_wgmma
+    calls = []
+    real = qlora_wgmma.forward_partials
+    monkeypatch.setattr(qlora_wgmma, "forward_partials", lambda *a: calls.append(1) or real(*a))
+    q, Wd = _quantized(N, K, qt, blocksize, dq, gen)
+    x = torch.randn(M, K, generator=gen) if layout == "2d" else torch.randn(K, M, generator=gen).t()
+    x = x.to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    A = (torch.randn(r, K, generator=gen) / K ** 0.5).to(dtype)
+    B = (torch.randn(N, r, generator=gen) / r ** 0.5).to(dtype)
+    cuda = [t if t is None else t.cuda() for t in (x, b, A, B)]
+    cfg = next(c for c in L.CANDIDATES["small"] if c.get("GLUON"))
+    with ops.use_backend("triton"), ops.use_config(cfg):
+        y = ops.qlora_linear(cuda[0], q.to("cuda"), *cuda[1:], 0.5)
+        again = ops.qlora_linear(cuda[0], q.to("cuda"), *cuda[1:], 0.5)
+    assert calls == [1, 1], "the Gluon kernel did not run"
+    assert torch.equal(y, again), "not deterministic"
+    want = R.lora_linear(x.double(), Wd.double(), None if b is None else b.double(), A.double(),
+                         B.double(), 0.5)
+    base = R.lora_linear(cuda[0], Wd.to(dtype).cuda(), *cuda[1:], 0.5)  # torch in dtype, on GPU
+    assert_error_rule("y", y.cpu(), want, base.cpu())

@@ -9,10 +9,13 @@ What it does. Every kernel the dispatcher can launch is compiled ahead of time f
 weights with plain or nested (double-quantized) absmax, fp16 (rule configs only) / bf16 / fp32, forward and dX, the split-K
 epilogue kernel, quantize (every bnb blocksize), dequantize, the AdaLoRA sensitivity update and
 the DoRA weight norm (`_dora_norm_kernel`: dense, 4-bit plain and nested, each dtype) and the
-mixed-adapter grouped LoRA (`_shrink_kernel`, `_expand_kernel`, each dtype).
+mixed-adapter grouped LoRA (`_shrink_kernel`, `_expand_kernel`, each dtype), and the Gluon
+small-M 4-bit forward (`_qlora_wgmma_kernel`, kernels/qlora_wgmma.py: sm_90a only, the GLUON
+candidate's forward; compiled through `GluonASTSource`).
 Reduced sets: bias and the DoRA output scale (forward), dropout mask (dX) and fp32 adapters only on the rule configs, dense
 and nf4-nested, bf16; M = 1 (Triton makes an int == 1 a constexpr) on the small rule config.
-`--quick`: the rule configs, the first split-K small and one more large candidate; dense and
+`--configs rule`: the rule configs and the GLUON candidate. `--quick`: those, the first split-K
+small and one more large candidate; dense and
 nf4-nested; bf16 and fp32; no epilogue extras; quantize/dequantize at blocksize 64; AdaLoRA fp32. The arguments are the real ones: `JITFunction.run` is replaced by a
 recorder, the custom ops (`peftkern.ops.lora.lora_linear_fwd`, `qlora_linear_dx`, ...; backend
 forced to Triton and the tile config by `ops.use_backend` / `ops.use_config`) are called on CPU
@@ -27,7 +30,8 @@ read; `metadata.shared` is the shared memory.
 Main loop. In SASS the K loop is the range [target, branch] of a backward branch (BRA to a lower
 address); the largest such range (most instructions) is "the main loop". Its instruction mix is
 counted statically (each instruction once: a guarded slow path inside the loop counts as if
-taken). 64-bit integer division is counted in the PTX of the largest PTX loop (`div/rem.s64/u64`:
+taken). A loop nested in it (the Gluon kernel's K loop inside its persistent tile loop) is
+counted as running INNER_ITERS times per main-loop iteration (the config says how many). 64-bit integer division is counted in the PTX of the largest PTX loop (`div/rem.s64/u64`:
 `main_loop_div64`) and as CALLs to the `__internal_*_div_s64`-style routines in the SASS main loop
 (`main_loop_div64_calls`; `main_loop_calls` counts every CALL).
 
@@ -51,10 +55,17 @@ First-order bound model (a STATIC ESTIMATE, never a measurement):
   * the busiest SM runs ceil(#CTAs / SMs) CTAs, `resident` = min(that, CTAs per SM) at a time
     in ceil(that / resident) waves; co-resident CTAs share the schedulers, tensor cores and the
     shared pipe, so
-    compute time = max(issue, MMA, L1) × resident × iterations (ceil(ceil(Q / SPLIT_K) / BK)) ×
-    waves / clock; CTAs per SM = min(65536 registers / (registers per warp rounded to 256 ×
+    compute time = (max(issue, MMA, L1) × iterations (ceil(ceil(Q / SPLIT_K) / BK)) + once) ×
+    resident × waves / clock, where `once` is the code outside the main loop (staging before
+    it, the epilogue after it: each SASS instruction once, max of its issue cycles and its shared
+    wavefronts) run once per CTA; CTAs per SM = min(65536 registers / (registers per warp rounded to 256 ×
     warps), floor(shared limit / shared), 64 warps / warps, 32). Latency is not modelled: with
     few warps per SM the real time is longer;
+  * persistent kernels (a config with KSPAN: the Gluon kernel) run a tile per main-loop
+    iteration; the busiest SM's tiles and programs come from the launcher's own schedule
+    (`qlora_wgmma.tiles_per_sm`), and its time is (max(issue, MMA, L1) × its tiles + once ×
+    its programs) / clock; their table lookups are conflict-free by construction (one
+    lane-interleaved table copy per lane), so their LDS count as is;
   * HBM time = bytes once each (x or dY, the weight: dense, or packed codes + absmax (+ nested
     absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM); the split-K
     workspace (SPLIT_K × M × P fp32, written and read back once: 0.9-3.7 MB at M = 16) is
@@ -92,7 +103,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-STATIC_VERSION = 3  # bump when analyze() reports new fields (cache key)
+STATIC_VERSION = 5  # bump when analyze() reports new fields (cache key)
 OUT_DEFAULT = os.path.join("benchmarks", "results", "static")
 CACHE_DEFAULT = os.path.join(os.path.expanduser("~"), ".cache", "peftkern", "static")
 RANK = 16
@@ -154,12 +165,18 @@ def rule_indices(regime) -> list[int]:
 
 
 def quick_indices(cands) -> dict:
-    """The quick subset's configs: the rule, the first split-K small candidate, the first large
-    candidate that is not the rule."""
-    rule = {r: rule_indices(r) for r in cands}
+    """The quick subset's configs: the rule, the first split-K small candidate, the Gluon
+    candidates, the first large candidate that is not the rule."""
+    rule = rule_and_gluon(cands)
     split = next(i for i, c in enumerate(cands["small"]) if c.get("SPLIT_K", 1) > 1)
     large = next(i for i in range(len(cands["large"])) if i not in rule["large"])
     return {"small": sorted(set(rule["small"]) | {split}), "large": rule["large"] + [large]}
+
+
+def rule_and_gluon(cands) -> dict:
+    """The rule configs and the Gluon candidates (kernels/qlora_wgmma.py), per regime."""
+    return {r: sorted(set(rule_indices(r)) | {i for i, c in enumerate(cands[r]) if c.get("GLUON")})
+            for r in cands}
 
 
 def gemm_variants(configs, weights, dtypes, extras, fp16_rule_only=False) -> list[Variant]:
@@ -167,7 +184,7 @@ def gemm_variants(configs, weights, dtypes, extras, fp16_rule_only=False) -> lis
     configs only: it differs from bf16 in the MMA and conversion types alone."""
     cands = _candidates()
     rule = {r: rule_indices(r) for r in cands}
-    pick = {"rule": rule, "quick": quick_indices(cands),
+    pick = {"rule": rule_and_gluon(cands), "quick": quick_indices(cands),
             "all": {r: list(range(len(c))) for r, c in cands.items()}}[configs]
     out = []
     for regime, idxs in pick.items():
@@ -378,8 +395,11 @@ def compile_launch(launch: Launch, arch: int, spec):
     import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
     options, signature, constexprs, attrs = spec
+    if launch.fn.is_gluon():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+    else:
+        from triton.compiler import ASTSource
     knobs.nvidia.dump_ptxas_log = True
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
@@ -443,12 +463,15 @@ def parse_sass(text: str) -> list[tuple[int, str, str]]:
     return [(a, op, resolve(r)) for a, op, r in instrs]
 
 
-def sass_main_loop(instrs) -> list[tuple[int, str, str]]:
-    """The instructions of the largest [target, branch] range of a backward branch."""
+def sass_main_loop(instrs, within=None) -> list[tuple[int, str, str]]:
+    """The instructions of the largest [target, branch] range of a backward branch (`within`:
+    the largest strictly inside that range: a nested loop)."""
     best = []
+    lo, hi = (within[0][0], within[-1][0]) if within else (-1, float("inf"))
     for addr, op, rest in instrs:
         m = re.match(r"0x([0-9a-f]+)", rest)
-        if op.split(".")[0] in ("BRA", "BRX", "JMP") and m and int(m.group(1), 16) < addr:
+        if op.split(".")[0] in ("BRA", "BRX", "JMP") and m and int(m.group(1), 16) < addr \
+                and lo <= int(m.group(1), 16) and addr <= hi and (lo, hi) != (int(m.group(1), 16), addr):
             body = [i for i in instrs if int(m.group(1), 16) <= i[0] <= addr]
             best = body if len(body) > len(best) else best
     return best
@@ -536,6 +559,9 @@ def analyze(kernel, log: str) -> dict:
                                   if op.startswith("CALL")),
         main_loop_hgmma=_count(body, "HGMMA"), main_loop_hmma=_count(body, "HMMA"),
         main_loop_mix=mix, **shared_traffic(body),
+        **_inner_loop(instrs, body),
+        outside_loop_instructions=len(instrs) - len(body),
+        outside_loop_shared_wavefronts=_outside_wavefronts(instrs, body),
         # bnb's roundings: IEEE division in quantize, no contracted FMAs where it rounds twice
         ptx_div_approx=len(re.findall(r"\bdiv\.(?:full|approx)\.f32", ptx)),
         ptx_fma_f32=len(re.findall(r"\bfma\.rn\.f32", ptx)),
@@ -556,6 +582,31 @@ def _wavefronts(op: str) -> int:
         sizes = [p for p in parts[1:] if p in _WAVEFRONTS and p]
         return _WAVEFRONTS[sizes[-1]] if sizes else 1
     return 0
+
+
+def _inner_loop(instrs, body) -> dict:
+    """The largest loop nested in the main loop (the persistent Gluon kernel's K loop inside its
+    tile loop): its instructions and shared traffic, counted once in the main loop's."""
+    inner = sass_main_loop(instrs, within=body) if body else []
+    if not inner:
+        return {}
+    t = shared_traffic(inner)
+    return dict(inner_loop_instructions=len(inner), inner_loop_mix=instruction_mix(inner),
+                inner_loop_shared_wavefronts=t["main_loop_shared_wavefronts"],
+                inner_loop_wgmma_shared_bytes=t["main_loop_wgmma_shared_bytes"])
+
+
+def per_iteration(row: dict, field: str) -> float:
+    """A main-loop count per iteration: the nested loop runs INNER_ITERS times per iteration
+    (the config says how many; its body is in the main loop's count once)."""
+    extra = row.get("config_dict", {}).get("INNER_ITERS", 1) - 1
+    return row.get("main_loop_" + field, 0) + extra * row.get("inner_loop_" + field, 0)
+
+
+def _outside_wavefronts(instrs, body) -> int:
+    """Shared wavefronts one warp issues outside the main loop (staging, epilogue): once per CTA."""
+    inside = {a for a, _, _ in body}
+    return shared_traffic([i for i in instrs if i[0] not in inside])["main_loop_shared_wavefronts"]
 
 
 def shared_traffic(body) -> dict:
@@ -597,19 +648,25 @@ def gather_wavefronts(entries: int, entry_bytes: int, trials: int = 4000) -> flo
 def gather_lookups(row: dict) -> tuple[int, int, int]:
     """(lookups per CTA iteration, table entries, entry bytes) of a 4-bit GEMM's byte-pair table
     (rows of whole blocks: one lookup per packed byte); (0, 0, 0) for a dense weight."""
-    if row["weight"] == "dense":
+    if row["weight"] == "dense" or row["kernel"] in CONFLICT_FREE:
         return 0, 0, 0
     cfg = row["config_dict"]
     mma_dtype = row["pass"] == "fwd" and cfg.get("SWAP") and row["dtype"] != "fp32"
     return cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2, 256, 4 if mma_dtype else 8
 
 
+# Kernels whose table lookups are conflict-free by construction (a lane-interleaved copy per
+# lane: kernels/qlora_wgmma.py): their LDS count as is.
+CONFLICT_FREE = ("_qlora_wgmma_kernel",)
+GEMMS = ("_lora_matmul_kernel",) + CONFLICT_FREE
+
+
 def shared_cycles(row: dict) -> float:
     """Shared-pipe cycles per CTA iteration: the warps' wavefronts, wgmma's operand reads, and
     the expected extra wavefronts of the table lookups' bank conflicts."""
     warps = row["num_warps"]
-    waves = row.get("main_loop_shared_wavefronts", 0) * warps
-    waves += row.get("main_loop_wgmma_shared_bytes", 0) * max(1, warps // 4) / 128
+    waves = per_iteration(row, "shared_wavefronts") * warps
+    waves += per_iteration(row, "wgmma_shared_bytes") * max(1, warps // 4) / 128
     lookups, entries, ebytes = gather_lookups(row)
     if lookups:
         per_warp = 32  # lanes; a conflict-free lookup costs ebytes / 4 wavefronts per warp
@@ -689,6 +746,7 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     hw, cfg = ARCHS[row["arch"]], row["config_dict"]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("SPLIT_K", 1)
     Q, P = (K, N) if row["pass"] == "fwd" else (N, K)
+    split = -(-Q // cfg["KSPAN"]) if "KSPAN" in cfg else split  # the Gluon kernel's K slices
     occ = ctas_per_sm(row["registers"], row["shared_bytes"], row["num_warps"], row["arch"])
     if occ == 0:
         return None
@@ -696,14 +754,25 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     iters = math.ceil(math.ceil(Q / split) / bk)
     ctas = math.ceil(M / bm) * math.ceil(P / bn) * split
     on_sm = math.ceil(ctas / hw["sms"])  # CTAs on the busiest SM
+    if "KSPAN" in cfg:  # persistent (the Gluon kernel): an iteration is a tile; its schedule
+        from peftkern.kernels import qlora_wgmma
+        iters, on_sm = qlora_wgmma.tiles_per_sm(P, Q, hw["sms"])
+        ctas = qlora_wgmma.programs(P, Q, hw["sms"])
     resident = min(occ, on_sm)
     waves = math.ceil(on_sm / resident)
     # Co-resident CTAs share the SM's 4 schedulers and its tensor cores; a warp issues at most one
     # instruction per cycle, so fewer than 4 resident warps cannot use all 4 schedulers.
-    issue = row["main_loop_instructions"] * warps / min(4, resident * warps)
+    issue = per_iteration(row, "instructions") * warps / min(4, resident * warps)
     mma = 2 * bm * bn * bk / hw["mma_flop"] if row["main_loop_mma"] else 0.0
     l1 = shared_cycles(row)
-    compute = max(issue, mma, l1) * resident * iters * waves / hw["clock"]
+    # once per CTA: the code outside the main loop (staging before it, the epilogue after it),
+    # each instruction once, its shared traffic as if conflict-free
+    once = max(row.get("outside_loop_instructions", 0) * warps / min(4, resident * warps),
+               row.get("outside_loop_shared_wavefronts", 0) * warps)
+    if "KSPAN" in cfg:  # the busiest SM's tiles and programs, all resident at once
+        compute = (max(issue, mma, l1) * iters + once * on_sm) * waves / hw["clock"]
+    else:
+        compute = (max(issue, mma, l1) * iters + once) * resident * waves / hw["clock"]
     elt = {"fp16": 2, "bf16": 2, "fp32": 4}[row["dtype"]]
     lelt = 4 if row.get("extra") == "lora-fp32" else elt
     nbytes = (M * Q * elt + weight_bytes(row["weight"], N, K, elt) + M * P * elt
@@ -711,7 +780,7 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     hbm = nbytes / hw["hbm"]
     limiter = max((issue, "issue"), (mma, "mma"), (l1, "l1"))[1] if compute >= hbm else "hbm"
     return dict(issue_cycles_per_iter=issue, mma_cycles_per_iter=mma, l1_cycles_per_iter=l1,
-                iterations=iters, ctas=ctas, ctas_per_sm=occ, waves=waves, compute_s=compute,
+                iterations=iters, once_cycles_per_cta=once, ctas=ctas, ctas_per_sm=occ, waves=waves, compute_s=compute,
                 hbm_s=hbm, bound_s=max(compute, hbm), limiter=limiter)
 
 
@@ -720,7 +789,7 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
 def config_name(cfg: dict) -> str:
     s = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']}/w{cfg['num_warps']}/s{cfg['num_stages']}"
     return (s + (f"/sk{cfg['SPLIT_K']}" if cfg.get("SPLIT_K", 1) > 1 else "")
-            + ("/swap" if cfg.get("SWAP") else ""))
+            + ("/swap" if cfg.get("SWAP") else "") + ("/gluon" if cfg.get("GLUON") else ""))
 
 
 def variant_rows(v: Variant, archs, cache_dir, memo, rule) -> list[dict]:
@@ -729,6 +798,8 @@ def variant_rows(v: Variant, archs, cache_dir, memo, rule) -> list[dict]:
     rows = []
     for launch in launches:
         for arch in archs:
+            if launch.fn.is_gluon() and arch < 90:  # Hopper's kernel (qlora_wgmma.hopper)
+                continue
             a = analyze_launch(launch, arch, cache_dir, memo)
             rows.append(_row(v, launch, arch, cfg, rule, a))
     return rows
@@ -746,6 +817,10 @@ def _row(v, launch, arch, cfg, rule, a) -> dict:
                          and not _excluded(v, arch))
     if cfg:
         row["config_dict"] = dict(cfg)
+        if launch.fn.is_gluon():  # its own tiles: a loop iteration = STEPS sub-steps of SUB_K
+            from peftkern.kernels import qlora_wgmma as G
+            row["config_dict"].update(BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=G.KSPAN, KSPAN=G.KSPAN,
+                                      INNER_ITERS=G.KSPAN // (G.SUB_K * G.STEPS), num_warps=4)
     return row
 
 
@@ -771,12 +846,12 @@ def add_model(rows: list[dict]) -> None:
     """instr_per_weight_elem, the 4096x4096 bound and bound_vs_dense on every GEMM row."""
     dense = {}
     for r in rows:
-        if r["kernel"] == "_lora_matmul_kernel" and r.get("compiled"):
+        if r["kernel"] in GEMMS and r.get("compiled"):
             _gemm_model(r)
             if r["weight"] == "dense":
                 dense[_dense_key(r)] = r
     for r in rows:
-        if r["kernel"] != "_lora_matmul_kernel" or r["weight"] == "dense":
+        if r["kernel"] not in GEMMS or r["weight"] == "dense":
             continue
         d = dense.get(_dense_key(r))
         r["bound_vs_dense"] = None  # not launchable (no occupancy), or no dense row selected
@@ -790,17 +865,19 @@ def _dense_key(r):
 
 def _gemm_model(r):
     cfg = r["config_dict"]
-    n = r["main_loop_instructions"]
+    n = per_iteration(r, "instructions")
     r["instr_per_weight_elem"] = round(n * 32 * r["num_warps"] / (cfg["BLOCK_K"] * cfg["BLOCK_N"]), 3)
     r["bound"] = gemm_bound(r | {"arch": r["arch_num"]}, r["M"], *SHAPES[0])  # N = K = 4096
 
 
 def shape_bounds(rows: list[dict]) -> list[dict]:
-    """Per-shape bounds (bf16, r=16, the rule config) for N x K in SHAPES and M = 1, 16, 8192."""
+    """Per-shape bounds (bf16, r=16, the rule config and the Gluon kernel) for N x K in SHAPES
+    and M = 1, 16, 8192."""
     out = []
     has_m1 = any(r["M"] == 1 for r in rows)
     for r in rows:
-        if not (r["kernel"] == "_lora_matmul_kernel" and r["rule"] and r["dtype"] == "bf16"
+        if not (r["kernel"] in GEMMS and (r["rule"] or r["kernel"] in CONFLICT_FREE)
+                and r["dtype"] == "bf16"
                 and r["extra"] is None and r.get("compiled") and not r["weight"].startswith("fp4")):
             continue
         for M in ((1, 16) if r["regime"] == "small" else (8192,)):
@@ -808,7 +885,8 @@ def shape_bounds(rows: list[dict]) -> list[dict]:
                 continue  # M = 1 is its own specialization: its own compile where selected
             for N, K in SHAPES:
                 b = gemm_bound(r | {"arch": r["arch_num"]}, M, N, K)
-                out.append(dict(arch=r["arch"], weight=r["weight"], **{"pass": r["pass"]},
+                out.append(dict(kernel=r["kernel"], arch=r["arch"], weight=r["weight"],
+                                **{"pass": r["pass"]},
                                 M=M, N=N, K=K, config=r["config"], compiled_M=r["M"],
                                 launchable=r["launchable"],
                                 **(b or {"bound_s": None})))
@@ -817,8 +895,10 @@ def shape_bounds(rows: list[dict]) -> list[dict]:
 
 
 def _ratio_to_dense(out):
+    """Against the rule config's dense variant (the Gluon kernel has no dense one)."""
     key = lambda b: (b["arch"], b["pass"], b["M"], b["N"], b["K"])  # noqa: E731
-    dense = {key(b): b for b in out if b["weight"] == "dense"}
+    dense = {key(b): b for b in out if b["weight"] == "dense" and b["kernel"] not in CONFLICT_FREE
+             and "/gluon" not in b["config"]}
     for b in out:
         d = dense.get(key(b))
         if b["bound_s"] and d and d["bound_s"]:
@@ -879,19 +959,20 @@ def _summary_md(rows) -> list[str]:
     out = ["## Default configs: findings (static)", "", "| " + " | ".join(SUMMARY) + " |",
            "|" + "---|" * len(SUMMARY)]
     for r in rows:
-        if r["kernel"] == "_lora_matmul_kernel" and r["rule"] and r["extra"] is None \
-                and not r["weight"].startswith("fp4"):
+        if (r["kernel"] == "_lora_matmul_kernel" and r["rule"] or r["kernel"] in CONFLICT_FREE) \
+                and r["extra"] is None and not r["weight"].startswith("fp4"):
             out.append("| " + " | ".join(_cell(r.get(c)) for c in SUMMARY) + " |")
     return out + [""]
 
 
 def _bounds_md(bounds) -> list[str]:
-    head = ("arch", "weight", "pass", "M", "N", "K", "config", "compiled_M", "launchable",
+    head = ("kernel", "arch", "weight", "pass", "M", "N", "K", "config", "compiled_M",
+            "launchable",
             "ctas_per_sm", "waves",
             "issue_cycles_per_iter", "mma_cycles_per_iter", "l1_cycles_per_iter", "compute_s",
             "hbm_s", "bound_s",
             "limiter", "bound_vs_dense")
-    out = ["## Per-shape bounds (static estimate; bf16, r=16, rule config)", "",
+    out = ["## Per-shape bounds (static estimate; bf16, r=16, rule config and Gluon kernel)", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for b in bounds:
         out.append("| " + " | ".join(_fmt(b.get(h)) for h in head) + " |")
@@ -910,7 +991,8 @@ def _mix_md(rows) -> list[str]:
            "| kernel | arch | config | dtype | weight | pass | M | instr | " + " | ".join(cats)
            + " | memory instructions (widths) |", "|" + "---|" * (9 + len(cats))]
     for r in rows:
-        if r.get("rule") and r.get("compiled") and r.get("extra") is None \
+        if (r.get("rule") or r["kernel"] in CONFLICT_FREE) and r.get("compiled") \
+                and r.get("extra") is None \
                 and "main_loop_mix" in r:  # fp4 rows sharing nf4's code are left out
             mix = r["main_loop_mix"]
             out.append(f"| {r['kernel']} | {r['arch']} | {r['config']} | {r['dtype']} | "
@@ -931,7 +1013,8 @@ def parse_args(argv):
                    help="the dispatcher's default subset: rule configs + one small (split-K) and one "
                         "large candidate; dense and nf4-nested; bf16 and fp32; quantize/dequantize")
     p.add_argument("--arch", default="80,90", help="comma-separated: 80 (sm_80), 90 (sm_90a)")
-    p.add_argument("--configs", choices=("rule", "quick", "all"), help="override the config set")
+    p.add_argument("--configs", choices=("rule", "quick", "all"),
+                   help="override the config set (rule: the rule configs and the GLUON candidate)")
     p.add_argument("--dtypes", help=f"comma-separated subset of {','.join(DTYPES)}")
     p.add_argument("--weights", help=f"comma-separated subset of {','.join(WEIGHTS)}")
     p.add_argument("--kernels", default="gemm,quant,adalora,dora,grouped",

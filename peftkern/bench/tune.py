@@ -3,7 +3,8 @@
 For each weight shape (Llama-3-8B's linears), batch size M, pass (forward "fwd", input gradient
 "dx") and weight kind (NF4 + double quant, dense), every candidate configuration of
 kernels/lora_linear.py that this GPU can run (`candidates`, by M regime) and dequantize + cuBLAS
-are timed with triton.testing.do_bench (median); the fastest becomes a "lora_matmul" entry
+are timed with triton.testing.do_bench (median), each first checked against dequantize + cuBLAS
+(`agrees`: a wrong result is rejected, never tuned in); the fastest becomes a "lora_matmul" entry
 (backend "triton" with its config, or "cublas"). Writes <out>/<device>/tuning_lora_matmul.json (for
 `peftkern.ops.tuning.adopt`) and tuning_lora_matmul_all.json (every timing). CUDA only.
 """
@@ -44,13 +45,27 @@ def _passes(N, K, M, r, dtype, quant):
             "dx": lambda: lora_ops.lora_linear_dx(dy, W, A, dyb, 0.5, None)}
 
 
-def _time(call, backend, cfg) -> float:
+def _time(call, backend, cfg, want=None) -> float:
+    """Median ms of the call; inf if it cannot run here or disagrees with `want` (so that a
+    kernel checked only statically, e.g. the Gluon one, is never tuned in with a wrong result)."""
     with ops.use_config(cfg), ops.use_backend(backend):
         try:
+            if want is not None and not agrees(call(), want):
+                print(f"  REJECTED {backend} {cfg}: its result differs from dequantize + cuBLAS")
+                return float("inf")
             return measure.median_ms(call, "cuda")
         except Exception as e:  # a config this GPU cannot run (shared memory): not a candidate
             print(f"  skipped {backend} {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             return float("inf")
+
+
+def agrees(got: torch.Tensor, want: torch.Tensor, rel: float = 2e-2) -> bool:
+    """Finite and within `rel` of the reference's largest magnitude: candidates differ from one
+    another by rounding only; a wrong kernel is off by O(1). A forward's (y, xa, z): y."""
+    got, want = (t[0] if isinstance(t, tuple) else t for t in (got, want))
+    if got.shape != want.shape or not torch.isfinite(got).all():
+        return False
+    return (got.float() - want.float()).abs().max().item() <= rel * want.float().abs().max().item()
 
 
 def tune(shapes, Ms, r, dtype) -> tuple[list[dict], list[dict]]:
@@ -63,7 +78,9 @@ def tune(shapes, Ms, r, dtype) -> tuple[list[dict], list[dict]]:
         passes = _passes(N, K, M, r, dtype, quant)
         tried = [("triton", cfg) for cfg in candidates(regime(M), cap)] + [("cublas", None)]
         for op, call in passes.items():
-            times = [(_time(call, b, cfg), b, cfg) for b, cfg in tried]
+            with ops.use_backend("cublas"):
+                want = call()
+            times = [(_time(call, b, cfg, want), b, cfg) for b, cfg in tried]
             rule_ms = next(ms for ms, b, cfg in times if cfg == _config(M, cap))
             cublas_ms = times[-1][0]
             timings += [{"op": op, "quant": quant, "M": M, "N": N, "K": K, "ms": ms,

@@ -1,0 +1,245 @@
+"""Gluon kernel (Hopper, sm_90a): the small-M 4-bit forward with the decoded weight as wgmma's
+register operand, laid out so that no decoded value moves between threads or through shared
+memory on its way to the tensor core.
+
+It computes what `lora_linear._block_scaled_mma` does (the swapped forward: the codes' table values
+in the activation dtype times xᵀ, each quantization block's fp32 partial sum times its scale),
+for 16-bit x, M <= 16 and blocks of 64..1024 columns, into a split-K workspace `ws[split, m, n]`;
+`lora_linear._split_k_epilogue_kernel` adds the splits and the LoRA term, as for every split-K
+tile config. Gluon kernels do not run under TRITON_INTERPRET: the interpreter runs the Triton
+kernel with the same math instead (`lora_linear.lora_matmul`), and this one is checked by the
+static report (`python -m peftkern.bench.static`) and, on a GPU, by tests/test_gpu.py.
+
+Layout (a CTA: 4 warps = one warpgroup, 128 weight rows, one K sub-step = 64 codes = 32 bytes per
+row). Each thread loads 8 contiguous packed bytes of 4 rows (two 32-bit words). wgmma's register
+A fragment (k_width 2) gives a thread byte pairs of K columns 2s, 2s + 1 for s = c, c + 4, ...,
+c + 28 (c = lane % 4); so the kernel multiplies in "slot order": slot s = 4 i + c holds the
+packed byte 8 c + i (both nibbles), and x's columns are permuted alike when x is staged in shared
+memory (slot column 8 i + 2 c + h <- x column 16 c + 2 i + h). A sum over K does not depend on
+its order, and the compiler checks the fragment mapping (`convert_layout(assert_trivial=True)`).
+Lookups: one per byte, in a 32-way lane-interleaved copy of the 256-entry pair table (entry e of
+lane l's copy at word 32 e + l), so the 32 lanes of a warp always hit 32 different banks.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Gluon ships with Triton >= 3.5; without it this path is never taken
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - older Triton
+    AVAILABLE = False
+
+ROWS_PER_CTA = 128   # weight rows (output features) per CTA: two wgmma m64 tiles
+SUB_K = 64           # codes per sub-step (32 packed bytes per row); one quantization block or less
+STEPS = 2            # sub-steps per K-loop iteration: two register buffers of bytes in flight
+KSPAN = 512          # K per CTA (the split-K slice): 8 sub-steps, x and scales staged for it
+MAX_M = 16           # activation rows (wgmma's N)
+RESIDENT = 4         # programs per SM (128 registers x 128 threads, 53 KB of shared memory)
+
+
+def supported(M: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
+    """Shapes this kernel takes: M <= 16, 16-bit x, whole blocks of 64..KSPAN columns that tile
+    the slices, K a multiple of a loop iteration."""
+    return (AVAILABLE and 0 < M <= MAX_M and dtype in (torch.float16, torch.bfloat16)
+            and SUB_K <= blocksize <= KSPAN and K % blocksize == 0 and K % (SUB_K * STEPS) == 0)
+
+
+def splits(K: int) -> int:
+    return -(-K // KSPAN)
+
+
+if AVAILABLE:
+    ROWS = gl.constexpr(ROWS_PER_CTA)
+    SUB = gl.constexpr(SUB_K)
+    BM = gl.constexpr(MAX_M)
+
+    @gluon.jit
+    def _words(w_rows, j, nsub, WL: gl.constexpr):
+        """Sub-step j's packed words [ROWS, 8] (j past the slice: zeros, not read)."""
+        c = gl.arange(0, SUB // 8, layout=gl.SliceLayout(0, WL))
+        live = (c < (nsub - j) * (SUB // 8))[None, :]  # all true for j < nsub, else all false
+        return gl.load(w_rows + (gl.minimum(j, nsub - 1) * (SUB // 8) + c)[None, :], mask=live,
+                       other=0)
+
+    @gluon.jit
+    def _step(acc, cur, lane, table, xs, scales, j, MMA: gl.constexpr, A_L: gl.constexpr,
+              DT: gl.constexpr):
+        """acc += scale ⊙ (codes of words `cur` · xᵀ of sub-step j)."""
+        # byte b of each word -> its table index (byte << 5) | lane; [ROWS, 8, 4] physical order
+        i0 = ((cur << 5) & 0x1FE0) | lane
+        i1 = ((cur >> 3) & 0x1FE0) | lane
+        i2 = ((cur >> 11) & 0x1FE0) | lane
+        i3 = ((cur >> 19) & 0x1FE0) | lane
+        q4 = gl.join(gl.join(i0, i1), gl.join(i2, i3))  # [row, word, a, b] = byte a + 2 b
+        idx = gl.reshape(gl.permute(q4, [0, 1, 3, 2]), [ROWS, 4, 8])  # [row, c, i]: byte 8 c + i
+        idx = gl.reshape(gl.permute(idx, [0, 2, 1]), [ROWS * 32])     # slot order s = 4 i + c
+        two = gl.reshape(table.gather(idx, 0), [ROWS, 32])
+        hi = two.to(gl.int16).to(DT, bitcast=True)  # column 2 s: the high nibble (low half)
+        lo = (two >> 16).to(gl.int16).to(DT, bitcast=True)
+        a = gl.convert_layout(gl.reshape(gl.join(hi, lo), [ROWS, SUB]), A_L, assert_trivial=True)
+        part = warpgroup_mma(a, xs.index(j).permute((1, 0)), acc, use_acc=False)
+        s = scales.gather(j * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)), 0)
+        return gl.fma(part, s[:, None], acc)
+
+    @gluon.jit
+    def _scales(smem, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, n0, k_lo, nsub, K, N,
+                BS: gl.constexpr, NESTED: gl.constexpr, NSUB: gl.constexpr, SL: gl.constexpr):
+        """Stage the tile's scale per (sub-step, row), [NSUB, ROWS] row-major, in fp32 with
+        bnb's two roundings (the kernel is compiled without FMA contraction)."""
+        sj = gl.arange(0, NSUB, layout=gl.SliceLayout(1, SL))
+        sr = gl.minimum(gl.arange(0, ROWS, layout=gl.SliceLayout(0, SL)), N - 1 - n0)
+        blk0 = n0.to(gl.int64) * (K // BS)
+        blk = sr[None, :] * (K // BS) + ((k_lo + gl.minimum(sj, nsub - 1) * SUB) // BS)[:, None]
+        if NESTED:
+            q = gl.load(absmax_ptr + blk0 + blk).to(gl.int32)
+            grp = (gl.cast(blk0 % 256, gl.int32) + blk) >> 8
+            scale = gl.load(code8_ptr + q) * gl.load(absmax2_ptr + blk0 // 256 + grp)
+            scale = scale + gl.load(offset_ptr)
+        else:
+            scale = gl.load(absmax_ptr + blk0 + blk)
+        gl.barrier()  # the previous tile's reads are done
+        smem.store(gl.reshape(scale, [NSUB * ROWS]))
+        gl.barrier()
+
+    @gluon.jit
+    def _rows(w_ptr, tile, N, K, k_lo, WL: gl.constexpr):
+        """Row pointers of n-tile `tile` (rows past N: row N - 1, never stored)."""
+        n0 = tile * ROWS
+        r = gl.minimum(gl.arange(0, ROWS, layout=gl.SliceLayout(1, WL)), N - 1 - n0)
+        return w_ptr + n0.to(gl.int64) * (K // 8) + (r * (K // 8) + k_lo // 8)[:, None]
+
+    @gluon.jit
+    def _qlora_wgmma_kernel(x_ptr, M, K, stride_xm, w_ptr, absmax_ptr, absmax2_ptr, code8_ptr,
+                            offset_ptr, pairs_ptr, N, ws_ptr, splits, BS: gl.constexpr,
+                            NESTED: gl.constexpr, KSPAN: gl.constexpr):
+        """Persistent: program c sums K slice c % splits of the n-tiles c // splits, + G /
+        splits, ... (G programs), so the table and its x slice are staged once."""
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        # a thread's 2 contiguous words of 4 rows (lanes 0-1 along K, 2-4 and warps down rows)
+        WL: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [8, 0], [64, 0]],
+            lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[ROWS, SUB // 8])
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                      instr_shape=[16, BM, 16])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        SL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])
+        TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        X_S: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, SUB], DT)
+        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+        NSUB: gl.constexpr = KSPAN // SUB
+
+        split = gl.program_id(0) % splits
+        first = gl.program_id(0) // splits
+        stride = gl.num_programs(0) // splits
+        n_tiles = gl.cdiv(N, ROWS)
+        k_lo = split * KSPAN
+        nsub = gl.minimum(KSPAN, K - k_lo) // SUB  # the last slice may be shorter (x is 0 past K)
+        # the pair table, 32 copies interleaved: [256, 32] row-major, a warp stores 4 rows
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))
+        copies = gl.load(pairs_ptr + e)[:, None] + gl.zeros([256, 32], gl.int32, TL)
+        table = gl.allocate_shared_memory(gl.int32, [256 * 32], FLAT,
+                                          gl.reshape(copies, [256 * 32]))
+        # x[:, k_lo:k_lo + KSPAN] in slot order, one [BM, SUB] buffer per sub-step
+        xs = gl.allocate_shared_memory(DT, [NSUB, BM, SUB], X_S)
+        xm = gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
+        xk = gl.arange(0, SUB, layout=gl.SliceLayout(0, XL))
+        for js in gl.static_range(NSUB):
+            kk = k_lo + js * SUB + xk
+            ok = (xm[:, None] < M) & (kk[None, :] < K)
+            xt = gl.load(x_ptr + xm[:, None] * stride_xm + kk[None, :], mask=ok, other=0.0)
+            # x column 16 c + 2 i + h -> slot column 8 i + 2 c + h
+            xt = gl.reshape(gl.permute(gl.reshape(xt, [BM, 4, 8, 2]), [0, 2, 1, 3]), [BM, SUB])
+            xs.index(js).store(xt)
+        fence_async_shared()  # x is read by wgmma (the async proxy)
+        scales = gl.allocate_shared_memory(gl.float32, [NSUB * ROWS], FLAT)
+
+        # each element's lane (WL's lane bases: word bits 1-2, row bits 0-2): its table copy
+        lr = gl.arange(0, ROWS, layout=gl.SliceLayout(1, WL))
+        lc = gl.arange(0, SUB // 8, layout=gl.SliceLayout(0, WL))
+        lane = ((lc[None, :] >> 1) & 3) | ((lr[:, None] & 7) << 2)
+        om = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+        for tile in range(first, n_tiles, stride):
+            n0 = tile * ROWS
+            w_rows = _rows(w_ptr, tile, N, K, k_lo, WL)
+            w0 = _words(w_rows, 0, nsub, WL)  # in flight while the scales are staged
+            w1 = _words(w_rows, 1, nsub, WL)
+            _scales(scales, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, n0, k_lo, nsub, K, N,
+                    BS, NESTED, NSUB, SL)
+            acc = gl.zeros([ROWS, BM], gl.float32, MMA)
+            for j in range(0, nsub, 2):  # nsub % 2 == 0: the two buffers rotate, no copies
+                acc = _step(acc, w0, lane, table, xs, scales, j, MMA, A_L, DT)
+                w0 = _words(w_rows, j + 2, nsub, WL)
+                acc = _step(acc, w1, lane, table, xs, scales, j + 1, MMA, A_L, DT)
+                w1 = _words(w_rows, j + 3, nsub, WL)
+            on = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
+            ws = ws_ptr + split.to(gl.int64) * M * N + om[None, :] * N + on[:, None]
+            gl.store(ws, acc, mask=(om[None, :] < M) & (on[:, None] < N))
+
+
+def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, offset,
+                     pairs: torch.Tensor, blocksize: int, N: int) -> torch.Tensor:
+    """ws[split, m, n] = the split's fp32 sum over k of x[m, k] · W[n, k], W the 4-bit weight
+    (`packed` [N * K / 2] uint8, rows of whole blocks), `pairs` the byte-pair table in x's dtype
+    (`codes.byte_pair_table`). Call only where `supported(...)` holds, on sm_90+."""
+    M, K = x.shape
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    nested = absmax2 is not None
+    ws = torch.empty((splits(K), M, N), dtype=torch.float32, device=x.device)
+    _qlora_wgmma_kernel[(programs(N, K, _sms(x.device)),)](
+        x, M, K, x.stride(0), _words_view(packed), absmax, absmax2 if nested else absmax,
+        code8 if nested else absmax, offset if nested else absmax, pairs, N, ws, splits(K),
+        BS=blocksize, NESTED=nested, KSPAN=KSPAN, num_warps=4, enable_fp_fusion=False)
+    return ws
+
+
+def programs(N: int, K: int, sms: int) -> int:
+    """G, the persistent grid: a whole number of programs per K slice, at most RESIDENT per SM
+    (and no more than there are tiles); program c takes every (G / splits)-th n-tile."""
+    s, tiles = splits(K), -(-N // ROWS_PER_CTA)
+    return s * max(1, min(tiles, sms * RESIDENT // s))
+
+
+def tiles_per_sm(N: int, K: int, sms: int) -> tuple[int, int]:
+    """(n-tiles, programs) on the busiest SM when the G programs are placed round-robin."""
+    G, s = programs(N, K, sms), splits(K)
+    tiles = -(-N // ROWS_PER_CTA)
+    per = [0] * sms
+    ctas = [0] * sms
+    for c in range(G):
+        per[c % sms] += len(range(c // s, tiles, G // s))
+        ctas[c % sms] += 1
+    busiest = max(range(sms), key=lambda i: (per[i], ctas[i]))
+    return per[busiest], ctas[busiest]
+
+
+H100_SMS = 132  # no device (the static check records for an H100 SXM)
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return H100_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _words_view(packed: torch.Tensor) -> torch.Tensor:
+    """The packed bytes as int32 words (their storage is contiguous, 4-byte aligned)."""
+    flat = packed.reshape(-1)
+    if flat.data_ptr() % 4 or flat.numel() % 4:
+        flat = flat.clone()
+    return flat.view(torch.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def hopper(capability: tuple[int, int] | None) -> bool:
+    """A GPU this kernel compiles for (sm_90+); None: no device (the static check records for
+    sm_90a)."""
+    return AVAILABLE and (capability is None or capability[0] >= 9)

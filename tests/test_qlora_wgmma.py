@@ -1,0 +1,139 @@
+"""kernels/qlora_wgmma.py, the Gluon (sm_90a) small-M 4-bit forward, without a GPU.
+
+Gluon kernels do not run under TRITON_INTERPRET. What a CPU can check:
+- the kernel's index algebra: `_mirror` replays its logical tensor program in torch, op for op
+  (word loads, byte extraction into table indices, the slot-order permutations of the bytes and
+  of x, the 32-way table, the per-block scaling of fp32 partial sums per K slice), and must
+  follow the error rule against the exactly decoded weight. A wrong permutation of either side,
+  a wrong table index or a scale from the wrong block fails it (Gluon's layouts change where
+  values live, not what the tensor program computes; the fragment mapping itself is proven by
+  the compiler's `convert_layout(assert_trivial=True)`, tests/test_static.py);
+- where the GLUON config applies and that the interpreter runs the Triton kernel instead.
+The kernel itself runs in tests/test_gpu.py on a GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peftkern
+from peftkern import codes, ops
+from peftkern.kernels import lora_linear as L
+from peftkern.kernels import qlora_wgmma as G
+
+from helpers import CPU_BACKENDS, assert_error_rule
+
+GLUON_CFG = next(c for c in L.CANDIDATES["small"] if c.get("GLUON"))
+
+
+def _quantized(gen, N, K, quant_type, blocksize, dq):
+    """A random weight's 4-bit state and its exact decoding (the fast CPU reference path)."""
+    W = torch.randn(N, K, generator=gen) / K ** 0.5
+    with ops.use_backend("reference"):
+        q = peftkern.quantize_4bit(W, quant_type, blocksize, double_quant=dq)
+        return q, peftkern.dequantize_4bit(q, torch.float32)
+
+
+def _scales(q) -> torch.Tensor:
+    """[N, K / blocksize] fp32 block scales, as the kernel stages them (bnb's two roundings)."""
+    if q.absmax2 is None:
+        return q.absmax.float().reshape(q.shape[0], -1)
+    blk = torch.arange(q.absmax.numel())
+    s = q.code8[q.absmax.long()] * q.absmax2[blk // codes.NESTED_BLOCKSIZE]
+    return (s + q.offset).reshape(q.shape[0], -1)
+
+
+def _mirror(x, q, dtype, gen) -> torch.Tensor:
+    """out[M, N] computed as _qlora_wgmma_kernel + the split-K sum compute it."""
+    N, K = q.shape
+    M = x.shape[0]
+    words = q.data.reshape(-1).view(torch.int32).reshape(N, K // 8)
+    table = codes.byte_pair_table(q.quant_type, dtype)[:, None].expand(256, 32).reshape(-1)
+    scales = _scales(q)
+    out = torch.zeros(M, N, dtype=torch.float64)
+    for k_lo in range(0, K, G.KSPAN):
+        acc = torch.zeros(N, M, dtype=torch.float32)
+        for j in range(min(G.KSPAN, K - k_lo) // G.SUB_K):
+            k0 = k_lo + j * G.SUB_K
+            cur = words[:, k0 // 8:k0 // 8 + 8]
+            # any lane in 0..31 picks an identical copy: the lane only spreads the banks
+            lane = torch.randint(0, 32, cur.shape, generator=gen, dtype=torch.int32)
+            i = [((cur << 5) & 0x1FE0) | lane, ((cur >> 3) & 0x1FE0) | lane,
+                 ((cur >> 11) & 0x1FE0) | lane, ((cur >> 19) & 0x1FE0) | lane]
+            q4 = torch.stack([torch.stack(i[:2], -1), torch.stack(i[2:], -1)], -1)
+            idx = q4.permute(0, 1, 3, 2).reshape(N, 4, 8).permute(0, 2, 1).reshape(N * 32)
+            two = table[idx].reshape(N, 32)
+            hi = two.to(torch.int16).view(dtype)
+            lo = (two >> 16).to(torch.int16).view(dtype)
+            a = torch.stack([hi, lo], -1).reshape(N, G.SUB_K)
+            xt = x[:, k0:k0 + G.SUB_K].reshape(M, 4, 8, 2).permute(0, 2, 1, 3).reshape(M, G.SUB_K)
+            part = a.float() @ xt.float().t()
+            acc = acc + part * scales[:, k0 // q.blocksize][:, None]
+        out += acc.t().double()
+    return out
+
+
+@pytest.mark.parametrize("M, N, K, blocksize, kind, dt", [
+    (1, 150, 512, 64, "nf4-dq", torch.bfloat16),     # one K slice, a partial n-tile
+    (16, 260, 1280, 128, "fp4", torch.float16),       # 2.5 slices: the last one is shorter
+    (5, 128, 1024, 512, "nf4", torch.bfloat16),       # one block per slice
+    (3, 64, 768, 256, "nf4-dq", torch.float16)])
+def test_mirror_of_the_kernel_follows_the_error_rule(M, N, K, blocksize, kind, dt, gen):
+    q, Wd = _quantized(gen, N, K, kind.split("-")[0], blocksize, kind.endswith("dq"))
+    assert G.supported(M, K, blocksize, dt)
+    x = torch.randn(M, K, generator=gen).to(dt)
+    got = _mirror(x, q, dt, gen)
+    oracle = x.double() @ Wd.double().t()
+    baseline = x @ Wd.to(dt).t()
+    assert_error_rule(f"mirror {kind} bs={blocksize}", got, oracle, baseline)
+
+
+def test_mirror_fails_on_a_wrong_permutation(gen):
+    """The check above can fail: x whose columns are permuted within each sub-step (as a wrong
+    slot order of either operand would pair them) is far from x · Wᵀ."""
+    N, K, M = 64, 512, 4
+    q, Wd = _quantized(gen, N, K, "nf4", 64, False)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+    shuffled = x.reshape(M, -1, 4, 8, 2).permute(0, 1, 3, 2, 4).reshape(M, K)
+    got = _mirror(shuffled, q, torch.bfloat16, gen)
+    err = (got - x.double() @ Wd.double().t()).abs().max().item()
+    assert err > 0.1 * (x.double() @ Wd.double().t()).abs().max().item()
+
+
+@pytest.mark.parametrize("M, K, blocksize, dt, ok", [
+    (16, 4096, 64, torch.bfloat16, True), (1, 14336, 64, torch.float16, True),
+    (17, 4096, 64, torch.bfloat16, False),   # M > 16: the large-M paths
+    (4, 4096, 32, torch.bfloat16, False),    # a block shorter than a sub-step
+    (4, 4096, 1024, torch.bfloat16, False),  # a block longer than a K slice
+    (4, 4160, 64, torch.bfloat16, False),    # K not a multiple of 128
+    (4, 4096, 64, torch.float32, False)])
+def test_where_the_kernel_applies(M, K, blocksize, dt, ok):
+    assert G.supported(M, K, blocksize, dt) == (ok and G.AVAILABLE)
+
+
+def test_persistent_schedule_covers_every_tile_once():
+    for N, K in [(4096, 4096), (14336, 4096), (4096, 14336), (130, 1280), (11008, 4096)]:
+        tiles, s = -(-N // G.ROWS_PER_CTA), G.splits(K)
+        grid = G.programs(N, K, 132)
+        assert grid % s == 0 and grid <= 132 * G.RESIDENT
+        seen = sorted((t, c % s) for c in range(grid) for t in range(c // s, tiles, grid // s))
+        assert seen == [(t, sp) for t in range(tiles) for sp in range(s)]
+        busiest, progs = G.tiles_per_sm(N, K, 132)
+        assert busiest >= -(-tiles * s // 132) and progs <= G.RESIDENT
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs Triton (interpreter)")
+def test_interpreter_runs_the_triton_kernel_for_the_gluon_config(gen, monkeypatch):
+    """Under TRITON_INTERPRET the GLUON config never reaches Gluon: the Triton kernel with its
+    tiles computes the same math (and follows the error rule)."""
+    monkeypatch.setattr(G, "forward_partials", lambda *a, **k: pytest.fail("Gluon launched"))
+    N, K, M = 100, 512, 3
+    q, Wd = _quantized(gen, N, K, "nf4", 64, True)
+    x = torch.randn(M, K, generator=gen).to(torch.float16)
+    A = torch.zeros(4, K, dtype=torch.float16)
+    B = torch.zeros(N, 4, dtype=torch.float16)
+    with ops.use_backend("triton"), ops.use_config(GLUON_CFG):
+        got = ops.qlora_linear(x, q, None, A, B, 0.5)
+    assert_error_rule("gluon config, interpreter", got, x.double() @ Wd.double().t(),
+                      x @ Wd.to(torch.float16).t())
+    assert not L._wgmma_applies(x, 64)
