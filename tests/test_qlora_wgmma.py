@@ -34,13 +34,20 @@ def _quantized(gen, N, K, quant_type, blocksize, dq):
         return q, peftkern.dequantize_4bit(q, torch.float32)
 
 
-def _scales(q) -> torch.Tensor:
-    """[N, K / blocksize] fp32 block scales, as the kernel stages them (bnb's two roundings)."""
+def _scales(q, n0, k_lo, nsub) -> torch.Tensor:
+    """[NSUB, ROWS] fp32 scales of tile n0, slice k_lo, as `_scales` stages them: the index
+    arithmetic (rows past N: row N - 1; sub-steps past nsub: the last), bnb's two roundings."""
+    N, K = q.shape
+    bs = q.blocksize
+    sj = torch.arange(G.KSPAN // G.SUB_K)
+    sr = torch.clamp(torch.arange(G.ROWS_PER_CTA), max=N - 1 - n0)
+    blk0 = n0 * (K // bs)
+    blk = sr[None, :] * (K // bs) + ((k_lo + torch.clamp(sj, max=nsub - 1) * G.SUB_K) // bs)[:, None]
     if q.absmax2 is None:
-        return q.absmax.float().reshape(q.shape[0], -1)
-    blk = torch.arange(q.absmax.numel())
-    s = q.code8[q.absmax.long()] * q.absmax2[blk // codes.NESTED_BLOCKSIZE]
-    return (s + q.offset).reshape(q.shape[0], -1)
+        return q.absmax.float()[blk0 + blk]
+    grp = (blk0 % 256 + blk) >> 8
+    s = q.code8[q.absmax[blk0 + blk].long()] * q.absmax2[blk0 // 256 + grp]
+    return s + q.offset
 
 
 def _mirror(x, q, dtype, gen) -> torch.Tensor:
@@ -49,11 +56,12 @@ def _mirror(x, q, dtype, gen) -> torch.Tensor:
     M = x.shape[0]
     words = q.data.reshape(-1).view(torch.int32).reshape(N, K // 8)
     table = codes.byte_pair_table(q.quant_type, dtype)[:, None].expand(256, 32).reshape(-1)
-    scales = _scales(q)
     out = torch.zeros(M, N, dtype=torch.float64)
     for k_lo in range(0, K, G.KSPAN):
+        nsub = min(G.KSPAN, K - k_lo) // G.SUB_K
+        scales = torch.cat([_scales(q, n0, k_lo, nsub) for n0 in range(0, N, G.ROWS_PER_CTA)], 1)
         acc = torch.zeros(N, M, dtype=torch.float32)
-        for j in range(min(G.KSPAN, K - k_lo) // G.SUB_K):
+        for j in range(nsub):
             k0 = k_lo + j * G.SUB_K
             cur = words[:, k0 // 8:k0 // 8 + 8]
             # any lane in 0..31 picks an identical copy: the lane only spreads the banks
@@ -68,7 +76,7 @@ def _mirror(x, q, dtype, gen) -> torch.Tensor:
             a = torch.stack([hi, lo], -1).reshape(N, G.SUB_K)
             xt = x[:, k0:k0 + G.SUB_K].reshape(M, 4, 8, 2).permute(0, 2, 1, 3).reshape(M, G.SUB_K)
             part = a.float() @ xt.float().t()
-            acc = acc + part * scales[:, k0 // q.blocksize][:, None]
+            acc = acc + part * scales[j, :N][:, None]
         out += acc.t().double()
     return out
 
