@@ -383,11 +383,12 @@ def rule_config(regime_: str, capability: tuple[int, int] | None = None) -> dict
     return CANDIDATES[regime_][RULE[regime_][arch_family(capability)]]
 
 
-def _wgmma_applies(inp, blocksize) -> bool:
+def _wgmma_applies(inp, packed, blocksize) -> bool:
     """The Gluon forward (a GLUON config) runs here: compiled code (not the interpreter) for an
     sm_90+ GPU, or no device (the static check records it for sm_90a), on shapes it takes."""
     return (not INTERPRET and qlora_wgmma.hopper(_capability(inp.device))
-            and qlora_wgmma.supported(inp.shape[0], inp.shape[1], blocksize, inp.dtype))
+            and qlora_wgmma.supported(inp.shape[0], inp.shape[1], blocksize, inp.dtype)
+            and qlora_wgmma.aligned(packed))
 
 
 @functools.lru_cache(maxsize=None)
@@ -430,7 +431,7 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
            "BLOCK_R": max(16, triton.next_power_of_2(R))}
     if INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-    wgmma = cfg.pop("GLUON", False) and rows and forward and _wgmma_applies(inp, blocksize)
+    wgmma = cfg.pop("GLUON", False) and rows and forward and _wgmma_applies(inp, weight, blocksize)
     split = qlora_wgmma.splits(Q) if wgmma else cfg["SPLIT_K"]
     # rows: one lookup per byte (the swapped forward: codes in the activation dtype, scaled per
     # block after the MMA), else one per nibble

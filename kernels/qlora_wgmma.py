@@ -187,7 +187,8 @@ def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, cod
                      pairs: torch.Tensor, blocksize: int, N: int) -> torch.Tensor:
     """ws[split, m, n] = the split's fp32 sum over k of x[m, k] · W[n, k], W the 4-bit weight
     (`packed` [N * K / 2] uint8, rows of whole blocks), `pairs` the byte-pair table in x's dtype
-    (`codes.byte_pair_table`). Call only where `supported(...)` holds, on sm_90+."""
+    (`codes.byte_pair_table`). Call only where `supported(...)` and `aligned(packed)` hold, on
+    sm_90+."""
     M, K = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -231,11 +232,14 @@ def _sms(device: torch.device) -> int:
 
 
 def _words_view(packed: torch.Tensor) -> torch.Tensor:
-    """The packed bytes as int32 words (their storage is contiguous, 4-byte aligned)."""
-    flat = packed.reshape(-1)
-    if flat.data_ptr() % 4 or flat.numel() % 4:
-        flat = flat.clone()
-    return flat.view(torch.int32)
+    """The packed bytes as int32 words (the caller checked `aligned`: no copy of the weight)."""
+    return packed.reshape(-1).view(torch.int32)
+
+
+def aligned(packed: torch.Tensor) -> bool:
+    """Packed bytes the kernel reads as words in place: contiguous and 4-byte aligned (else the
+    Triton kernel runs, rather than copying the weight on every call)."""
+    return packed.is_contiguous() and packed.data_ptr() % 4 == 0 and packed.numel() % 4 == 0
 
 
 @functools.lru_cache(maxsize=None)

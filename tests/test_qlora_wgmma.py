@@ -144,4 +144,11 @@ def test_interpreter_runs_the_triton_kernel_for_the_gluon_config(gen, monkeypatc
         got = ops.qlora_linear(x, q, None, A, B, 0.5)
     assert_error_rule("gluon config, interpreter", got, x.double() @ Wd.double().t(),
                       x @ Wd.to(torch.float16).t())
-    assert not L._wgmma_applies(x, 64)
+    assert not L._wgmma_applies(x, q.data, 64)
+
+
+def test_misaligned_packed_bytes_are_not_read_in_place():
+    """The kernel reads the packed bytes as int32 words in place; a view off a 4-byte boundary
+    goes to the Triton kernel instead of a copy of the weight per call."""
+    buf = torch.zeros(4097, dtype=torch.uint8)
+    assert G.aligned(buf[:4096]) and not G.aligned(buf[1:4097])
