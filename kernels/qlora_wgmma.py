@@ -30,6 +30,7 @@ try:  # Gluon ships with Triton >= 3.5; without it this path is never taken
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+    from .quant_4bit import block_scale  # a Triton function: Gluon calls it as is
     AVAILABLE = True
 except ImportError:  # pragma: no cover - older Triton
     AVAILABLE = False
@@ -93,15 +94,9 @@ if AVAILABLE:
         bnb's two roundings (the kernel is compiled without FMA contraction)."""
         sj = gl.arange(0, NSUB, layout=gl.SliceLayout(1, SL))
         sr = gl.minimum(gl.arange(0, ROWS, layout=gl.SliceLayout(0, SL)), N - 1 - n0)
-        blk0 = n0.to(gl.int64) * (K // BS)
         blk = sr[None, :] * (K // BS) + ((k_lo + gl.minimum(sj, nsub - 1) * SUB) // BS)[:, None]
-        if NESTED:
-            q = gl.load(absmax_ptr + blk0 + blk).to(gl.int32)
-            grp = (gl.cast(blk0 % 256, gl.int32) + blk) >> 8
-            scale = gl.load(code8_ptr + q) * gl.load(absmax2_ptr + blk0 // 256 + grp)
-            scale = scale + gl.load(offset_ptr)
-        else:
-            scale = gl.load(absmax_ptr + blk0 + blk)
+        scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr,
+                            n0.to(gl.int64) * (K // BS), blk, None, NESTED, False)
         gl.barrier()  # the previous tile's reads are done
         smem.store(gl.reshape(scale, [NSUB * ROWS]))
         gl.barrier()
