@@ -132,12 +132,28 @@ def test_no_compute_path_module_imports_the_reference():
     assert not users, f"compute-path modules importing peftkern.reference: {users}"
 
 
-def test_import_kernels_from_the_repo_root_is_not_this_folder():
+def _site_without_the_hub(tmp_path):
+    """A copy (symlinks) of site-packages without the `kernels` hub: transformers >= 5.25 depends on
+    the hub, so "not installed" has to be made, not found."""
+    import site
+    farm = tmp_path / "site"
+    farm.mkdir()
+    for sp in site.getsitepackages():
+        for entry in os.listdir(sp):
+            if entry != "kernels" and not entry.startswith("kernels-") and not (farm / entry).exists():
+                (farm / entry).symlink_to(os.path.join(sp, entry))
+    return site.getsitepackages(), str(farm)
+
+
+def test_import_kernels_from_the_repo_root_is_not_this_folder(tmp_path):
     """Without the hub package, `import kernels` from the repo root gives a bare module with no
     file, path or origin: transformers sees no `kernels`, no module of this folder is reachable
     through that name, and bitsandbytes' message names no file of this repo."""
     pytest.importorskip("transformers")
-    code = ("import kernels, transformers.utils.import_utils as iu\n"
+    real, farm = _site_without_the_hub(tmp_path)
+    code = (f"import site, sys\nsys.path[:] = [p for p in sys.path if p not in {real!r}]\n"
+            f"site.addsitedir({farm!r})\n"
+            "import kernels, transformers.utils.import_utils as iu\n"
             "print(repr(kernels), getattr(kernels, '__file__', None), getattr(kernels, '__path__', None),\n"
             "      kernels.__spec__.origin, iu.is_kernels_available())\n"
             "for stmt in ('from kernels import get_kernel', 'import kernels.lora_linear'):\n"
@@ -149,6 +165,24 @@ def test_import_kernels_from_the_repo_root_is_not_this_folder():
     assert ROOT not in out.stdout, out.stdout
     import peftkern.kernels
     assert os.path.samefile(os.path.dirname(peftkern.kernels.__file__), os.path.join(ROOT, "kernels"))
+
+
+def test_import_kernels_from_the_repo_root_finds_the_real_hub():
+    """Where the hub is installed (transformers >= 5.25 pulls it in), `import kernels` from the repo
+    root is the hub: transformers sees it and no module of this folder is reachable by that name."""
+    import importlib.machinery
+    spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != ROOT])
+    if spec is None:
+        pytest.skip("the `kernels` hub is not installed")
+    pytest.importorskip("transformers")
+    code = ("import kernels, transformers.utils.import_utils as iu\n"
+            "print(kernels.__file__, iu.is_kernels_available(), callable(kernels.get_kernel))\n"
+            "try:\n    import kernels.lora_linear\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[0] == f"{spec.origin} True True", out.stdout
+    assert "No module named 'kernels.lora_linear'" in out.stdout, out.stdout
 
 
 def test_import_kernels_from_the_repo_root_finds_the_installed_hub(tmp_path):
