@@ -13,9 +13,10 @@ the codes' table values (rounded once to the activation dtype; exact in fp32) an
 quantization block's fp32 partial sum (`_block_scaled_mma`): as exact, not bit-identical.
 Deterministic: every output tile is owned by one program (split-K partials are added in a fixed
 order by the second launch), no atomics.
-A GLUON tile config (a tuning candidate) runs the 16-bit 4-bit forward at M <= 16 on sm_90+ as
-kernels/qlora_wgmma.py (the same block-scaled math with the decoded weight in wgmma's registers)
-into the split-K workspace, which `_split_k_epilogue_kernel` finishes as for split-K tiles.
+A GLUON tile config (a tuning candidate, one per regime) runs the 16-bit 4-bit forward on sm_90+
+as kernels/qlora_wgmma.py (the same block-scaled math with the decoded weight in wgmma's
+registers; M <= 16, or M >= 128 with K <= 16384) into a workspace, which
+`_split_k_epilogue_kernel` finishes as for split-K tiles.
 """
 from __future__ import annotations
 
@@ -283,14 +284,14 @@ def _lora_matmul_kernel(
 
 @triton.jit
 def _split_k_epilogue_kernel(
-        ws_ptr, M, P, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
+        ws_ptr, M, P, stride_wm, stride_wp, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R, scaling,
         mask_ptr, stride_mm, stride_mp, bias_ptr, scale_ptr, z_ptr, out_ptr, stride_om, stride_op,
         HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
         HAS_Z: tl.constexpr, LORA_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, SPLIT_K: tl.constexpr):
     """Sum the SPLIT_K partials in a fixed order (deterministic: no atomics), then the epilogue."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_p = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    idx = offs_m[:, None].to(tl.int64) * P + offs_p[None, :]
+    idx = offs_m[:, None].to(tl.int64) * stride_wm + offs_p[None, :].to(tl.int64) * stride_wp
     valid = (offs_m[:, None] < M) & (offs_p[None, :] < P)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for s in range(SPLIT_K):
@@ -333,7 +334,10 @@ CANDIDATES = {
     "large": _configs([(128, 128, 128, 8, 2), (128, 128, 128, 8, 3), (128, 128, 64, 8, 3),
                        (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
                        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3),
-                       (64, 256, 32, 4, 4)]),
+                       (64, 256, 32, 4, 4)])
+    # GLUON: the large-M Gluon forward (kernels/qlora_wgmma.py) where it applies; every other
+    # call the Triton kernel with the sm_90 rule tiles (candidate 0)
+    + _configs([(128, 128, 128, 8, 2)], gluon=True),
 }
 
 
@@ -347,8 +351,9 @@ def regime(M: int) -> str:
 # On sm_90a the swapped small-M configs put the decoded weight in wgmma's register operand; of
 # them 16x128x128 split-K 4 has the best bound (issue, MMA and shared-pipe time) in both passes
 # at 4096x4096 and 14336x4096; on sm_80 the large 4-bit tile with BLOCK_K = 128 spills. The GLUON
-# candidate's forward (kernels/qlora_wgmma.py) has a better bound still (memory-bound), but no GPU
-# has run it: it is tuned in only where a GPU measures it and its result agrees (bench/tune.py).
+# candidates' forwards (kernels/qlora_wgmma.py) have better bounds still (small M: memory-bound;
+# large M: 0.93x the dense tile's, against the Triton 4-bit tile's 2.24x), but no GPU has run them:
+# they are tuned in only where a GPU measures them and their result agrees (bench/tune.py).
 RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 
 
@@ -356,9 +361,10 @@ RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 # family (`python -m peftkern.bench.static --configs all`): never tuned or picked there.
 # sm_80: the swapped BLOCK_K = 256 tiles spill 8-36 B (4-bit), the large 4-bit tiles with BLOCK_K
 # = 128 or 256-wide spill 112-316 B; both arches: 128x256, 256x128 and 64x256 spill (up to 1.6 KB).
-# The GLUON candidate (13) is Hopper's: on sm_80 it would only repeat a Triton config.
+# The GLUON candidates (small 13, large 10) are Hopper's: on sm_80 they would only repeat a
+# Triton config.
 EXCLUDED = {90: {"small": (), "large": (6, 8, 9)},
-            80: {"small": (0, 1, 3, 13), "large": (0, 1, 6, 8, 9)}}
+            80: {"small": (0, 1, 3, 13), "large": (0, 1, 6, 8, 9, 10)}}
 
 
 def arch_family(capability: tuple[int, int] | None) -> int:
@@ -432,7 +438,7 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     if INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     wgmma = cfg.pop("GLUON", False) and rows and forward and _wgmma_applies(inp, weight, blocksize)
-    split = qlora_wgmma.splits(Q) if wgmma else cfg["SPLIT_K"]
+    split = qlora_wgmma.splits(Q, M) if wgmma else cfg["SPLIT_K"]
     # rows: one lookup per byte (the swapped forward: codes in the activation dtype, scaled per
     # block after the MMA), else one per nibble
     table = (mma_pairs if forward and cfg["SWAP"] else pairs) if rows else table
@@ -459,7 +465,10 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
             BS=blocksize if rows else 1, EVEN_COLS=even_cols, EVEN_Q=Q % cfg["BLOCK_K"] == 0,
             **flags, **cfg, **NO_FMA)
     if split > 1 or wgmma:
-        _split_k_epilogue_kernel[grid](ws, M, P, *epilogue_args, **flags, BLOCK_M=cfg["BLOCK_M"],
-                                       BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-                                       SPLIT_K=split, **NO_FMA)
+        # a [split, M, P] workspace, or the large Gluon kernel's [1, P, M] seen as [1, M, P]
+        _split_k_epilogue_kernel[grid](ws, M, P, ws.stride(1), ws.stride(2), *epilogue_args,
+                                       **flags, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                                       BLOCK_R=cfg["BLOCK_R"], SPLIT_K=split,
+                                       num_warps=max(4, cfg["BLOCK_M"] * cfg["BLOCK_N"] // 2048),
+                                       **NO_FMA)
     return (out, z) if keep_z else out

@@ -1,17 +1,25 @@
-"""Gluon kernel (Hopper, sm_90a): the small-M 4-bit forward with the decoded weight as wgmma's
-register operand, laid out so that no decoded value moves between threads or through shared
-memory on its way to the tensor core.
+"""Gluon kernels (Hopper, sm_90a): the 4-bit forward with the decoded weight as wgmma's register
+operand, laid out so that no decoded value moves between threads or through shared memory on its
+way to the tensor core. One for small M (x rows as wgmma's N = 16), one for large M (N = 128).
 
-It computes what `lora_linear._block_scaled_mma` does (the swapped forward: the codes' table values
-in the activation dtype times xᵀ, each quantization block's fp32 partial sum times its scale),
-for 16-bit x, M <= 16 and blocks of 64..1024 columns, into a split-K workspace `ws[split, m, n]`;
+They compute what `lora_linear._block_scaled_mma` does (the swapped forward: the codes' table
+values in the activation dtype times xᵀ, each quantization block's fp32 partial sum times its
+scale), for 16-bit x and blocks of 64..512 columns, into an fp32 workspace:
+- M <= 16 (`_qlora_wgmma_kernel`): split-K, `ws[split, m, n]`; x's K slice is staged once per
+  program, the scales per tile;
+- M >= 128, K <= 16384 (`_qlora_wgmma_large_kernel`): [128 n x 128 m] tiles over all of K into
+  `ws` stored [N, M]; x streams through two shared buffers (each sub-step's x is loaded while the
+  one before multiplies), and a tile's block scales, decoded once per call by
+  `quant_4bit.block_scales_t` (bnb decodes nested absmax first too), are staged at its start.
 `lora_linear._split_k_epilogue_kernel` adds the splits and the LoRA term, as for every split-K
 tile config. Gluon kernels do not run under TRITON_INTERPRET: the interpreter runs the Triton
-kernel with the same math instead (`lora_linear.lora_matmul`), and this one is checked by the
-static report (`python -m peftkern.bench.static`) and, on a GPU, by tests/test_gpu.py.
+kernel with the same math instead (`lora_linear.lora_matmul`), these are checked by the static
+report (`python -m peftkern.bench.static`), by torch mirrors of their tensor programs
+(tests/test_qlora_wgmma.py) and, on a GPU, by tests/test_gpu.py.
 
-Layout (a CTA: 4 warps = one warpgroup, 128 weight rows, one K sub-step = 64 codes = 32 bytes per
-row). Each thread loads 8 contiguous packed bytes of 4 rows (two 32-bit words). wgmma's register
+Layout (small M: a CTA of 4 warps = one warpgroup, 128 weight rows, one K sub-step = 64 codes =
+32 bytes per row; each thread loads 8 contiguous packed bytes of 4 rows, two 32-bit words; large
+M: 8 warps, two warpgroups of 64 rows, 2 rows per thread). Per row, wgmma's register
 A fragment (k_width 2) gives a thread byte pairs of K columns 2s, 2s + 1 for s = c, c + 4, ...,
 c + 28 (c = lane % 4); so the kernel multiplies in "slot order": slot s = 4 i + c holds the
 packed byte 8 c + i (both nibbles), and x's columns are permuted alike when x is staged in shared
@@ -31,6 +39,7 @@ try:  # Gluon ships with Triton >= 3.5; without it this path is never taken
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
     from .quant_4bit import block_scale  # a Triton function: Gluon calls it as is
+    from .quant_4bit import block_scales_t
     AVAILABLE = True
 except ImportError:  # pragma: no cover - older Triton
     AVAILABLE = False
@@ -41,17 +50,23 @@ STEPS = 2            # sub-steps per K-loop iteration: two register buffers of b
 KSPAN = 512          # K per CTA (the split-K slice): 8 sub-steps, x and scales staged for it
 MAX_M = 16           # activation rows (wgmma's N)
 RESIDENT = 4         # programs per SM (128 registers x 128 threads, 53 KB of shared memory)
+LARGE_M = 128        # the large-M kernel's x rows per tile (wgmma's N), M > MAX_M
+LARGE_WARPS = 8      # two warpgroups: 64 weight rows each
+LARGE_RESIDENT = 1   # programs per SM (the large kernel's registers: see the static report)
+LARGE_MAX_K = 16384  # its scales for all of K fit shared memory (128 KB at this K)
 
 
 def supported(M: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
-    """Shapes this kernel takes: M <= 16, 16-bit x, whole blocks of 64..KSPAN columns that tile
-    the slices, K a multiple of a loop iteration."""
-    return (AVAILABLE and 0 < M <= MAX_M and dtype in (torch.float16, torch.bfloat16)
-            and SUB_K <= blocksize <= KSPAN and K % blocksize == 0 and K % (SUB_K * STEPS) == 0)
+    """Shapes these kernels take: 16-bit x, whole blocks of 64..KSPAN columns that tile the
+    slices, K a multiple of a loop iteration (M <= MAX_M: the small kernel, else the large)."""
+    return (AVAILABLE and M > 0 and dtype in (torch.float16, torch.bfloat16)
+            and SUB_K <= blocksize <= KSPAN and K % blocksize == 0 and K % (SUB_K * STEPS) == 0
+            and (M <= MAX_M or LARGE_M <= M and K <= LARGE_MAX_K))
 
 
-def splits(K: int) -> int:
-    return -(-K // KSPAN)
+def splits(K: int, M: int = 1) -> int:
+    """K slices (workspace planes): the small kernel splits K, the large one sums all of it."""
+    return -(-K // KSPAN) if M <= MAX_M else 1
 
 
 if AVAILABLE:
@@ -60,17 +75,35 @@ if AVAILABLE:
     BM = gl.constexpr(MAX_M)
 
     @gluon.jit
-    def _words(w_rows, j, nsub, WL: gl.constexpr):
-        """Sub-step j's packed words [ROWS, 8] (j past the slice: zeros, not read)."""
+    def _words(w_rows, j, nsub, WL: gl.constexpr, SKIP: gl.constexpr = True):
+        """Sub-step j's packed words [ROWS, 8] (j past the slice: the last sub-step's address,
+        never used: with SKIP not read at all, zeros)."""
         c = gl.arange(0, SUB // 8, layout=gl.SliceLayout(0, WL))
-        live = (c < (nsub - j) * (SUB // 8))[None, :]  # all true for j < nsub, else all false
-        return gl.load(w_rows + (gl.minimum(j, nsub - 1) * (SUB // 8) + c)[None, :], mask=live,
-                       other=0)
+        at = w_rows + (gl.minimum(j, nsub - 1) * (SUB // 8) + c)[None, :]
+        if SKIP:
+            live = (c < (nsub - j) * (SUB // 8))[None, :]  # all true for j < nsub, else all false
+            return gl.load(at, mask=live, other=0)
+        return gl.load(at)
 
     @gluon.jit
-    def _step(acc, cur, lane, table, xs, scales, j, MMA: gl.constexpr, A_L: gl.constexpr,
+    def _step(acc, cur, lane, table, xb, scales, j, MMA: gl.constexpr, A_L: gl.constexpr,
               DT: gl.constexpr):
-        """acc += scale ⊙ (codes of words `cur` · xᵀ of sub-step j)."""
+        """acc += scale ⊙ (codes of words `cur` · xᵀ in shared buffer `xb`), sub-step j's scales."""
+        return _scaled_mma(acc, _codes(cur, lane, table, A_L, DT), xb, _scale(scales, j, MMA))
+
+    @gluon.jit
+    def _scaled_mma(acc, a, xb, s):
+        """acc + s ⊙ (a · xbᵀ): the block's fp32 partial sum times its per-row scale."""
+        return gl.fma(warpgroup_mma(a, xb.permute((1, 0)), acc, use_acc=False), s[:, None], acc)
+
+    @gluon.jit
+    def _scale(scales, j, MMA: gl.constexpr):
+        """Sub-step j's staged scale of each of the tile's rows, in the accumulator's rows."""
+        return scales.gather(j * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)), 0)
+
+    @gluon.jit
+    def _codes(cur, lane, table, A_L: gl.constexpr, DT: gl.constexpr):
+        """The table values of words `cur` [ROWS, 8] as wgmma's register A operand, slot order."""
         # byte b of each word -> its table index (byte << 5) | lane; [ROWS, 8, 4] physical order
         i0 = ((cur << 5) & 0x1FE0) | lane
         i1 = ((cur >> 3) & 0x1FE0) | lane
@@ -82,10 +115,7 @@ if AVAILABLE:
         two = gl.reshape(table.gather(idx, 0), [ROWS, 32])
         hi = two.to(gl.int16).to(DT, bitcast=True)  # column 2 s: the high nibble (low half)
         lo = (two >> 16).to(gl.int16).to(DT, bitcast=True)
-        a = gl.convert_layout(gl.reshape(gl.join(hi, lo), [ROWS, SUB]), A_L, assert_trivial=True)
-        part = warpgroup_mma(a, xs.index(j).permute((1, 0)), acc, use_acc=False)
-        s = scales.gather(j * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)), 0)
-        return gl.fma(part, s[:, None], acc)
+        return gl.convert_layout(gl.reshape(gl.join(hi, lo), [ROWS, SUB]), A_L, assert_trivial=True)
 
     @gluon.jit
     def _scales(smem, absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, n0, k_lo, nsub, K, N,
@@ -100,6 +130,35 @@ if AVAILABLE:
         gl.barrier()  # the previous tile's reads are done
         smem.store(gl.reshape(scale, [NSUB * ROWS]))
         gl.barrier()
+
+    @gluon.jit
+    def _table(pairs_ptr, TL: gl.constexpr):
+        """The pair table in shared memory, 32 copies interleaved: [256, 32] row-major."""
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))
+        copies = gl.load(pairs_ptr + e)[:, None] + gl.zeros([256, 32], gl.int32, TL)
+        return gl.allocate_shared_memory(gl.int32, [256 * 32], gl.SwizzledSharedLayout(1, 1, 1, [0]),
+                                         gl.reshape(copies, [256 * 32]))
+
+    @gluon.jit
+    def _x_slot(x_rows, xm, k0, K, XL: gl.constexpr):
+        """x[rows, k0:k0 + SUB] in slot order: x column 16 c + 2 i + h -> slot column
+        8 i + 2 c + h; `x_rows` the row pointers [R, 1]; `xm` the rows' live mask (zeros past
+        K), or None: every row live, k0 past K reads the last sub-step (a prefetch never used)."""
+        kk = gl.arange(0, SUB, layout=gl.SliceLayout(0, XL))
+        if xm is None:
+            xt = gl.load(x_rows + (gl.minimum(k0, K - SUB) + kk)[None, :])
+        else:
+            xt = gl.load(x_rows + (k0 + kk)[None, :], mask=xm & ((k0 + kk) < K)[None, :],
+                         other=0.0)
+        R: gl.constexpr = xt.shape[0]
+        return gl.reshape(gl.permute(gl.reshape(xt, [R, 4, 8, 2]), [0, 2, 1, 3]), [R, SUB])
+
+    @gluon.jit
+    def _lanes(WL: gl.constexpr):
+        """Each word's lane (WL's lane bases: word bits 1-2, row bits 0-2): its table copy."""
+        lr = gl.arange(0, ROWS, layout=gl.SliceLayout(1, WL))
+        lc = gl.arange(0, SUB // 8, layout=gl.SliceLayout(0, WL))
+        return ((lc[None, :] >> 1) & 3) | ((lr[:, None] & 7) << 2)
 
     @gluon.jit
     def _rows(w_ptr, tile, N, K, k_lo, WL: gl.constexpr):
@@ -136,29 +195,16 @@ if AVAILABLE:
         n_tiles = gl.cdiv(N, ROWS)
         k_lo = split * KSPAN
         nsub = gl.minimum(KSPAN, K - k_lo) // SUB  # the last slice may be shorter (x is 0 past K)
-        # the pair table, 32 copies interleaved: [256, 32] row-major, a warp stores 4 rows
-        e = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))
-        copies = gl.load(pairs_ptr + e)[:, None] + gl.zeros([256, 32], gl.int32, TL)
-        table = gl.allocate_shared_memory(gl.int32, [256 * 32], FLAT,
-                                          gl.reshape(copies, [256 * 32]))
+        table = _table(pairs_ptr, TL)
         # x[:, k_lo:k_lo + KSPAN] in slot order, one [BM, SUB] buffer per sub-step
         xs = gl.allocate_shared_memory(DT, [NSUB, BM, SUB], X_S)
-        xm = gl.arange(0, BM, layout=gl.SliceLayout(1, XL))
-        xk = gl.arange(0, SUB, layout=gl.SliceLayout(0, XL))
+        xm = gl.arange(0, BM, layout=gl.SliceLayout(1, XL))[:, None]
         for js in gl.static_range(NSUB):
-            kk = k_lo + js * SUB + xk
-            ok = (xm[:, None] < M) & (kk[None, :] < K)
-            xt = gl.load(x_ptr + xm[:, None] * stride_xm + kk[None, :], mask=ok, other=0.0)
-            # x column 16 c + 2 i + h -> slot column 8 i + 2 c + h
-            xt = gl.reshape(gl.permute(gl.reshape(xt, [BM, 4, 8, 2]), [0, 2, 1, 3]), [BM, SUB])
-            xs.index(js).store(xt)
+            xs.index(js).store(_x_slot(x_ptr + xm * stride_xm, xm < M, k_lo + js * SUB, K, XL))
         fence_async_shared()  # x is read by wgmma (the async proxy)
         scales = gl.allocate_shared_memory(gl.float32, [NSUB * ROWS], FLAT)
 
-        # each element's lane (WL's lane bases: word bits 1-2, row bits 0-2): its table copy
-        lr = gl.arange(0, ROWS, layout=gl.SliceLayout(1, WL))
-        lc = gl.arange(0, SUB // 8, layout=gl.SliceLayout(0, WL))
-        lane = ((lc[None, :] >> 1) & 3) | ((lr[:, None] & 7) << 2)
+        lane = _lanes(WL)
         om = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
         for tile in range(first, n_tiles, stride):
             n0 = tile * ROWS
@@ -169,13 +215,93 @@ if AVAILABLE:
                     BS, NESTED, NSUB, SL)
             acc = gl.zeros([ROWS, BM], gl.float32, MMA)
             for j in range(0, nsub, 2):  # nsub % 2 == 0: the two buffers rotate, no copies
-                acc = _step(acc, w0, lane, table, xs, scales, j, MMA, A_L, DT)
+                acc = _step(acc, w0, lane, table, xs.index(j), scales, j, MMA, A_L, DT)
                 w0 = _words(w_rows, j + 2, nsub, WL)
-                acc = _step(acc, w1, lane, table, xs, scales, j + 1, MMA, A_L, DT)
+                acc = _step(acc, w1, lane, table, xs.index(j + 1), scales, j + 1, MMA, A_L, DT)
                 w1 = _words(w_rows, j + 3, nsub, WL)
             on = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))
             ws = ws_ptr + split.to(gl.int64) * M * N + om[None, :] * N + on[:, None]
             gl.store(ws, acc, mask=(om[None, :] < M) & (on[:, None] < N))
+
+
+    @gluon.jit
+    def _stage_block_scales(smem, st_ptr, n0, N, NB, NSTAGE: gl.constexpr, STL: gl.constexpr):
+        """smem[j * ROWS + r] = the scale of row n0 + r's block j, from the transposed fp32
+        scales st[NB, N] (`quant_4bit.block_scales_t`): a thread moves 4 rows' at once."""
+        j = gl.arange(0, NSTAGE, layout=gl.SliceLayout(1, STL))[:, None]
+        r = gl.arange(0, ROWS, layout=gl.SliceLayout(0, STL))[None, :]
+        # blocks past NB and rows past N are never read: no fill value
+        t = gl.load(st_ptr + n0 + j * N + r, mask=(j < NB) & (r < N - n0))
+        gl.barrier()  # the previous tile's reads are done
+        smem.store(gl.reshape(t, [NSTAGE * ROWS]))
+
+    @gluon.jit
+    def _qlora_wgmma_large_kernel(x_ptr, M, K, stride_xm, w_ptr, st_ptr, pairs_ptr, N, ws_ptr,
+                                  BS: gl.constexpr, NSTAGE: gl.constexpr, BMX: gl.constexpr):
+        """M >= LARGE_M: persistent over [ROWS x BMX] output tiles (n fastest: the programs at
+        work share x's m-tile and all of W in L2), each summing all of K; x streams through two
+        shared [BMX, SUB] buffers (the next sub-step's x is loaded while this one multiplies);
+        a tile's block scales (NSTAGE >= K / BS blocks, fp32, decoded before the launch) are
+        staged at its start."""
+        DT: gl.constexpr = x_ptr.dtype.element_ty
+        # as the small kernel, with a third warp bit down the rows (two warpgroups)
+        WL: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [8, 0]],
+            lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0], [64, 0]], block_bases=[], shape=[ROWS, SUB // 8])
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                      instr_shape=[16, BMX, 16])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        STL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])
+        TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [8, 1], [1, 0])
+        X_S: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMX, SUB], DT)
+
+        n_tiles = gl.cdiv(N, ROWS)
+        n_steps = K // SUB  # even (K % (SUB * STEPS) == 0)
+        gl.assume(n_steps >= 2)  # a tile's K loop runs: one entry path, not a zero-trip one too
+        table = _table(pairs_ptr, TL)
+        xs = gl.allocate_shared_memory(DT, [2, BMX, SUB], X_S)
+        scales = gl.allocate_shared_memory(gl.float32, [NSTAGE * ROWS],
+                                           gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        lane = _lanes(WL)
+        xr = gl.arange(0, BMX, layout=gl.SliceLayout(1, XL))[:, None]
+        om = gl.arange(0, BMX, layout=gl.SliceLayout(0, MMA))
+        for tile in range(gl.program_id(0), n_tiles * gl.cdiv(M, BMX), gl.num_programs(0)):
+            tile_n = tile % n_tiles
+            n0 = tile_n * ROWS
+            # the last m-tile ends at row M; rows of the one before are not stored again
+            first = (tile // n_tiles) * BMX
+            m0 = gl.minimum(first, M - BMX)
+            x_rows = x_ptr + m0.to(gl.int64) * stride_xm + xr * stride_xm
+            w_rows = _rows(w_ptr, tile_n, N, K, 0, WL)
+            w0 = _words(w_rows, 0, n_steps, WL, False)
+            w1 = _words(w_rows, 1, n_steps, WL, False)
+            nxt = _x_slot(x_rows, None, 0, K, XL)
+            _stage_block_scales(scales, st_ptr, n0, N, K // BS, NSTAGE, STL)
+            xs.index(0).store(nxt)  # buffer 0 was last read before the barrier above
+            fence_async_shared()
+            gl.barrier()
+            acc = gl.zeros([ROWS, BMX], gl.float32, MMA)
+            for g in range(0, n_steps, 2):  # buffers and words rotate in pairs: no copies
+                nxt = _x_slot(x_rows, None, (g + 1) * SUB, K, XL)
+                acc = _step(acc, w0, lane, table, xs.index(0), scales, g * SUB // BS, MMA, A_L,
+                            DT)
+                w0 = _words(w_rows, g + 2, n_steps, WL, False)
+                xs.index(1).store(nxt)  # buffer 1 was last read at step g - 1, before the barrier
+                fence_async_shared()
+                gl.barrier()
+                nxt = _x_slot(x_rows, None, (g + 2) * SUB, K, XL)
+                acc = _step(acc, w1, lane, table, xs.index(1), scales, (g + 1) * SUB // BS, MMA,
+                            A_L, DT)
+                w1 = _words(w_rows, g + 3, n_steps, WL, False)
+                xs.index(0).store(nxt)
+                fence_async_shared()
+                gl.barrier()
+            # the workspace is [N, M] (M contiguous: a thread's accumulator pairs are adjacent)
+            on = (n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)))[:, None]
+            at = ws_ptr + m0 + on.to(gl.int64) * M + om[None, :]
+            gl.store(at, acc, mask=(om[None, :] >= first - m0) & (on < N))
 
 
 def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, offset,
@@ -188,11 +314,19 @@ def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, cod
     if x.stride(1) != 1:
         x = x.contiguous()
     nested = absmax2 is not None
-    ws = torch.empty((splits(K), M, N), dtype=torch.float32, device=x.device)
-    _qlora_wgmma_kernel[(programs(N, K, _sms(x.device)),)](
-        x, M, K, x.stride(0), _words_view(packed), absmax, absmax2 if nested else absmax,
-        code8 if nested else absmax, offset if nested else absmax, pairs, N, ws, splits(K),
-        BS=blocksize, NESTED=nested, KSPAN=KSPAN, num_warps=4, enable_fp_fusion=False)
+    if M <= MAX_M:
+        ws = torch.empty((splits(K), M, N), dtype=torch.float32, device=x.device)
+        _qlora_wgmma_kernel[(programs(N, K, _sms(x.device)),)](
+            x, M, K, x.stride(0), _words_view(packed), absmax, absmax2 if nested else absmax,
+            code8 if nested else absmax, offset if nested else absmax, pairs, N, ws, splits(K),
+            BS=blocksize, NESTED=nested, KSPAN=KSPAN, num_warps=4, enable_fp_fusion=False)
+    else:  # one plane, stored [N, M]: returned as its [1, M, N] view
+        ws = torch.empty((1, N, M), dtype=torch.float32, device=x.device).transpose(1, 2)
+        st = block_scales_t(absmax, absmax2, code8, offset, N, K // blocksize)
+        _qlora_wgmma_large_kernel[(large_programs(M, N, _sms(x.device)),)](
+            x, M, K, x.stride(0), _words_view(packed), st, pairs, N, ws, BS=blocksize,
+            NSTAGE=stage_blocks(K // blocksize), BMX=LARGE_M, num_warps=LARGE_WARPS,
+            enable_fp_fusion=False)
     return ws
 
 
@@ -203,14 +337,35 @@ def programs(N: int, K: int, sms: int) -> int:
     return s * max(1, min(tiles, sms * RESIDENT // s))
 
 
+def stage_blocks(nblocks: int) -> int:
+    """The large kernel's scale staging: a row's blocks, rounded up to a power of two (>= 8)."""
+    return max(8, 1 << (nblocks - 1).bit_length())
+
+
+def large_programs(M: int, N: int, sms: int) -> int:
+    """The large kernel's persistent grid: LARGE_RESIDENT programs per SM, at most one per tile."""
+    return max(1, min(-(-M // LARGE_M) * -(-N // ROWS_PER_CTA), sms * LARGE_RESIDENT))
+
+
+def large_tiles_per_sm(M: int, N: int, sms: int) -> tuple[int, int]:
+    """(output tiles, programs) on the busiest SM: program c takes tiles c, c + G, ..."""
+    G = large_programs(M, N, sms)
+    tiles = -(-M // LARGE_M) * -(-N // ROWS_PER_CTA)
+    return _busiest(G, sms, lambda c: len(range(c, tiles, G)))
+
+
 def tiles_per_sm(N: int, K: int, sms: int) -> tuple[int, int]:
     """(n-tiles, programs) on the busiest SM when the G programs are placed round-robin."""
     G, s = programs(N, K, sms), splits(K)
     tiles = -(-N // ROWS_PER_CTA)
-    per = [0] * sms
-    ctas = [0] * sms
+    return _busiest(G, sms, lambda c: len(range(c // s, tiles, G // s)))
+
+
+def _busiest(G: int, sms: int, tiles_of) -> tuple[int, int]:
+    """(tiles, programs) of the SM with the most work when program c runs on SM c % sms."""
+    per, ctas = [0] * sms, [0] * sms
     for c in range(G):
-        per[c % sms] += len(range(c // s, tiles, G // s))
+        per[c % sms] += tiles_of(c)
         ctas[c % sms] += 1
     busiest = max(range(sms), key=lambda i: (per[i], ctas[i]))
     return per[busiest], ctas[busiest]

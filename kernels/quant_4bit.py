@@ -90,6 +90,32 @@ def _dequantize_4bit_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code8_ptr, offs
     tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=live)
 
 
+@triton.jit
+def _block_scales_t_kernel(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, out_ptr, N, NB,
+                           NESTED: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[j, n] = the scale of row n's block j (rows of NB blocks), transposed."""
+    j = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    live = (j[:, None] < NB) & (n[None, :] < N)
+    blk = n[None, :].to(tl.int64) * NB + j[:, None]
+    scale = block_scale(absmax_ptr, absmax2_ptr, code8_ptr, offset_ptr, 0, blk, live, NESTED, True)
+    tl.store(out_ptr + j[:, None].to(tl.int64) * N + n[None, :], scale, mask=live)
+
+
+def block_scales_t(absmax, absmax2, code8, offset, N: int, NB: int) -> torch.Tensor:
+    """Every block's fp32 scale as `[NB, N]` (row n's block j at [j, n]): what a kernel that
+    stages a tile's scales reads in wide, coalesced loads. `absmax2 is None`: plain absmax."""
+    out = empty((NB, N), torch.float32, absmax.device)
+    nested = absmax2 is not None
+    if not nested:
+        absmax2 = code8 = offset = absmax
+    if N and NB:
+        grid = (triton.cdiv(NB, 32), triton.cdiv(N, 64))
+        _block_scales_t_kernel[grid](absmax, absmax2, code8, offset, out, N, NB, NESTED=nested,
+                                     BLOCK_J=32, BLOCK_N=64, **NO_FMA)
+    return out
+
+
 def quantize_4bit(A: torch.Tensor, bounds: torch.Tensor, order: torch.Tensor, blocksize: int,
                   is_fp4: bool):
     """Flat contiguous `A` -> `(packed uint8 [(n+1)//2], absmax fp32 [ceil(n/bs)])`."""

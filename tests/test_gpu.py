@@ -100,7 +100,7 @@ def test_default_dispatch_follows_the_measured_crossover(gen, monkeypatch, gemv_
     assert gemv_calls == [1, 4]
 
 
-# ---- the Gluon small-M forward (kernels/qlora_wgmma.py, sm_90+), through the GLUON config ----------
+# ---- the Gluon forwards (kernels/qlora_wgmma.py, sm_90+), through the GLUON configs ---------------
 
 def _hopper():
     from peftkern.kernels import qlora_wgmma
@@ -115,7 +115,13 @@ def _hopper():
     (7, 333, 1280, 128, "fp4", False, True, 8, "2d"),      # a partial n-tile, a shorter last slice
     (16, 14336, 4096, 64, "nf4", True, True, 16, "2d"),    # several tiles per program
     (3, 4096, 11008, 256, "nf4", True, False, 16, "transposed"),  # x non-contiguous
-    (5, 130, 512, 512, "nf4", False, False, 4, "2d")])
+    (5, 130, 512, 512, "nf4", False, False, 4, "2d"),
+    # the large kernel: whole tiles; the last m-tile shifted and a partial n-tile; more tiles
+    # than programs; blocks of two sub-steps; x non-contiguous; one m-tile
+    (1024, 4096, 4096, 64, "nf4", True, True, 16, "2d"), (333, 333, 1280, 128, "fp4", False, True, 8, "2d"),
+    (512, 14336, 4096, 64, "nf4", True, False, 16, "2d"),
+    (257, 4096, 11008, 256, "nf4", True, False, 16, "transposed"),
+    (128, 130, 512, 512, "nf4", False, False, 4, "2d")])
 def test_gluon_forward_follows_error_rule(M, N, K, blocksize, qt, dq, bias, r, layout, dtype, gen,
                                           monkeypatch):
     from peftkern.kernels import lora_linear as L
@@ -130,7 +136,7 @@ def test_gluon_forward_follows_error_rule(M, N, K, blocksize, qt, dq, bias, r, l
     A = (torch.randn(r, K, generator=gen) / K ** 0.5).to(dtype)
     B = (torch.randn(N, r, generator=gen) / r ** 0.5).to(dtype)
     cuda = [t if t is None else t.cuda() for t in (x, b, A, B)]
-    cfg = next(c for c in L.CANDIDATES["small"] if c.get("GLUON"))
+    cfg = next(c for c in L.CANDIDATES[L.regime(M)] if c.get("GLUON"))
     with ops.use_backend("triton"), ops.use_config(cfg):
         y = ops.qlora_linear(cuda[0], q.to("cuda"), *cuda[1:], 0.5)
         again = ops.qlora_linear(cuda[0], q.to("cuda"), *cuda[1:], 0.5)

@@ -17,13 +17,14 @@ import pytest
 import torch
 
 import peftkern
-from peftkern import codes, ops
+from peftkern import codes, formulas, ops
 from peftkern.kernels import lora_linear as L
 from peftkern.kernels import qlora_wgmma as G
 
 from helpers import CPU_BACKENDS, assert_error_rule
 
 GLUON_CFG = next(c for c in L.CANDIDATES["small"] if c.get("GLUON"))
+GLUON_LARGE_CFG = next(c for c in L.CANDIDATES["large"] if c.get("GLUON"))
 
 
 def _quantized(gen, N, K, quant_type, blocksize, dq):
@@ -50,6 +51,26 @@ def _scales(q, n0, k_lo, nsub) -> torch.Tensor:
     return s + q.offset
 
 
+def _codes(cur, table, dtype, gen) -> torch.Tensor:
+    """The [rows, 64] slot-order table values of packed words `cur` [rows, 8], as `_codes`."""
+    rows = cur.shape[0]
+    # any lane in 0..31 picks an identical copy: the lane only spreads the banks
+    lane = torch.randint(0, 32, cur.shape, generator=gen, dtype=torch.int32)
+    i = [((cur << 5) & 0x1FE0) | lane, ((cur >> 3) & 0x1FE0) | lane,
+         ((cur >> 11) & 0x1FE0) | lane, ((cur >> 19) & 0x1FE0) | lane]
+    q4 = torch.stack([torch.stack(i[:2], -1), torch.stack(i[2:], -1)], -1)
+    idx = q4.permute(0, 1, 3, 2).reshape(rows, 4, 8).permute(0, 2, 1).reshape(rows * 32)
+    two = table[idx].reshape(rows, 32)
+    hi = two.to(torch.int16).view(dtype)
+    lo = (two >> 16).to(torch.int16).view(dtype)
+    return torch.stack([hi, lo], -1).reshape(rows, G.SUB_K)
+
+
+def _x_slot(x, k0) -> torch.Tensor:
+    """x[:, k0:k0 + 64] in slot order, as `_x_slot` stages it."""
+    return x[:, k0:k0 + G.SUB_K].reshape(-1, 4, 8, 2).permute(0, 2, 1, 3).reshape(-1, G.SUB_K)
+
+
 def _mirror(x, q, dtype, gen) -> torch.Tensor:
     """out[M, N] computed as _qlora_wgmma_kernel + the split-K sum compute it."""
     N, K = q.shape
@@ -63,37 +84,64 @@ def _mirror(x, q, dtype, gen) -> torch.Tensor:
         acc = torch.zeros(N, M, dtype=torch.float32)
         for j in range(nsub):
             k0 = k_lo + j * G.SUB_K
-            cur = words[:, k0 // 8:k0 // 8 + 8]
-            # any lane in 0..31 picks an identical copy: the lane only spreads the banks
-            lane = torch.randint(0, 32, cur.shape, generator=gen, dtype=torch.int32)
-            i = [((cur << 5) & 0x1FE0) | lane, ((cur >> 3) & 0x1FE0) | lane,
-                 ((cur >> 11) & 0x1FE0) | lane, ((cur >> 19) & 0x1FE0) | lane]
-            q4 = torch.stack([torch.stack(i[:2], -1), torch.stack(i[2:], -1)], -1)
-            idx = q4.permute(0, 1, 3, 2).reshape(N, 4, 8).permute(0, 2, 1).reshape(N * 32)
-            two = table[idx].reshape(N, 32)
-            hi = two.to(torch.int16).view(dtype)
-            lo = (two >> 16).to(torch.int16).view(dtype)
-            a = torch.stack([hi, lo], -1).reshape(N, G.SUB_K)
-            xt = x[:, k0:k0 + G.SUB_K].reshape(M, 4, 8, 2).permute(0, 2, 1, 3).reshape(M, G.SUB_K)
-            part = a.float() @ xt.float().t()
+            a = _codes(words[:, k0 // 8:k0 // 8 + 8], table, dtype, gen)
+            part = a.float() @ _x_slot(x, k0).float().t()
             acc = acc + part * scales[j, :N][:, None]
         out += acc.t().double()
     return out
+
+
+def _mirror_large(x, q, dtype, gen, keep_from=lambda first, m0: first - m0,
+                  block_of=lambda g, bs: g * G.SUB_K // bs) -> torch.Tensor:
+    """out[M, N] as _qlora_wgmma_large_kernel computes it (M >= 128): its tile schedule (n fastest;
+    the last m-tile shifted to end at row M, rows of the tile before not stored again), the
+    clamped weight rows, the staged block scales (rows past N unset: NaN), the slot-order
+    sub-steps; returns the [N, M] workspace seen as [M, N]."""
+    N, K = q.shape
+    M, R, BMX = x.shape[0], G.ROWS_PER_CTA, G.LARGE_M
+    nb = K // q.blocksize
+    words = q.data.reshape(-1).view(torch.int32).reshape(N, K // 8)
+    table = codes.byte_pair_table(q.quant_type, dtype)[:, None].expand(256, 32).reshape(-1)
+    st = (formulas.dequantize_absmax(q.absmax, q.absmax2, q.code8, q.offset)
+          if q.absmax2 is not None else q.absmax.float()).reshape(N, nb).t()  # block_scales_t
+    ws = torch.full((N, M), float("nan"))
+    n_tiles = -(-N // R)
+    for tile in range(n_tiles * -(-M // BMX)):
+        n0 = tile % n_tiles * R
+        first = tile // n_tiles * BMX
+        m0 = min(first, M - BMX)
+        w_rows = torch.clamp(torch.arange(n0, n0 + R), max=N - 1)
+        staged = torch.full((G.stage_blocks(nb), R), float("nan"))
+        staged[:nb, :min(R, N - n0)] = st[:, n0:n0 + R]
+        xt = x[m0:m0 + BMX]
+        acc = torch.zeros(R, BMX)
+        for g in range(K // G.SUB_K):
+            a = _codes(words[w_rows, 8 * g:8 * g + 8], table, dtype, gen)
+            part = a.float() @ _x_slot(xt, g * G.SUB_K).float().t()
+            acc = acc + part * staged[block_of(g, q.blocksize)][:, None]
+        keep = slice(keep_from(first, m0), BMX)
+        ws[n0:n0 + R, m0:m0 + BMX][:, keep] = acc[:min(R, N - n0), keep]
+    return ws.t().double()
 
 
 @pytest.mark.parametrize("M, N, K, blocksize, kind, dt", [
     (1, 150, 512, 64, "nf4-dq", torch.bfloat16),     # one K slice, a partial n-tile
     (16, 260, 1280, 128, "fp4", torch.float16),       # 2.5 slices: the last one is shorter
     (5, 128, 1024, 512, "nf4", torch.bfloat16),       # one block per slice
-    (3, 64, 768, 256, "nf4-dq", torch.float16)])
+    (3, 64, 768, 256, "nf4-dq", torch.float16),
+    # the large kernel
+    (128, 128, 512, 64, "nf4-dq", torch.bfloat16),     # one tile
+    (200, 150, 640, 64, "nf4", torch.float16),         # the last m-tile shifted, a partial n-tile
+    (300, 260, 1280, 128, "fp4-dq", torch.bfloat16),   # blocks of two sub-steps, 3 x 3 tiles
+    (129, 64, 512, 256, "nf4", torch.float16)])
 def test_mirror_of_the_kernel_follows_the_error_rule(M, N, K, blocksize, kind, dt, gen):
     q, Wd = _quantized(gen, N, K, kind.split("-")[0], blocksize, kind.endswith("dq"))
     assert G.supported(M, K, blocksize, dt)
     x = torch.randn(M, K, generator=gen).to(dt)
-    got = _mirror(x, q, dt, gen)
+    got = (_mirror if M <= G.MAX_M else _mirror_large)(x, q, dt, gen)
     oracle = x.double() @ Wd.double().t()
     baseline = x @ Wd.to(dt).t()
-    assert_error_rule(f"mirror {kind} bs={blocksize}", got, oracle, baseline)
+    assert_error_rule(f"mirror M={M} {kind} bs={blocksize}", got, oracle, baseline)
 
 
 def test_mirror_fails_on_a_wrong_permutation(gen):
@@ -108,9 +156,39 @@ def test_mirror_fails_on_a_wrong_permutation(gen):
     assert err > 0.1 * (x.double() @ Wd.double().t()).abs().max().item()
 
 
+@pytest.mark.parametrize("mutation", ["a row of the shifted tile not stored",
+                                      "a sub-step's own scale, not its block's"])
+def test_large_mirror_fails_on_a_wrong_schedule_or_scale(mutation, gen):
+    """The check above can fail: the shifted last tile leaving a row unwritten (NaN), or blocks of
+    two sub-steps scaled per sub-step."""
+    N, K, M = 64, 512, 200
+    q, Wd = _quantized(gen, N, K, "nf4", 128, False)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+    wrong = ({"keep_from": lambda first, m0: first - m0 + 1}
+             if mutation.startswith("a row") else {"block_of": lambda g, bs: g})
+    got = _mirror_large(x, q, torch.bfloat16, gen, **wrong)
+    with pytest.raises(AssertionError):
+        assert_error_rule("mutated", got, x.double() @ Wd.double().t(), x @ Wd.bfloat16().t())
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs Triton (interpreter)")
+@pytest.mark.parametrize("dq", [True, False])
+def test_block_scales_t_are_the_decoded_absmax(dq, gen):
+    from peftkern.kernels import quant_4bit
+    N, K, bs = 300, 1024, 64
+    q, _ = _quantized(gen, N, K, "nf4", bs, dq)
+    got = quant_4bit.block_scales_t(q.absmax, q.absmax2, q.code8, q.offset, N, K // bs)
+    want = (formulas.dequantize_absmax(q.absmax, q.absmax2, q.code8, q.offset) if dq
+            else q.absmax).reshape(N, K // bs).t()
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("M, K, blocksize, dt, ok", [
     (16, 4096, 64, torch.bfloat16, True), (1, 14336, 64, torch.float16, True),
-    (17, 4096, 64, torch.bfloat16, False),   # M > 16: the large-M paths
+    (128, 4096, 64, torch.bfloat16, True), (8192, 16384, 64, torch.float16, True),
+    (17, 4096, 64, torch.bfloat16, False),   # 16 < M < 128: the Triton kernel
+    (127, 4096, 64, torch.bfloat16, False),
+    (4096, 16512, 64, torch.bfloat16, False),  # large M: K's scales would not fit shared memory
     (4, 4096, 32, torch.bfloat16, False),    # a block shorter than a sub-step
     (4, 4096, 1024, torch.bfloat16, False),  # a block longer than a K slice
     (4, 4160, 64, torch.bfloat16, False),    # K not a multiple of 128
@@ -130,17 +208,29 @@ def test_persistent_schedule_covers_every_tile_once():
         assert busiest >= -(-tiles * s // 132) and progs <= G.RESIDENT
 
 
+def test_large_schedule_covers_every_tile_once():
+    for M, N in [(8192, 4096), (8192, 14336), (128, 130), (300, 4096), (65536, 11008)]:
+        tiles = -(-M // G.LARGE_M) * -(-N // G.ROWS_PER_CTA)
+        grid = G.large_programs(M, N, 132)
+        assert grid <= 132 * G.LARGE_RESIDENT
+        seen = sorted(t for c in range(grid) for t in range(c, tiles, grid))
+        assert seen == list(range(tiles))
+        busiest, progs = G.large_tiles_per_sm(M, N, 132)
+        assert busiest == -(-tiles // grid) and progs <= G.LARGE_RESIDENT
+
+
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="needs Triton (interpreter)")
-def test_interpreter_runs_the_triton_kernel_for_the_gluon_config(gen, monkeypatch):
+@pytest.mark.parametrize("M, cfg", [(3, GLUON_CFG), (130, GLUON_LARGE_CFG)], ids=["small", "large"])
+def test_interpreter_runs_the_triton_kernel_for_the_gluon_config(M, cfg, gen, monkeypatch):
     """Under TRITON_INTERPRET the GLUON config never reaches Gluon: the Triton kernel with its
     tiles computes the same math (and follows the error rule)."""
     monkeypatch.setattr(G, "forward_partials", lambda *a, **k: pytest.fail("Gluon launched"))
-    N, K, M = 100, 512, 3
+    N, K = 100, 512
     q, Wd = _quantized(gen, N, K, "nf4", 64, True)
     x = torch.randn(M, K, generator=gen).to(torch.float16)
     A = torch.zeros(4, K, dtype=torch.float16)
     B = torch.zeros(N, 4, dtype=torch.float16)
-    with ops.use_backend("triton"), ops.use_config(GLUON_CFG):
+    with ops.use_backend("triton"), ops.use_config(cfg):
         got = ops.qlora_linear(x, q, None, A, B, 0.5)
     assert_error_rule("gluon config, interpreter", got, x.double() @ Wd.double().t(),
                       x @ Wd.to(torch.float16).t())

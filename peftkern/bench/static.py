@@ -10,11 +10,12 @@ weights with plain or nested (double-quantized) absmax, fp16 (rule configs only)
 epilogue kernel, quantize (every bnb blocksize), dequantize, the AdaLoRA sensitivity update and
 the DoRA weight norm (`_dora_norm_kernel`: dense, 4-bit plain and nested, each dtype) and the
 mixed-adapter grouped LoRA (`_shrink_kernel`, `_expand_kernel`, each dtype), and the Gluon
-small-M 4-bit forward (`_qlora_wgmma_kernel`, kernels/qlora_wgmma.py: sm_90a only, the GLUON
-candidate's forward; compiled through `GluonASTSource`).
+4-bit forwards (kernels/qlora_wgmma.py: `_qlora_wgmma_kernel` for small M, `_qlora_wgmma_large_kernel`
+and its scale decode `_block_scales_t_kernel` for large M; sm_90a only, the GLUON candidates'
+forwards; compiled through `GluonASTSource`).
 Reduced sets: bias and the DoRA output scale (forward), dropout mask (dX) and fp32 adapters only on the rule configs, dense
 and nf4-nested, bf16; M = 1 (Triton makes an int == 1 a constexpr) on the small rule config.
-`--configs rule`: the rule configs and the GLUON candidate. `--quick`: those, the first split-K
+`--configs rule`: the rule configs and the GLUON candidates. `--quick`: those, the first split-K
 small and one more large candidate; dense and
 nf4-nested; bf16 and fp32; no epilogue extras; quantize/dequantize at blocksize 64; AdaLoRA fp32. The arguments are the real ones: `JITFunction.run` is replaced by a
 recorder, the custom ops (`peftkern.ops.lora.lora_linear_fwd`, `qlora_linear_dx`, ...; backend
@@ -31,7 +32,8 @@ Main loop. In SASS the K loop is the range [target, branch] of a backward branch
 address); the largest such range (most instructions) is "the main loop". Its instruction mix is
 counted statically (each instruction once: a guarded slow path inside the loop counts as if
 taken). A loop nested in it (the Gluon kernel's K loop inside its persistent tile loop) is
-counted as running INNER_ITERS times per main-loop iteration (the config says how many). 64-bit integer division is counted in the PTX of the largest PTX loop (`div/rem.s64/u64`:
+counted as running INNER_ITERS times per main-loop iteration (the config says how many; the
+large Gluon kernel's: Q / 128, per shape). 64-bit integer division is counted in the PTX of the largest PTX loop (`div/rem.s64/u64`:
 `main_loop_div64`) and as CALLs to the `__internal_*_div_s64`-style routines in the SASS main loop
 (`main_loop_div64_calls`; `main_loop_calls` counts every CALL).
 
@@ -61,15 +63,20 @@ First-order bound model (a STATIC ESTIMATE, never a measurement):
     wavefronts) run once per CTA; CTAs per SM = min(65536 registers / (registers per warp rounded to 256 ×
     warps), floor(shared limit / shared), 64 warps / warps, 32). Latency is not modelled: with
     few warps per SM the real time is longer;
-  * persistent kernels (a config with KSPAN: the Gluon kernel) run a tile per main-loop
-    iteration; the busiest SM's tiles and programs come from the launcher's own schedule
-    (`qlora_wgmma.tiles_per_sm`), and its time is (max(issue, MMA, L1) × its tiles + once ×
-    its programs) / clock; their table lookups are conflict-free by construction (one
-    lane-interleaved table copy per lane), so their LDS count as is;
+  * persistent kernels (the Gluon kernels) run a tile per main-loop iteration, its K loop
+    nested (the tile's instructions = the tile loop's + (K-loop iterations - 1) × the K loop's:
+    the small kernel 4 per K slice, the large one Q / 128); the busiest SM's tiles and programs
+    come from the launcher's own schedule (`qlora_wgmma.tiles_per_sm`, `large_tiles_per_sm`),
+    and its time is (max(issue, MMA, L1) × its tiles + once × its programs) / clock; their
+    table lookups are conflict-free by construction (one lane-interleaved table copy per
+    lane), so their LDS count as is;
   * HBM time = bytes once each (x or dY, the weight: dense, or packed codes + absmax (+ nested
-    absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM); the split-K
-    workspace (SPLIT_K × M × P fp32, written and read back once: 0.9-3.7 MB at M = 16) is
-    assumed to stay in L2 and is not counted;
+    absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM); a split-K
+    workspace that fits L2 (SPLIT_K × M × P fp32, written and read back once: 0.9-3.7 MB at
+    M = 16) is not counted; a larger one (the large Gluon kernel's M × P fp32: 128 MB at
+    M = 8192, P = 4096) replaces the output in the kernel's bytes, and the epilogue launch
+    that reads it back (+ writes out, reads L and R2) adds its HBM time after the kernel's:
+    bound = max(compute, HBM) + epilogue;
   * bound_vs_dense = the 4-bit variant's bound / the dense variant's (same config, dtype, pass,
     arch, M), both estimated this way (per row at N = K = 4096 and the row's M; per shape in
     `shape_bounds` for N x K = 4096 x 4096 and 14336 x 4096, M = 1, 16, 8192, r = 16, bf16).
@@ -123,6 +130,7 @@ DTYPES = ("fp16", "bf16", "fp32")
 PASSES = ("fwd", "dx")
 QUICK_WEIGHTS = ("dense", "nf4-nested")
 QUICK_DTYPES = ("bf16", "fp32")
+L2_BYTES = 50 * 2 ** 20  # H100 SXM's L2 (A100: 40 MB); a split-K workspace below it stays there
 
 
 # ---- variants ------------------------------------------------------------------------------------
@@ -657,8 +665,9 @@ def gather_lookups(row: dict) -> tuple[int, int, int]:
 
 # Kernels whose table lookups are conflict-free by construction (a lane-interleaved copy per
 # lane: kernels/qlora_wgmma.py): their LDS count as is.
-CONFLICT_FREE = ("_qlora_wgmma_kernel",)
+CONFLICT_FREE = ("_qlora_wgmma_kernel", "_qlora_wgmma_large_kernel")
 GEMMS = ("_lora_matmul_kernel",) + CONFLICT_FREE
+HOPPER_ONLY = ("_block_scales_t_kernel",)  # launched only before the large Gluon kernel
 
 
 def shared_cycles(row: dict) -> float:
@@ -744,8 +753,11 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     if not row.get("compiled") or not row.get("main_loop_instructions"):
         return None
     hw, cfg = ARCHS[row["arch"]], row["config_dict"]
-    bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("SPLIT_K", 1)
     Q, P = (K, N) if row["pass"] == "fwd" else (N, K)
+    if "TILE_K" in cfg:  # the large Gluon kernel: an iteration is a tile over all of Q
+        cfg = cfg | {"BLOCK_K": Q, "INNER_ITERS": Q // cfg["TILE_K"]}
+        row = row | {"config_dict": cfg}
+    bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("SPLIT_K", 1)
     split = -(-Q // cfg["KSPAN"]) if "KSPAN" in cfg else split  # the Gluon kernel's K slices
     occ = ctas_per_sm(row["registers"], row["shared_bytes"], row["num_warps"], row["arch"])
     if occ == 0:
@@ -754,10 +766,15 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     iters = math.ceil(math.ceil(Q / split) / bk)
     ctas = math.ceil(M / bm) * math.ceil(P / bn) * split
     on_sm = math.ceil(ctas / hw["sms"])  # CTAs on the busiest SM
-    if "KSPAN" in cfg:  # persistent (the Gluon kernel): an iteration is a tile; its schedule
+    persistent = "KSPAN" in cfg or "TILE_K" in cfg
+    if persistent:  # the Gluon kernels: an iteration is a tile; the launcher's own schedule
         from peftkern.kernels import qlora_wgmma
-        iters, on_sm = qlora_wgmma.tiles_per_sm(P, Q, hw["sms"])
-        ctas = qlora_wgmma.programs(P, Q, hw["sms"])
+        if "TILE_K" in cfg:
+            iters, on_sm = qlora_wgmma.large_tiles_per_sm(M, P, hw["sms"])
+            ctas = qlora_wgmma.large_programs(M, P, hw["sms"])
+        else:
+            iters, on_sm = qlora_wgmma.tiles_per_sm(P, Q, hw["sms"])
+            ctas = qlora_wgmma.programs(P, Q, hw["sms"])
     resident = min(occ, on_sm)
     waves = math.ceil(on_sm / resident)
     # Co-resident CTAs share the SM's 4 schedulers and its tensor cores; a warp issues at most one
@@ -769,19 +786,24 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     # each instruction once, its shared traffic as if conflict-free
     once = max(row.get("outside_loop_instructions", 0) * warps / min(4, resident * warps),
                row.get("outside_loop_shared_wavefronts", 0) * warps)
-    if "KSPAN" in cfg:  # the busiest SM's tiles and programs, all resident at once
+    if persistent:  # the busiest SM's tiles and programs, all resident at once
         compute = (max(issue, mma, l1) * iters + once * on_sm) * waves / hw["clock"]
     else:
         compute = (max(issue, mma, l1) * iters + once) * resident * waves / hw["clock"]
     elt = {"fp16": 2, "bf16": 2, "fp32": 4}[row["dtype"]]
     lelt = 4 if row.get("extra") == "lora-fp32" else elt
-    nbytes = (M * Q * elt + weight_bytes(row["weight"], N, K, elt) + M * P * elt
-              + (M + P) * RANK * lelt)
-    hbm = nbytes / hw["hbm"]
+    lora = (M + P) * RANK * lelt
+    # a workspace that does not stay in L2 (the large Gluon kernel's fp32 [M, P]) is written
+    # here and read back by the epilogue launch, which runs after: its time adds
+    spilled = "TILE_K" in cfg and M * P * 4 > L2_BYTES
+    out_bytes = M * P * 4 if spilled else M * P * elt
+    hbm = (M * Q * elt + weight_bytes(row["weight"], N, K, elt) + out_bytes + lora) / hw["hbm"]
+    epilogue = (M * P * 4 + M * P * elt + lora) / hw["hbm"] if spilled else 0.0
     limiter = max((issue, "issue"), (mma, "mma"), (l1, "l1"))[1] if compute >= hbm else "hbm"
     return dict(issue_cycles_per_iter=issue, mma_cycles_per_iter=mma, l1_cycles_per_iter=l1,
                 iterations=iters, once_cycles_per_cta=once, ctas=ctas, ctas_per_sm=occ, waves=waves, compute_s=compute,
-                hbm_s=hbm, bound_s=max(compute, hbm), limiter=limiter)
+                hbm_s=hbm, epilogue_s=epilogue, bound_s=max(compute, hbm) + epilogue,
+                limiter=limiter)
 
 
 # ---- the report ----------------------------------------------------------------------------------
@@ -798,8 +820,8 @@ def variant_rows(v: Variant, archs, cache_dir, memo, rule) -> list[dict]:
     rows = []
     for launch in launches:
         for arch in archs:
-            if launch.fn.is_gluon() and arch < 90:  # Hopper's kernel (qlora_wgmma.hopper)
-                continue
+            if (launch.fn.is_gluon() or launch.fn.__name__ in HOPPER_ONLY) and arch < 90:
+                continue  # Hopper's kernels (qlora_wgmma.hopper)
             a = analyze_launch(launch, arch, cache_dir, memo)
             rows.append(_row(v, launch, arch, cfg, rule, a))
     return rows
@@ -819,8 +841,14 @@ def _row(v, launch, arch, cfg, rule, a) -> dict:
         row["config_dict"] = dict(cfg)
         if launch.fn.is_gluon():  # its own tiles: a loop iteration = STEPS sub-steps of SUB_K
             from peftkern.kernels import qlora_wgmma as G
-            row["config_dict"].update(BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=G.KSPAN, KSPAN=G.KSPAN,
-                                      INNER_ITERS=G.KSPAN // (G.SUB_K * G.STEPS), num_warps=4)
+            if launch.fn.__name__ == "_qlora_wgmma_large_kernel":  # a tile sums all of K
+                K = SHAPES[0][1]  # recorded at N = K = 4096; gemm_bound re-derives per shape
+                row["config_dict"].update(BLOCK_M=G.LARGE_M, BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=K,
+                                          TILE_K=G.SUB_K * G.STEPS, INNER_ITERS=K // (G.SUB_K * G.STEPS),
+                                          num_warps=G.LARGE_WARPS)
+            else:
+                row["config_dict"].update(BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=G.KSPAN, KSPAN=G.KSPAN,
+                                          INNER_ITERS=G.KSPAN // (G.SUB_K * G.STEPS), num_warps=4)
     return row
 
 
@@ -970,7 +998,7 @@ def _bounds_md(bounds) -> list[str]:
             "launchable",
             "ctas_per_sm", "waves",
             "issue_cycles_per_iter", "mma_cycles_per_iter", "l1_cycles_per_iter", "compute_s",
-            "hbm_s", "bound_s",
+            "hbm_s", "epilogue_s", "bound_s",
             "limiter", "bound_vs_dense")
     out = ["## Per-shape bounds (static estimate; bf16, r=16, rule config and Gluon kernel)", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
