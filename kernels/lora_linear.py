@@ -15,7 +15,7 @@ Deterministic: every output tile is owned by one program (split-K partials are a
 order by the second launch), no atomics.
 A GLUON tile config (a tuning candidate, one per regime) runs the 16-bit 4-bit forward on sm_90+
 as kernels/qlora_wgmma.py (the same block-scaled math with the decoded weight in wgmma's
-registers; M <= 16, or M >= 128 with K <= 16384) into a workspace, which
+registers; M <= 16, or M >= 128 at the shapes its static check passes) into a workspace, which
 `_split_k_epilogue_kernel` finishes as for split-K tiles.
 """
 from __future__ import annotations

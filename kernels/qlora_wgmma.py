@@ -7,7 +7,7 @@ values in the activation dtype times xᵀ, each quantization block's fp32 partia
 scale), for 16-bit x and blocks of 64..512 columns, into an fp32 workspace:
 - M <= 16 (`_qlora_wgmma_kernel`): split-K, `ws[split, m, n]`; x's K slice is staged once per
   program, the scales per tile;
-- M >= 128, K <= 16384 (`_qlora_wgmma_large_kernel`): [128 n x 128 m] tiles over all of K into
+- M >= 128 (`_qlora_wgmma_large_kernel`, the shapes in LARGE_SPILL_FREE): [128 n x 128 m] tiles over all of K into
   `ws` stored [N, M]; x streams through two shared buffers (each sub-step's x is loaded while the
   one before multiplies), and a tile's block scales, decoded once per call by
   `quant_4bit.block_scales_t` (bnb decodes nested absmax first too), are staged at its start.
@@ -53,7 +53,11 @@ RESIDENT = 4         # programs per SM (128 registers x 128 threads, 53 KB of sh
 LARGE_M = 128        # the large-M kernel's x rows per tile (wgmma's N), M > MAX_M
 LARGE_WARPS = 8      # two warpgroups: 64 weight rows each
 LARGE_RESIDENT = 1   # programs per SM (the large kernel's registers: see the static report)
-LARGE_MAX_K = 16384  # its scales for all of K fit shared memory (128 KB at this K)
+# The large kernel's (blocksize, staged blocks = `stage_blocks(K / blocksize)`) specializations
+# that compile for sm_90a without spills (the static check compiles each: it sits at 249-254
+# registers there; e.g. K = 2048 or 14336 at blocksize 64 spill 24-48 B): the launcher takes
+# these only, so K = 4096 or 8192 at blocksize 64 or 128; other shapes run the Triton kernel.
+LARGE_SPILL_FREE = frozenset({(64, 64), (64, 128), (128, 32), (128, 64)})
 
 
 def supported(M: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
@@ -61,7 +65,8 @@ def supported(M: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
     slices, K a multiple of a loop iteration (M <= MAX_M: the small kernel, else the large)."""
     return (AVAILABLE and M > 0 and dtype in (torch.float16, torch.bfloat16)
             and SUB_K <= blocksize <= KSPAN and K % blocksize == 0 and K % (SUB_K * STEPS) == 0
-            and (M <= MAX_M or LARGE_M <= M and K <= LARGE_MAX_K))
+            and (M <= MAX_M or LARGE_M <= M
+                 and (blocksize, stage_blocks(K // blocksize)) in LARGE_SPILL_FREE))
 
 
 def splits(K: int, M: int = 1) -> int:

@@ -202,6 +202,14 @@ def test_gluon_forward_meets_the_large_m_bound(fast_report):
     shared memory), no spills, the occupancy its launcher assumes."""
     from peftkern.kernels import qlora_wgmma as G
     rows = [r for r in fast_report["rows"] if r["kernel"] == "_qlora_wgmma_large_kernel"]
+    # the launcher's other specializations (LARGE_SPILL_FREE) compile without spills too
+    others = [r for r in rows if r["extra"]]
+    assert {(r["blocksize"], G.stage_blocks(int(r["extra"].split()[0][2:]) // r["blocksize"]))
+            for r in others} | {(64, 64)} == G.LARGE_SPILL_FREE
+    bad = [f"{r['extra']} bs={r['blocksize']}: {r['spill_bytes']} B spilled" for r in others
+           if not r["launchable"] or r["spill_bytes"] or r["local_bytes"]]
+    assert not bad, bad
+    rows = [r for r in rows if not r["extra"]]
     assert [(r["arch"], r["weight"], r["pass"]) for r in rows] == [("sm_90a", "nf4-nested", "fwd")]
     r = rows[0]
     assert r["launchable"] and not r["spill_bytes"] and not r["local_bytes"]

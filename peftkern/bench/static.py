@@ -202,9 +202,23 @@ def gemm_variants(configs, weights, dtypes, extras, fp16_rule_only=False) -> lis
                     if dt == "fp16" and i not in rule[regime] and fp16_rule_only:
                         continue
                     out += [Variant("gemm", dt, w, p, regime, i, M_OF[regime]) for p in PASSES]
+    out += _gluon_large_variants(pick["large"], weights, dtypes)
     if extras:
         out += _extra_variants(weights, dtypes)
     return out
+
+
+def _gluon_large_variants(indices, weights, dtypes) -> list[Variant]:
+    """The large Gluon kernel's other specializations its launcher takes (a blocksize and a
+    staged-block count, `qlora_wgmma.LARGE_SPILL_FREE`), recorded at the K that gives them
+    (extra "K=..."): each must compile without spills like the one at N = K = 4096."""
+    from peftkern.kernels import qlora_wgmma as G
+    gluon = [i for i in indices if _candidates()["large"][i].get("GLUON")]
+    if not gluon or "nf4-nested" not in weights or "bf16" not in dtypes:
+        return []
+    return [Variant("gemm", "bf16", "nf4-nested", "fwd", "large", i, M_OF["large"],
+                    f"K={n * bs} bs={bs}", bs) for i in gluon for bs, n in sorted(G.LARGE_SPILL_FREE)
+            if (bs, n) != (BLOCKSIZE, SHAPES[0][1] // BLOCKSIZE)]
 
 
 def _extra_variants(weights, dtypes) -> list[Variant]:
@@ -815,7 +829,7 @@ def config_name(cfg: dict) -> str:
 
 
 def variant_rows(v: Variant, archs, cache_dir, memo, rule) -> list[dict]:
-    launches = record(v)
+    launches = record(v, K=_recorded_k(v))
     cfg = config_of(v)
     rows = []
     for launch in launches:
@@ -827,12 +841,18 @@ def variant_rows(v: Variant, archs, cache_dir, memo, rule) -> list[dict]:
     return rows
 
 
+def _recorded_k(v: Variant) -> int:
+    """K of the recorded call: N = K = 4096, or a variant's own ("K=... bs=...")."""
+    return int(v.extra.split()[0][2:]) if v.extra.startswith("K=") else SHAPES[0][1]
+
+
 def _row(v, launch, arch, cfg, rule, a) -> dict:
     limit = ARCHS[arch]["shared_limit"]
     row = dict(kernel=launch.fn.__name__, arch=f"sm_{arch}{'a' if arch == 90 else ''}",
                config=config_name(cfg) if cfg else _other_config(v, launch),
                dtype=v.dtype, regime=v.regime, weight=v.weight, **{"pass": v.pass_},
                M=v.M or None, extra=v.extra or None,
+               **({"blocksize": v.blocksize} if v.kind == "gemm" else {}),
                rule=bool(cfg) and cfg == rule.get((v.regime, arch)), shared_limit=limit, **a)
     row["arch_num"] = arch
     row["launchable"] = (bool(a.get("compiled")) and a["shared_bytes"] <= limit
@@ -842,7 +862,7 @@ def _row(v, launch, arch, cfg, rule, a) -> dict:
         if launch.fn.is_gluon():  # its own tiles: a loop iteration = STEPS sub-steps of SUB_K
             from peftkern.kernels import qlora_wgmma as G
             if launch.fn.__name__ == "_qlora_wgmma_large_kernel":  # a tile sums all of K
-                K = SHAPES[0][1]  # recorded at N = K = 4096; gemm_bound re-derives per shape
+                K = _recorded_k(v)  # gemm_bound re-derives it per shape
                 row["config_dict"].update(BLOCK_M=G.LARGE_M, BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=K,
                                           TILE_K=G.SUB_K * G.STEPS, INNER_ITERS=K // (G.SUB_K * G.STEPS),
                                           num_warps=G.LARGE_WARPS)
