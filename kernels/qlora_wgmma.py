@@ -79,6 +79,27 @@ if AVAILABLE:
     SUB = gl.constexpr(SUB_K)
     BM = gl.constexpr(MAX_M)
 
+    @gluon.constexpr_function
+    def _word_layout(warps):
+        """A thread's 2 contiguous words of [ROWS, 8] (lanes 0-1 along K, lanes 2-4 and the warps
+        down the rows, then registers): 4 rows per thread with 4 warps, 2 with 8."""
+        warp_bases = [[16 << i, 0] for i in range(warps.bit_length() - 1)]
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 1], [8, 0]] + [[16 * warps << i, 0] for i in range(3 - len(warp_bases))],
+            lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+            warp_bases=warp_bases, block_bases=[], shape=[ROWS_PER_CTA, SUB_K // 8])
+
+    @gluon.constexpr_function
+    def _mma_layout(warps, n):
+        """wgmma's accumulator: the warpgroups down the weight rows, n x rows (wgmma's N)."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
+                                         instr_shape=[16, n, 16])
+
+    @gluon.constexpr_function
+    def _blocked(vec, warps):
+        """`vec` contiguous elements per thread, 8 threads along a row, the rest down rows."""
+        return gl.BlockedLayout([1, vec], [4, 8], [warps, 1], [1, 0])
+
     @gluon.jit
     def _words(w_rows, j, nsub, WL: gl.constexpr, SKIP: gl.constexpr = True):
         """Sub-step j's packed words [ROWS, 8] (j past the slice: the last sub-step's address,
@@ -179,17 +200,12 @@ if AVAILABLE:
         """Persistent: program c sums K slice c % splits of the n-tiles c // splits, + G /
         splits, ... (G programs), so the table and its x slice are staged once."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
-        # a thread's 2 contiguous words of 4 rows (lanes 0-1 along K, 2-4 and warps down rows)
-        WL: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [8, 0], [64, 0]],
-            lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[ROWS, SUB // 8])
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                      instr_shape=[16, BM, 16])
+        WL: gl.constexpr = _word_layout(4)
+        MMA: gl.constexpr = _mma_layout(4, BM)
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        XL: gl.constexpr = _blocked(8, 4)
         SL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [4, 1], [1, 0])
-        TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0])
+        TL: gl.constexpr = _blocked(4, 4)
         X_S: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, SUB], DT)
         FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
         NSUB: gl.constexpr = KSPAN // SUB
@@ -249,17 +265,12 @@ if AVAILABLE:
         a tile's block scales (NSTAGE >= K / BS blocks, fp32, decoded before the launch) are
         staged at its start."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
-        # as the small kernel, with a third warp bit down the rows (two warpgroups)
-        WL: gl.constexpr = gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [8, 0]],
-            lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
-            warp_bases=[[16, 0], [32, 0], [64, 0]], block_bases=[], shape=[ROWS, SUB // 8])
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                      instr_shape=[16, BMX, 16])
+        WL: gl.constexpr = _word_layout(8)  # two warpgroups: a third warp bit down the rows
+        MMA: gl.constexpr = _mma_layout(8, BMX)
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        XL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [8, 1], [1, 0])
+        XL: gl.constexpr = _blocked(8, 8)
         STL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])
-        TL: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [8, 1], [1, 0])
+        TL: gl.constexpr = _blocked(4, 8)
         X_S: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMX, SUB], DT)
 
         n_tiles = gl.cdiv(N, ROWS)
