@@ -16,7 +16,8 @@ order by the second launch), no atomics.
 A GLUON tile config (a tuning candidate, one per regime) runs the 16-bit 4-bit forward on sm_90+
 as kernels/qlora_wgmma.py (the same block-scaled math with the decoded weight in wgmma's
 registers; M <= 16, or M >= 128 at the shapes its static check passes) into a workspace, which
-`_split_k_epilogue_kernel` finishes as for split-K tiles.
+`_split_k_epilogue_kernel` finishes as for split-K tiles; and the large one the bf16 4-bit dX at
+M >= 128 as `qlora_wgmma.dx_linear` (its epilogue in the kernel; 16-bit adapters).
 """
 from __future__ import annotations
 
@@ -335,8 +336,8 @@ CANDIDATES = {
                        (128, 128, 32, 8, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3),
                        (128, 256, 64, 8, 3), (64, 64, 64, 4, 4), (256, 128, 64, 8, 3),
                        (64, 256, 32, 4, 4)])
-    # GLUON: the large-M Gluon forward (kernels/qlora_wgmma.py) where it applies; every other
-    # call the Triton kernel with the sm_90 rule tiles (candidate 0)
+    # GLUON: the large-M Gluon forward and dX (kernels/qlora_wgmma.py) where they apply; every
+    # other call the Triton kernel with the sm_90 rule tiles (candidate 0)
     + _configs([(128, 128, 128, 8, 2)], gluon=True),
 }
 
@@ -351,8 +352,8 @@ def regime(M: int) -> str:
 # On sm_90a the swapped small-M configs put the decoded weight in wgmma's register operand; of
 # them 16x128x128 split-K 4 has the best bound (issue, MMA and shared-pipe time) in both passes
 # at 4096x4096 and 14336x4096; on sm_80 the large 4-bit tile with BLOCK_K = 128 spills. The GLUON
-# candidates' forwards (kernels/qlora_wgmma.py) have better bounds still (small M: memory-bound;
-# large M: 0.93x the dense tile's, against the Triton 4-bit tile's 2.24x), but no GPU has run them:
+# candidates (kernels/qlora_wgmma.py) have better bounds still (small M: memory-bound; large M:
+# forward 0.93x and dX 1.03x the dense tile's, against the Triton 4-bit tile's 2.24x), but no GPU has run them:
 # they are tuned in only where a GPU measures them and their result agrees (bench/tune.py).
 RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 
@@ -389,11 +390,14 @@ def rule_config(regime_: str, capability: tuple[int, int] | None = None) -> dict
     return CANDIDATES[regime_][RULE[regime_][arch_family(capability)]]
 
 
-def _wgmma_applies(inp, packed, blocksize) -> bool:
-    """The Gluon forward (a GLUON config) runs here: compiled code (not the interpreter) for an
-    sm_90+ GPU, or no device (the static check records it for sm_90a), on shapes it takes."""
-    return (not INTERPRET and qlora_wgmma.hopper(_capability(inp.device))
-            and qlora_wgmma.supported(inp.shape[0], inp.shape[1], blocksize, inp.dtype)
+def _wgmma_applies(inp, packed, blocksize, forward: bool = True, P: int = 0) -> bool:
+    """A Gluon kernel (a GLUON config: the forward, or the dX kernel with `forward` False and
+    P = K) runs here: compiled code (not the interpreter) for an sm_90+ GPU, or no device (the
+    static check records it for sm_90a), on shapes it takes."""
+    M, Q = inp.shape
+    fits = (qlora_wgmma.supported(M, Q, blocksize, inp.dtype) if forward
+            else qlora_wgmma.dx_supported(M, Q, P, blocksize, inp.dtype))
+    return (not INTERPRET and qlora_wgmma.hopper(_capability(inp.device)) and fits
             and qlora_wgmma.aligned(packed))
 
 
@@ -437,7 +441,14 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
            "BLOCK_R": max(16, triton.next_power_of_2(R))}
     if INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
-    wgmma = cfg.pop("GLUON", False) and rows and forward and _wgmma_applies(inp, weight, blocksize)
+    wgmma = cfg.pop("GLUON", False) and rows and _wgmma_applies(inp, weight, blocksize, forward, P)
+    if wgmma and not forward:  # the dX kernel, its epilogue included
+        if (qlora_wgmma.dx_lora_fits(L, R2, inp.dtype) and bias is None and scale is None
+                and not keep_z):
+            return qlora_wgmma.dx_linear(inp, weight, absmax, absmax2 if nested else None, code8,
+                                         offset, mma_pairs, blocksize, P, L, R2, scaling, mask,
+                                         out)
+        wgmma = False
     split = qlora_wgmma.splits(Q, M) if wgmma else cfg["SPLIT_K"]
     # rows: one lookup per byte (the swapped forward: codes in the activation dtype, scaled per
     # block after the MMA), else one per nibble

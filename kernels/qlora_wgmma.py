@@ -1,10 +1,11 @@
-"""Gluon kernels (Hopper, sm_90a): the 4-bit forward with the decoded weight as wgmma's register
-operand, laid out so that no decoded value moves between threads or through shared memory on its
-way to the tensor core. One for small M (x rows as wgmma's N = 16), one for large M (N = 128).
+"""Gluon kernels (Hopper, sm_90a): the 4-bit forward and input gradient with the decoded weight
+as wgmma's register operand, laid out so that no decoded value moves between threads or through
+shared memory on its way to the tensor core. Forward: one kernel for small M (x rows as wgmma's
+N = 16), one for large M (N = 128); dX: one kernel for large M.
 
-They compute what `lora_linear._block_scaled_mma` does (the swapped forward: the codes' table
-values in the activation dtype times xᵀ, each quantization block's fp32 partial sum times its
-scale), for 16-bit x and blocks of 64..512 columns, into an fp32 workspace:
+The forwards compute what `lora_linear._block_scaled_mma` does (the swapped forward: the codes'
+table values in the activation dtype times xᵀ, each quantization block's fp32 partial sum times
+its scale), for 16-bit x and blocks of 64..512 columns, into an fp32 workspace:
 - M <= 16 (`_qlora_wgmma_kernel`): split-K, `ws[split, m, n]`; x's K slice is staged once per
   program, the scales per tile;
 - M >= 128 (`_qlora_wgmma_large_kernel`, the shapes in LARGE_SPILL_FREE): [128 n x 128 m] tiles over all of K into
@@ -12,21 +13,41 @@ scale), for 16-bit x and blocks of 64..512 columns, into an fp32 workspace:
   one before multiplies), and a tile's block scales, decoded once per call by
   `quant_4bit.block_scales_t` (bnb decodes nested absmax first too), are staged at its start.
 `lora_linear._split_k_epilogue_kernel` adds the splits and the LoRA term, as for every split-K
-tile config. Gluon kernels do not run under TRITON_INTERPRET: the interpreter runs the Triton
-kernel with the same math instead (`lora_linear.lora_matmul`), these are checked by the static
-report (`python -m peftkern.bench.static`), by torch mirrors of their tensor programs
-(tests/test_qlora_wgmma.py) and, on a GPU, by tests/test_gpu.py.
+tile config.
 
-Layout (small M: a CTA of 4 warps = one warpgroup, 128 weight rows, one K sub-step = 64 codes =
+dX (`_qlora_wgmma_dx_kernel`, M >= 128, bf16 dY): dX = dY·W + s·(L·R2) [⊙ mask] with its own
+epilogue, no workspace. Tiles of 64 k (wgmma's M: the decoded Wᵀ from registers, swap AB) x 128
+m rows, persistent (two programs per SM), each summing all of N in sub-steps of 64 rows of W.
+The reduction runs along W's rows, so a block's scale varies along it: the kernel multiplies dY's
+columns by the tile's block scales (a 64-k tile lies in one block; dY · scale in bf16, one
+HMUL2 per two values) and the codes' table values stay unscaled. The A fragment pairs two
+reduction values (rows n, n + 1 of W) in a register while a packed byte pairs two k: each
+sub-step's bytes are transposed through a small swizzled shared buffer (a 4x4 byte transpose in
+8 PRMT, conflict-free both ways), one PRMT per byte makes its table address (the 64-word-stride
+copy), and a k pair's two nibbles land in accumulator rows g and g + 8 (row r = 16 w + 8 h + g
+is k = 16 w + 2 g + h), adjacent again in the output store. Rounding: each weight value is its
+code rounded to bf16, each dY value times its block scale (rounded to bf16) rounded once: as
+exact as dequantize-then-matmul, not bit-identical (tests/test_qlora_wgmma.py checks the error
+rule). fp16 dY is refused (a scaled fp16 gradient would lose small values to subnormals).
+
+Gluon kernels do not run under TRITON_INTERPRET: the interpreter runs the Triton kernel with the
+same math instead (`lora_linear.lora_matmul`), these are checked by the static report (`python
+-m peftkern.bench.static`), by torch mirrors of their tensor programs (tests/test_qlora_wgmma.py)
+and, on a GPU, by tests/test_gpu.py.
+
+Forward layout (small M: a CTA of 4 warps = one warpgroup, 128 weight rows, one K sub-step = 64 codes =
 32 bytes per row; each thread loads 8 contiguous packed bytes of 4 rows, two 32-bit words; large
 M: 8 warps, two warpgroups of 64 rows, 2 rows per thread). Per row, wgmma's register
 A fragment (k_width 2) gives a thread byte pairs of K columns 2s, 2s + 1 for s = c, c + 4, ...,
 c + 28 (c = lane % 4); so the kernel multiplies in "slot order": slot s = 4 i + c holds the
 packed byte 8 c + i (both nibbles), and x's columns are permuted alike when x is staged in shared
 memory (slot column 8 i + 2 c + h <- x column 16 c + 2 i + h). A sum over K does not depend on
-its order, and the compiler checks the fragment mapping (`convert_layout(assert_trivial=True)`).
+its order. `convert_layout(..., assert_trivial=True)` makes the compiler prove that no decoded
+value crosses threads or shared memory on its way to the fragment (a renaming of a thread's own
+registers passes it too); the values themselves are what the torch mirrors check.
 Lookups: one per byte, in a 32-way lane-interleaved copy of the 256-entry pair table (entry e of
-lane l's copy at word 32 e + l), so the 32 lanes of a warp always hit 32 different banks.
+lane l's copy at word 32 e + l; dX: 64 e + l), so the 32 lanes of a warp always hit 32
+different banks.
 """
 from __future__ import annotations
 
@@ -57,6 +78,9 @@ LARGE_RESIDENT = 1   # programs per SM (the large kernel's registers: see the st
 # that compile for sm_90a without spills (the static check compiles each: it sits at 249-254
 # registers there; e.g. K = 2048 or 14336 at blocksize 64 spill 24-48 B): the launcher takes
 # these only, so K = 4096 or 8192 at blocksize 64 or 128; other shapes run the Triton kernel.
+DX_ROWS = 64         # the dX kernel's K rows per tile (wgmma's M: one warpgroup; one block)
+DX_SUB = 64          # its reduction (N) per sub-step
+DX_RESIDENT = 2      # its programs per SM
 LARGE_SPILL_FREE = frozenset({(64, 64), (64, 128), (128, 32), (128, 64)})
 
 
@@ -78,6 +102,8 @@ if AVAILABLE:
     ROWS = gl.constexpr(ROWS_PER_CTA)
     SUB = gl.constexpr(SUB_K)
     BM = gl.constexpr(MAX_M)
+    DXR = gl.constexpr(DX_ROWS)
+    DXS = gl.constexpr(DX_SUB)
 
     @gluon.constexpr_function
     def _word_layout(warps):
@@ -320,6 +346,247 @@ if AVAILABLE:
             gl.store(at, acc, mask=(om[None, :] >= first - m0) & (on < N))
 
 
+
+    @gluon.jit
+    def _dx_words(w_ptr, woff, n_lo, K):
+        """W's packed words of rows n_lo .. n_lo + DX_SUB (the tile's 32 bytes of each), as [4 s,
+        2 q, 4 t, 2 e, 8 words]: row n_lo + 16 s + 8 q + 2 t + e (a thread's 4 words: one per
+        (q, e), the rows whose bytes one staged word holds); `woff` from `_dx_word_offsets`."""
+        return gl.reshape(gl.load(w_ptr + n_lo * (K // 8) + woff), [4, 2, 4, 2, 8])
+
+    @gluon.jit
+    def _dx_word_offsets(k0, K, WSL: gl.constexpr):
+        """int32 offsets of a sub-step's words from its first row (N * K / 8 < 2**31 words)."""
+        nn = gl.arange(0, DXS, layout=gl.SliceLayout(1, WSL))
+        jw = gl.arange(0, 8, layout=gl.SliceLayout(0, WSL))
+        return (nn * (K // 8))[:, None] + (k0 // 8 + jw)[None, :]
+
+    @gluon.jit
+    def _dx_stage(wb, words):
+        """Transpose bytes: staged word (s, t, j) holds byte j of rows 16 s + 8 q + 2 t + e at
+        its byte 2 q + e, at word 128 s + 32 t + (j ^ 9 t) of `wb`: the writes (lanes along t and
+        j / 4) and the reads (lanes along t and j % 8) both hit 32 banks."""
+        e0, e1 = gl.split(gl.permute(words, [0, 2, 4, 1, 3]))  # [s, t, jw, q] each
+        a00, a10 = gl.split(e0)
+        a01, a11 = gl.split(e1)
+        b0, b1, b2, b3 = gl.inline_asm_elementwise(  # a 4x4 byte transpose in 8 PRMT
+            asm="""{ .reg .b32 l01, h01, l23, h23;
+            prmt.b32 l01, $4, $5, 0x5140; prmt.b32 h01, $4, $5, 0x7362;
+            prmt.b32 l23, $6, $7, 0x5140; prmt.b32 h23, $6, $7, 0x7362;
+            prmt.b32 $0, l01, l23, 0x5410; prmt.b32 $1, l01, l23, 0x7632;
+            prmt.b32 $2, h01, h23, 0x5410; prmt.b32 $3, h01, h23, 0x7632; }""",
+            constraints="=r,=r,=r,=r,r,r,r,r", args=[a00, a01, a10, a11],
+            dtype=(gl.int32, gl.int32, gl.int32, gl.int32), is_pure=True, pack=1)
+        tw = gl.join(gl.join(b0, b1), gl.join(b2, b3))  # [s, t, jw, b % 2, b // 2]: j = 4 jw + b
+        tw = gl.reshape(gl.permute(tw, [0, 1, 2, 4, 3]), [4, 4, 32])  # [s, t, j]
+        L: gl.constexpr = tw.type.layout
+        s = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))[:, None, None]
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))[None, :, None]
+        j = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))[None, None, :]
+        wb.scatter(gl.reshape(tw, [512]), gl.reshape(128 * s + 32 * t + (j ^ (9 * t)), [512]), 0)
+
+    @gluon.jit
+    def _dx_index(wd, lane4, SEL: gl.constexpr):
+        """Byte SEL of each word as the word index 64 e + lane of the 64-word-stride table (one
+        PRMT: the byte address 256 e + 4 lane, whose low byte is lane4)."""
+        return gl.inline_asm_elementwise(
+            asm="prmt.b32 $0, $1, $2, " + SEL + ";", constraints="=r,r,r", args=[wd, lane4],
+            dtype=gl.int32, is_pure=True, pack=1) >> 2
+
+    @gluon.jit
+    def _dx_codes(wb, lane4, table, DL: gl.constexpr, A_L: gl.constexpr, DT: gl.constexpr):
+        """The staged sub-step as wgmma's register A operand [DX_ROWS, DXS]: row r = 16 w + 8 h + g
+        is k = 16 w + 2 g + h (byte column j = 8 w + g, nibble h), column c is n."""
+        j = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, DL)))[:, None, None]
+        s = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, DL)))[None, :, None]
+        t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, DL)))[None, None, :]
+        wd = gl.reshape(wb.gather(gl.reshape(128 * s + 32 * t + (j ^ (9 * t)), [512]), 0), [32, 4, 4])
+        # byte p = 2 q + e of each word: [j, s, t, e, q] (e innermost: a register's two values)
+        idx = gl.join(gl.join(_dx_index(wd, lane4, "0x5504"), _dx_index(wd, lane4, "0x5514")),
+                      gl.join(_dx_index(wd, lane4, "0x5524"), _dx_index(wd, lane4, "0x5534")))
+        two = gl.reshape(table.gather(gl.reshape(idx, [32 * 4 * 4 * 4]), 0), [32, 4, 4, 2, 2])
+        hi = two.to(gl.int16).to(DT, bitcast=True)  # k = 2 j: the high nibble (low half)
+        lo = (two >> 16).to(gl.int16).to(DT, bitcast=True)
+        a = gl.reshape(gl.join(hi, lo), [4, 8, 4, 4, 2, 2, 2])  # [w, g, s, t, e, q, h]
+        a = gl.reshape(gl.permute(a, [0, 6, 1, 2, 5, 3, 4]), [DXR, DXS])  # [w, h, g | s, q, t, e]
+        return gl.convert_layout(a, A_L, assert_trivial=True)
+
+    @gluon.jit
+    def _table64(pairs_ptr, TL: gl.constexpr):
+        """The pair table, 32 copies at a 64-word stride: entry e of copy l at word 64 e + l
+        (a byte moved by one PRMT is the address); words 32..63 of each row (filled too) are
+        never read."""
+        e = gl.arange(0, 256, layout=gl.SliceLayout(1, TL))
+        copies = gl.load(pairs_ptr + e)[:, None] + gl.zeros([256, 64], gl.int32, TL)
+        return gl.allocate_shared_memory(gl.int32, [256 * 64], gl.SwizzledSharedLayout(1, 1, 1, [0]),
+                                         gl.reshape(copies, [256 * 64]))
+
+    @gluon.jit
+    def _dy_scaled(dy_t, offs, st_ptr, n_lo, kb, N: gl.constexpr, YL: gl.constexpr):
+        """dY[tile rows, n_lo:n_lo + DXS] times each column's block scale (`st` [NB, N] in dY's
+        dtype: the block is the tile's K block kb, row n's scale st[kb, n]); `offs` the rows'
+        offsets (computed once: the loop keeps them in 64-bit registers, one add per row)."""
+        nn = gl.arange(0, DXS, layout=gl.SliceLayout(0, YL))
+        y = gl.load(dy_t + n_lo + offs)
+        sc = gl.load(st_ptr + (kb * N + n_lo) + nn)
+        return y * sc[None, :]
+
+    @gluon.jit
+    def _qlora_wgmma_dx_kernel(dy_ptr, M, w_ptr, st_ptr, pairs_ptr, l_ptr, stride_lm, stride_lr,
+                               r2_ptr, stride_rr, stride_rp, R, scaling, mask_ptr, out_ptr,
+                               N: gl.constexpr, K: gl.constexpr,
+                               BS: gl.constexpr, BMX: gl.constexpr, BLOCK_R: gl.constexpr,
+                               HAS_MASK: gl.constexpr):
+        """dX tiles [DX_ROWS k x BMX m] (as dXᵀ), persistent (k fastest: the programs at work
+        share dY's m-tile and all of W in L2), each summing all of N, then the LoRA term."""
+        DT: gl.constexpr = dy_ptr.dtype.element_ty
+        MMA: gl.constexpr = _mma_layout(4, BMX)
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        YL: gl.constexpr = _blocked(8, 4)
+        TL: gl.constexpr = _blocked(8, 4)
+        WSL: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[1, 0], [8, 0]], lane_bases=[[0, 1], [0, 2], [0, 4], [2, 0], [4, 0]],
+            warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[DXS, 8])
+        DL: gl.constexpr = gl.DistributedLinearLayout(
+            reg_bases=[[0, 1, 0], [0, 2, 0]], lane_bases=[[0, 0, 1], [0, 0, 2], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[8, 0, 0], [16, 0, 0]], block_bases=[], shape=[32, 4, 4])
+        Y_S: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMX, DXS], DT)
+        FLAT: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+
+        k_tiles = K // DXR
+        n_steps = N // DXS
+        gl.assume(n_steps >= 2)
+        table = _table64(pairs_ptr, TL)
+        ys = gl.allocate_shared_memory(DT, [2, BMX, DXS], Y_S)
+        wb0 = gl.allocate_shared_memory(gl.int32, [512], FLAT)
+        wb1 = gl.allocate_shared_memory(gl.int32, [512], FLAT)
+        jj = gl.arange(0, 32, layout=gl.SliceLayout(1, gl.SliceLayout(2, DL)))[:, None, None]
+        tt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, DL)))[None, None, :]
+        lane4 = (((jj & 7) << 2) | tt) * 4
+        offs = (gl.arange(0, BMX, layout=gl.SliceLayout(1, YL)) * N)[:, None] \
+            + gl.arange(0, DXS, layout=gl.SliceLayout(0, YL))[None, :]
+        # L's rows for the epilogue go to dY's buffer 1, free after the K loop (buffer 0 then
+        # holds the next tile's first sub-step)
+        ls = ys.index(1).reinterpret(DT, [BMX, BLOCK_R],
+                                     gl.NVMMASharedLayout.get_default_for([BMX, BLOCK_R], DT))
+        tiles = k_tiles * gl.cdiv(M, BMX)
+        k0, first, m0 = _dx_tile(gl.program_id(0), k_tiles, M, BMX)
+        _dx_stage(wb0, _dx_words(w_ptr, _dx_word_offsets(k0, K, WSL), 0, K))
+        ys.index(0).store(_dy_scaled(dy_ptr + m0.to(gl.int64) * N, offs, st_ptr, 0, k0 // BS, N, YL))
+        fence_async_shared()
+        gl.barrier()
+        for tile in range(gl.program_id(0), tiles, gl.num_programs(0)):
+            k0, first, m0 = _dx_tile(tile, k_tiles, M, BMX)
+            dy_t = dy_ptr + m0.to(gl.int64) * N
+            woff = _dx_word_offsets(k0, K, WSL)
+            # the last iteration stages the next tile's first sub-step (past the last tile: this
+            # tile's again, never used)
+            nk0, _, nm0 = _dx_tile(gl.minimum(tile + gl.num_programs(0), tiles - 1), k_tiles, M, BMX)
+            acc = gl.zeros([DXR, BMX], gl.float32, MMA)
+            for g in range(0, n_steps - 2, 2):
+                acc = _dx_steps(acc, wb0, wb1, ys, lane4, table, woff, offs, st_ptr, w_ptr,
+                                dy_t, k0 // BS, (g + 1) * DXS, w_ptr, dy_t, k0 // BS,
+                                (g + 2) * DXS, N, K, DL, A_L, YL)
+            acc = _dx_steps(acc, wb0, wb1, ys, lane4, table, woff, offs, st_ptr, w_ptr, dy_t,
+                            k0 // BS, (n_steps - 1) * DXS, w_ptr + (nk0 - k0) // 8,
+                            dy_ptr + nm0.to(gl.int64) * N, nk0 // BS, 0, N, K, DL, A_L, YL)
+            _dx_epilogue(acc, k0, m0, first, ls, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
+                         stride_rp, R, scaling, mask_ptr, out_ptr, K,
+                         BMX, BLOCK_R, HAS_MASK, MMA, A_L)
+            gl.barrier()  # every warp's epilogue is done with buffer 1
+
+    @gluon.jit
+    def _dx_steps(acc, wb0, wb1, ys, lane4, table, woff, offs, st_ptr, w1, dy1, kb1, n1, w2, dy2,
+                  kb2, n2, N: gl.constexpr, K: gl.constexpr, DL: gl.constexpr,
+                  A_L: gl.constexpr, YL: gl.constexpr):
+        """Two sub-steps: multiply buffers 0, stage sub-step n1 (of W at w1, dY at dy1, block
+        kb1) into buffers 1, multiply them, stage n2 (w2, dy2, kb2) into buffers 0."""
+        acc = _dx_step(acc, wb0, ys.index(0), wb1, ys.index(1), lane4, table, woff, offs, st_ptr,
+                       w1, dy1, kb1, n1, N, K, DL, A_L, YL)
+        return _dx_step(acc, wb1, ys.index(1), wb0, ys.index(0), lane4, table, woff, offs, st_ptr,
+                        w2, dy2, kb2, n2, N, K, DL, A_L, YL)
+
+    @gluon.jit
+    def _dx_step(acc, wb, yb, wb_next, yb_next, lane4, table, woff, offs, st_ptr, w, dy, kb, n,
+                 N: gl.constexpr, K: gl.constexpr, DL: gl.constexpr, A_L: gl.constexpr,
+                 YL: gl.constexpr):
+        """acc += the staged sub-step (wb, yb); the next one (W at w, dY at dy, rows n, block kb)
+        is loaded while this one multiplies and staged into (wb_next, yb_next) after it (they
+        were last read before the barrier that ended the step before)."""
+        wn = _dx_words(w, woff, n, K)
+        yn = _dy_scaled(dy, offs, st_ptr, n, kb, N, YL)
+        acc = warpgroup_mma(_dx_codes(wb, lane4, table, DL, A_L, yb.dtype), yb.permute((1, 0)), acc)
+        _dx_stage(wb_next, wn)
+        yb_next.store(yn)
+        fence_async_shared()
+        gl.barrier()
+        return acc
+
+    @gluon.jit
+    def _dx_tile(tile, k_tiles, M, BMX: gl.constexpr):
+        """(k0, first m row, m0) of a tile: k fastest; the last m-tile shifted to end at row M
+        (m0 < first: its rows before `first` belong to the tile before)."""
+        first = (tile // k_tiles) * BMX
+        return (tile % k_tiles) * DXR, first, gl.minimum(first, M - BMX)
+
+    @gluon.jit
+    def _dx_k(k0, L: gl.constexpr):
+        """The k of each accumulator row r = 16 w + 8 h + g: k0 + 16 w + 2 g + h."""
+        r = gl.arange(0, DXR, layout=L)
+        return k0 + (r & ~15) + 2 * (r & 7) + ((r >> 3) & 1)
+
+    @gluon.jit
+    def _dx_epilogue(acc, k0, m0, first, ls, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
+                     stride_rp, R, scaling, mask_ptr, out_ptr, K: gl.constexpr,
+                     BMX: gl.constexpr, BLOCK_R: gl.constexpr, HAS_MASK: gl.constexpr,
+                     MMA: gl.constexpr, A_L: gl.constexpr):
+        """out[m, k] = acc + s·(L·R2) [⊙ mask], as `lora_linear._epilogue` (one rounding); rows
+        m of the tile before (the shifted last m-tile) are not stored again. The LoRA term is one
+        more wgmma into a second accumulator (the K loop's registers are free here): R2ᵀ's tile
+        from registers, L's rows staged in `ls` (dY's buffer 1, free after the K loop)."""
+        ka = _dx_k(k0, gl.SliceLayout(1, A_L))[:, None]
+        rr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, A_L))[None, :]
+        r2 = gl.load(r2_ptr + rr * stride_rr + ka * stride_rp, mask=rr < R, other=0.0)
+        LL: gl.constexpr = _blocked(8, 4)
+        lm = gl.arange(0, BMX, layout=gl.SliceLayout(1, LL))[:, None]
+        lr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LL))[None, :]
+        ls.store(gl.load(l_ptr + (m0 + lm).to(gl.int64) * stride_lm + lr * stride_lr,
+                         mask=lr < R, other=0.0))
+        fence_async_shared()
+        gl.barrier()
+        lora = warpgroup_mma(r2, ls.permute((1, 0)), gl.zeros(acc.shape, gl.float32, MMA),
+                             use_acc=False) * scaling
+        # in k pairs: the pair (2 g, 2 g + 1) of a thread's rows g and g + 8 is adjacent in out
+        # (and in the mask): one 2-element access
+        PL: gl.constexpr = _pair_layout(BMX)
+        acc = gl.convert_layout(_k_pairs(acc), PL, assert_trivial=True)
+        lora = gl.convert_layout(_k_pairs(lora), PL, assert_trivial=True)
+        p = gl.arange(0, DXR // 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, PL)))[:, None, None]
+        m = gl.arange(0, BMX, layout=gl.SliceLayout(0, gl.SliceLayout(2, PL)))[None, :, None]
+        h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, PL)))[None, None, :]
+        keep = (m >= first - m0) & (h < 2)
+        if HAS_MASK:
+            at = mask_ptr + (m0.to(gl.int64) * K + k0) + (m * K + 2 * p + h)  # contiguous, as out
+            lora *= gl.load(at, mask=keep, other=0.0).to(gl.float32)
+        out = (acc + lora).to(out_ptr.dtype.element_ty)
+        gl.store(out_ptr + (m0.to(gl.int64) * K + k0) + (m * K + 2 * p + h), out, mask=keep)
+
+    @gluon.constexpr_function
+    def _pair_layout(n):
+        """The accumulator's [DX_ROWS / 2 k pairs, n, 2] with the pair's two values in adjacent
+        registers (the MMA layout holds them apart: its first register bit is the column's)."""
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 1], [0, 1, 0]] + [[0, 8 << i, 0] for i in range(n.bit_length() - 4)],
+            lane_bases=[[0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+            warp_bases=[[8, 0, 0], [16, 0, 0]], block_bases=[], shape=[DX_ROWS // 2, n, 2])
+
+    @gluon.jit
+    def _k_pairs(t):
+        """[DX_ROWS, BMX] in accumulator rows -> [DX_ROWS / 2, BMX, 2]: k pairs last."""
+        BMX: gl.constexpr = t.shape[1]
+        return gl.reshape(gl.permute(gl.reshape(t, [4, 2, 8, BMX]), [0, 2, 3, 1]), [DXR // 2, BMX, 2])
+
+
 def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, offset,
                      pairs: torch.Tensor, blocksize: int, N: int) -> torch.Tensor:
     """ws[split, m, n] = the split's fp32 sum over k of x[m, k] · W[n, k], W the 4-bit weight
@@ -346,6 +613,45 @@ def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, cod
     return ws
 
 
+def dx_linear(dy: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, offset,
+              pairs: torch.Tensor, blocksize: int, K: int, L: torch.Tensor, R2: torch.Tensor,
+              scaling: float, mask, out: torch.Tensor) -> torch.Tensor:
+    """out[m, k] = Σ_n dY[m, n] · W[n, k] + scaling · (L · R2)[m, k] [⊙ mask] for bf16 dY [M, N]
+    and the 4-bit W [N, K] (`lora_linear.lora_matmul`'s dX with its epilogue), as
+    `_qlora_wgmma_dx_kernel` computes it; `out` contiguous [M, K]. Call only where
+    `dx_supported(...)`, `aligned(packed)` and `dx_lora_fits(L, R2)` hold, on sm_90+."""
+    M, N = dy.shape
+    dy = dy.contiguous()  # the kernel's row stride is N
+    st = block_scales_t(absmax, absmax2, code8, offset, N, K // blocksize).to(dy.dtype)
+    m = mask.contiguous() if mask is not None else out  # the kernel reads it as out: [M, K]
+    _qlora_wgmma_dx_kernel[(dx_programs(M, K, _sms(dy.device)),)](
+        dy, M, _words_view(packed), st, pairs, L, L.stride(0), L.stride(1), R2, R2.stride(0),
+        R2.stride(1), L.shape[1], float(scaling), m, out, N=N, K=K,
+        BS=blocksize, BMX=LARGE_M, BLOCK_R=_block_r(L.shape[1]), HAS_MASK=mask is not None,
+        num_warps=4, enable_fp_fusion=False)
+    return out
+
+
+def _block_r(R: int) -> int:
+    return max(16, 1 << (R - 1).bit_length())
+
+
+def dx_lora_fits(L: torch.Tensor, R2: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The dX kernel's own epilogue takes the LoRA factors in dY's dtype (fp32 adapters: the
+    Triton kernel's exact-fp32 epilogue) and ranks up to DX_SUB (L's rows staged in one dY
+    buffer)."""
+    return L.dtype == R2.dtype == dtype and _block_r(L.shape[1]) <= DX_SUB
+
+
+def dx_supported(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
+    """Shapes the dX kernel takes: bf16 dY (its block scales multiply dY, in dY's dtype: fp16
+    would lose small gradients to subnormals), M >= LARGE_M, N a multiple of two sub-steps,
+    blocks of whole 64-row tiles, W's word offsets within int32 (N and K are constexprs: one
+    compile per layer shape)."""
+    return (AVAILABLE and dtype == torch.bfloat16 and M >= LARGE_M and N % (2 * DX_SUB) == 0
+            and blocksize % DX_ROWS == 0 and K % blocksize == 0 and N * K // 8 < 2 ** 31)
+
+
 def programs(N: int, K: int, sms: int) -> int:
     """G, the persistent grid: a whole number of programs per K slice, at most RESIDENT per SM
     (and no more than there are tiles); program c takes every (G / splits)-th n-tile."""
@@ -367,6 +673,18 @@ def large_tiles_per_sm(M: int, N: int, sms: int) -> tuple[int, int]:
     """(output tiles, programs) on the busiest SM: program c takes tiles c, c + G, ..."""
     G = large_programs(M, N, sms)
     tiles = -(-M // LARGE_M) * -(-N // ROWS_PER_CTA)
+    return _busiest(G, sms, lambda c: len(range(c, tiles, G)))
+
+
+def dx_programs(M: int, K: int, sms: int) -> int:
+    """The dX kernel's persistent grid: DX_RESIDENT programs per SM, at most one per tile."""
+    return max(1, min(-(-M // LARGE_M) * (K // DX_ROWS), sms * DX_RESIDENT))
+
+
+def dx_tiles_per_sm(M: int, K: int, sms: int) -> tuple[int, int]:
+    """(output tiles, programs) of the dX kernel on the busiest SM."""
+    G = dx_programs(M, K, sms)
+    tiles = -(-M // LARGE_M) * (K // DX_ROWS)
     return _busiest(G, sms, lambda c: len(range(c, tiles, G)))
 
 

@@ -146,3 +146,43 @@ def test_gluon_forward_follows_error_rule(M, N, K, blocksize, qt, dq, bias, r, l
                          B.double(), 0.5)
     base = R.lora_linear(cuda[0], Wd.to(dtype).cuda(), *cuda[1:], 0.5)  # torch in dtype, on GPU
     assert_error_rule("y", y.cpu(), want, base.cpu())
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90+ GPU and Triton with Gluon")
+@pytest.mark.parametrize("M, N, K, blocksize, qt, dq, r, dropout, out_dtype", [
+    (1024, 4096, 4096, 64, "nf4", True, 16, False, torch.bfloat16),
+    (333, 384, 1280, 128, "fp4", False, 8, True, torch.bfloat16),    # the last m-tile shifted
+    (512, 14336, 4096, 64, "nf4", True, 64, True, torch.float32),    # more tiles than programs
+    (257, 4096, 11008, 256, "nf4", True, 16, False, torch.bfloat16),
+    (128, 128, 512, 512, "nf4", False, 4, False, torch.bfloat16)])   # one m-tile, one K step
+def test_gluon_dx_follows_error_rule(M, N, K, blocksize, qt, dq, r, dropout, out_dtype, gen,
+                                     monkeypatch):
+    """The dX kernel (`_qlora_wgmma_dx_kernel`, its epilogue included) through the GLUON config:
+    dX = dY·W + s·(dY·B)·A [⊙ dropout mask], bf16 dY, against float64 and torch in bf16."""
+    from peftkern.kernels import lora_linear as L
+    from peftkern.kernels import qlora_wgmma
+    from peftkern.ops.backends import triton as tb
+    calls = []
+    real = qlora_wgmma.dx_linear
+    monkeypatch.setattr(qlora_wgmma, "dx_linear", lambda *a: calls.append(1) or real(*a))
+    q, Wd = _quantized(N, K, qt, blocksize, dq, gen)
+    dt = torch.bfloat16
+    dy = torch.randn(M, N, generator=gen).to(dt)
+    dyb = torch.randn(M, r, generator=gen).to(dt)
+    A = (torch.randn(r, K, generator=gen) / r ** 0.5).to(dt)
+    mask = (torch.rand(M, K, generator=gen) > 0.1).to(dt) / 0.9 if dropout else None
+    qc = q.to("cuda")
+    qw = (qc.data, qc.absmax, qc.absmax2, qc.code8, qc.offset, qc.quant_type, qc.blocksize)
+    cfg = next(c for c in L.CANDIDATES["large"] if c.get("GLUON"))
+    args = (dy.cuda().to(out_dtype), qw, K, A.cuda(), dyb.cuda(), 0.5,
+            None if mask is None else mask.cuda(), dt)
+    got = tb.qlora_linear_dx(*args, config=cfg)
+    again = tb.qlora_linear_dx(*args, config=cfg)
+    assert calls == [1, 1], "the Gluon dX kernel did not run"
+    assert torch.equal(got, again), "not deterministic"
+    assert got.dtype == out_dtype
+    m = 1 if mask is None else mask.double()
+    want = dy.double() @ Wd.double() + 0.5 * (dyb.double() @ A.double()) * m
+    mc = 1 if mask is None else mask.cuda()
+    base = dy.cuda() @ Wd.to(dt).cuda() + (dyb.cuda() @ A.cuda()) * 0.5 * mc  # torch in bf16
+    assert_error_rule("dX", got.float().cpu(), want, base.float().cpu())
+
+

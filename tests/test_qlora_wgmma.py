@@ -1,15 +1,17 @@
-"""kernels/qlora_wgmma.py, the Gluon (sm_90a) small-M 4-bit forward, without a GPU.
+"""kernels/qlora_wgmma.py, the Gluon (sm_90a) 4-bit forwards and dX kernel, without a GPU.
 
 Gluon kernels do not run under TRITON_INTERPRET. What a CPU can check:
-- the kernel's index algebra: `_mirror` replays its logical tensor program in torch, op for op
-  (word loads, byte extraction into table indices, the slot-order permutations of the bytes and
-  of x, the 32-way table, the per-block scaling of fp32 partial sums per K slice), and must
-  follow the error rule against the exactly decoded weight. A wrong permutation of either side,
-  a wrong table index or a scale from the wrong block fails it (Gluon's layouts change where
-  values live, not what the tensor program computes; the fragment mapping itself is proven by
-  the compiler's `convert_layout(assert_trivial=True)`, tests/test_static.py);
-- where the GLUON config applies and that the interpreter runs the Triton kernel instead.
-The kernel itself runs in tests/test_gpu.py on a GPU.
+- the kernels' index algebra: `_mirror`, `_mirror_large` and `_mirror_dx` replay their logical
+  tensor programs in torch, op for op (word loads, byte extraction or PRMT byte moves into table
+  indices, the permutations of the bytes and of the activations, the lane-interleaved tables,
+  the block scales, the tile schedules), and must follow the error rule against the exactly
+  decoded weight. A wrong permutation, table index, scale block or tile fails it (Gluon's
+  layouts change where values live, not what the tensor program computes; that no decoded value
+  moves between threads on its way to wgmma is what the compiler's
+  `convert_layout(assert_trivial=True)` proves, tests/test_static.py);
+- where the GLUON configs apply, that lora_matmul routes to them, and that the interpreter runs
+  the Triton kernel instead.
+The kernels themselves run in tests/test_gpu.py on a GPU.
 """
 from __future__ import annotations
 
@@ -124,6 +126,146 @@ def _mirror_large(x, q, dtype, gen, keep_from=lambda first, m0: first - m0,
     return ws.t().double()
 
 
+def _prmt(a, b, sel: int) -> torch.Tensor:
+    """PTX `prmt.b32 d, a, b, sel` (default mode) on int32 tensors: byte i of d is byte
+    (sel >> 4 i) & 7 of the 8 bytes {b, a} (a's are 0-3)."""
+    src = [(a.long() >> 8 * i) & 0xFF for i in range(4)] + [(b.long() >> 8 * i) & 0xFF for i in range(4)]
+    d = sum(src[(sel >> 4 * i) & 7] << 8 * i for i in range(4))
+    return torch.where(d >= 2 ** 31, d - 2 ** 32, d).to(torch.int32)
+
+
+def _dx_stage(w, read_xor) -> torch.Tensor:
+    """`_dx_stage`: a sub-step's words [s, q, t, e, jw] byte-transposed into the 512-word
+    buffer (word 128 s + 32 t + (j ^ 9 t) holds byte j of rows 16 s + 8 q + 2 t + e)."""
+    a = w.permute(0, 2, 4, 1, 3)  # [s, t, jw, q, e]
+    a00, a01, a10, a11 = a[..., 0, 0], a[..., 0, 1], a[..., 1, 0], a[..., 1, 1]
+    l01, h01 = _prmt(a00, a01, 0x5140), _prmt(a00, a01, 0x7362)
+    l23, h23 = _prmt(a10, a11, 0x5140), _prmt(a10, a11, 0x7362)
+    b = [_prmt(l01, l23, 0x5410), _prmt(l01, l23, 0x7632), _prmt(h01, h23, 0x5410),
+         _prmt(h01, h23, 0x7632)]
+    tw = torch.stack([torch.stack(b[:2], -1), torch.stack(b[2:], -1)], -1)  # [s, t, jw, i, o]
+    tw = tw.permute(0, 1, 2, 4, 3).reshape(4, 4, 32)
+    s, t, j = torch.arange(4)[:, None, None], torch.arange(4)[None, :, None], torch.arange(32)
+    wb = torch.zeros(512, dtype=torch.int32)
+    wb[(128 * s + 32 * t + (j ^ 9 * t)).reshape(-1)] = tw.reshape(-1)
+    return wb
+
+
+def _dx_codes(wb, table64, dtype, gen, read_xor, perm) -> torch.Tensor:
+    """`_dx_codes`: the staged words as wgmma's A operand [64 rows r = 16 w + 8 h + g, 64 n]."""
+    j, s, t = torch.arange(32)[:, None, None], torch.arange(4)[None, :, None], torch.arange(4)
+    wd = wb[128 * s + 32 * t + (j ^ read_xor(t))]  # [j, s, t]
+    # any lane in 0..31 picks an identical copy: the lane only spreads the banks
+    lane4 = 4 * torch.randint(0, 32, wd.shape, generator=gen, dtype=torch.int32)
+    i = [_prmt(wd, lane4, 0x5504 + 16 * p) >> 2 for p in range(4)]
+    idx = torch.stack([torch.stack(i[:2], -1), torch.stack(i[2:], -1)], -1)  # [j, s, t, e, q]
+    two = table64[idx.long()]
+    hi = two.to(torch.int16).view(dtype)
+    lo = (two >> 16).to(torch.int16).view(dtype)
+    a = torch.stack([hi, lo], -1).reshape(4, 8, 4, 4, 2, 2, 2)  # [w, g, s, t, e, q, h]
+    return a.permute(*perm).reshape(G.DX_ROWS, G.DX_SUB)
+
+
+def _mirror_dx(dy, q, L, R2, scaling, mask, out_dtype, gen, sms=2, read_xor=lambda t: 9 * t,
+               perm=(0, 6, 1, 2, 5, 3, 4), k_of_row=None, block_of=lambda k0, bs: k0 // bs,
+               keep_from=lambda first, m0: first - m0, next_tile=None):
+    """dX[M, K] as _qlora_wgmma_dx_kernel computes it (bf16 dY [M, N], M >= 128) on `sms` SMs:
+    its persistent schedule (`dx_programs`; k fastest; the last m-tile shifted to end at row M,
+    rows of the tile before not stored again; a tile's last K-loop step staging the next tile's
+    first sub-step), the byte transpose through the swizzled buffer, the PRMT table indices
+    into the 64-word-stride table, the A operand's row order (row r = 16 w + 8 h + g is
+    k = 16 w + 2 g + h), dY times its columns' block scales in dY's dtype, and the epilogue
+    (out = acc + s·(L·R2) [⊙ mask], one rounding). Unwritten outputs stay NaN."""
+    N, K = q.shape
+    M, BMX, DXR = dy.shape[0], G.LARGE_M, G.DX_ROWS
+    words = q.data.reshape(-1).view(torch.int32).reshape(N, K // 8)
+    table64 = codes.byte_pair_table(q.quant_type, dy.dtype)[:, None].expand(256, 64).reshape(-1)
+    nb = K // q.blocksize
+    st = (formulas.dequantize_absmax(q.absmax, q.absmax2, q.code8, q.offset)
+          if q.absmax2 is not None else q.absmax.float()).reshape(N, nb).t().to(dy.dtype)
+    k_of_row = k_of_row or (lambda r: (r & ~15) + 2 * (r & 7) + ((r >> 3) & 1))
+    next_tile = next_tile or (lambda tile, G_, tiles: min(tile + G_, tiles - 1))
+    out = torch.full((M, K), float("nan"), dtype=out_dtype)
+    k_tiles, tiles = K // DXR, -(-M // BMX) * (K // DXR)
+
+    def place(tile):  # _dx_tile
+        first = tile // k_tiles * BMX
+        return tile % k_tiles * DXR, first, min(first, M - BMX)
+
+    def stage(k0, m0, n_lo):  # a sub-step's staged buffers: (A operand, scaled dY)
+        w = words[n_lo:n_lo + G.DX_SUB, k0 // 8:k0 // 8 + 8].reshape(4, 2, 4, 2, 8)
+        a = _dx_codes(_dx_stage(w, read_xor), table64, dy.dtype, gen, read_xor, perm)
+        kb = block_of(k0, q.blocksize)
+        return a, dy[m0:m0 + BMX, n_lo:n_lo + G.DX_SUB] * st[kb, n_lo:n_lo + G.DX_SUB]
+
+    G_ = G.dx_programs(M, K, sms)
+    for c in range(G_):
+        k0, _, m0 = place(c)
+        buf = stage(k0, m0, 0)
+        for tile in range(c, tiles, G_):
+            k0, first, m0 = place(tile)
+            nk0, _, nm0 = place(next_tile(tile, G_, tiles))
+            acc = torch.zeros(DXR, BMX)
+            for n_lo in range(0, N, G.DX_SUB):
+                a, y = buf
+                last = n_lo + G.DX_SUB == N
+                buf = stage(nk0, nm0, 0) if last else stage(k0, m0, n_lo + G.DX_SUB)
+                acc = acc + a.float() @ y.float().t()
+            kk = k0 + k_of_row(torch.arange(DXR))
+            lora = (R2[:, kk].t().float() @ L[m0:m0 + BMX].t().float()) * scaling
+            if mask is not None:
+                lora = lora * mask[m0:m0 + BMX][:, kk].t().float()
+            keep = slice(keep_from(first, m0), BMX)
+            out[m0:m0 + BMX][keep, kk] = (acc + lora).t()[keep].to(out_dtype)
+    return out
+
+
+def _dx_case(gen, M, N, K, R, blocksize, kind, with_mask, out_dtype=torch.bfloat16):
+    q, Wd = _quantized(gen, N, K, kind.split("-")[0], blocksize, kind.endswith("dq"))
+    dt = torch.bfloat16
+    dy = torch.randn(M, N, generator=gen).to(dt)
+    L = (torch.randn(M, R, generator=gen)).to(dt)
+    R2 = (torch.randn(R, K, generator=gen) / R ** 0.5).to(dt)
+    mask = (torch.rand(M, K, generator=gen) > 0.1).to(dt) / 0.9 if with_mask else None
+    oracle = dy.double() @ Wd.double() + 0.5 * (L.double() @ R2.double()) * (
+        1 if mask is None else mask.double())
+    baseline = dy @ Wd.to(dt) + (L @ R2) * 0.5 * (1 if mask is None else mask)
+    return q, dy, L, R2, mask, oracle, baseline
+
+
+@pytest.mark.parametrize("M, N, K, R, blocksize, kind, with_mask", [
+    (128, 256, 256, 16, 64, "nf4-dq", False),   # one m-tile, 4 k-tiles, 2 K-loop iterations
+    (200, 384, 192, 8, 64, "nf4", True),        # the last m-tile shifted; a rank under 16; dropout
+    (300, 256, 512, 32, 128, "fp4-dq", False),  # two k-tiles per block, 3 m-tiles
+    (129, 128, 256, 64, 256, "nf4", True),      # one K-loop step: the loop runs no iteration
+    (128, 128, 128, 16, 64, "nf4-dq", False)])
+def test_dx_mirror_follows_the_error_rule(M, N, K, R, blocksize, kind, with_mask, gen):
+    q, dy, L, R2, mask, oracle, baseline = _dx_case(gen, M, N, K, R, blocksize, kind, with_mask)
+    assert G.dx_supported(M, N, K, blocksize, torch.bfloat16) or not G.AVAILABLE
+    got = _mirror_dx(dy, q, L, R2, 0.5, mask, torch.bfloat16, gen)
+    assert_error_rule(f"dX mirror M={M} {kind} bs={blocksize}", got, oracle, baseline)
+
+
+@pytest.mark.parametrize("mutation", ["reads without the swizzle", "q and e swapped",
+                                      "rows in natural k order", "the next block's scales",
+                                      "a row of the shifted tile not stored",
+                                      "the next tile's first sub-step from the wrong tile"])
+def test_dx_mirror_fails_on_a_wrong_index(mutation, gen):
+    """The check above can fail: each of these index slips gives wrong values or NaN."""
+    q, dy, L, R2, mask, oracle, baseline = _dx_case(gen, 200, 256, 256, 16, 64, "nf4", False)
+    wrong = {"reads without the swizzle": {"read_xor": lambda t: 0 * t},
+             "q and e swapped": {"perm": (0, 6, 1, 2, 4, 3, 5)},
+             "rows in natural k order": {"k_of_row": lambda r: r},
+             "the next block's scales": {"block_of": lambda k0, bs: (k0 // bs + 1) % 4},
+             "a row of the shifted tile not stored":
+                 {"keep_from": lambda first, m0: first - m0 + 1},
+             "the next tile's first sub-step from the wrong tile":
+                 {"next_tile": lambda tile, G_, tiles: min(tile + 1, tiles - 1)}}[mutation]
+    got = _mirror_dx(dy, q, L, R2, 0.5, mask, torch.bfloat16, gen, **wrong)
+    with pytest.raises(AssertionError):
+        assert_error_rule("mutated", got, oracle, baseline)
+
+
 @pytest.mark.parametrize("M, N, K, blocksize, kind, dt", [
     (1, 150, 512, 64, "nf4-dq", torch.bfloat16),     # one K slice, a partial n-tile
     (16, 260, 1280, 128, "fp4", torch.float16),       # 2.5 slices: the last one is shorter
@@ -200,6 +342,37 @@ def test_where_the_kernel_applies(M, K, blocksize, dt, ok):
     assert G.supported(M, K, blocksize, dt) == (ok and G.AVAILABLE)
 
 
+@pytest.mark.parametrize("M, N, K, blocksize, dt, ok", [
+    (128, 4096, 4096, 64, torch.bfloat16, True), (8192, 14336, 4096, 64, torch.bfloat16, True),
+    (300, 4096, 11008, 256, torch.bfloat16, True), (300, 11008, 4096, 64, torch.bfloat16, True),
+    (300, 4096, 4160, 128, torch.bfloat16, False),  # K not a multiple of the blocksize
+    (4096, 4096, 4096, 64, torch.float16, False),   # fp16: the scales would multiply dY in fp16
+    (127, 4096, 4096, 64, torch.bfloat16, False),   # fewer rows than a tile
+    (4096, 4160, 4096, 64, torch.bfloat16, False),  # N not a multiple of 128
+    (4096, 4096, 4096, 32, torch.bfloat16, False),  # a block shorter than a tile
+    (4096, 4096, 4096, 64, torch.float32, False)])
+def test_where_the_dx_kernel_applies(M, N, K, blocksize, dt, ok):
+    assert G.dx_supported(M, N, K, blocksize, dt) == (ok and G.AVAILABLE)
+
+
+def test_dx_lora_fits_in_its_epilogue():
+    b16, f32 = torch.bfloat16, torch.float32
+    assert G.dx_lora_fits(torch.empty(4, 64, dtype=b16), torch.empty(64, 8, dtype=b16), b16)
+    assert not G.dx_lora_fits(torch.empty(4, 65, dtype=b16), torch.empty(65, 8, dtype=b16), b16)
+    assert not G.dx_lora_fits(torch.empty(4, 16, dtype=f32), torch.empty(16, 8, dtype=f32), b16)
+
+
+def test_dx_schedule_covers_every_tile_once():
+    for M, K in [(8192, 4096), (8192, 14336), (128, 64), (300, 4096), (65536, 11008)]:
+        tiles = -(-M // G.LARGE_M) * (K // G.DX_ROWS)
+        grid = G.dx_programs(M, K, 132)
+        assert grid <= 132 * G.DX_RESIDENT
+        seen = sorted(t for c in range(grid) for t in range(c, tiles, grid))
+        assert seen == list(range(tiles))
+        busiest, progs = G.dx_tiles_per_sm(M, K, 132)
+        assert busiest >= -(-tiles // 132) and progs <= G.DX_RESIDENT
+
+
 def test_persistent_schedule_covers_every_tile_once():
     for N, K in [(4096, 4096), (14336, 4096), (4096, 14336), (130, 1280), (11008, 4096)]:
         tiles, s = -(-N // G.ROWS_PER_CTA), G.splits(K)
@@ -238,6 +411,39 @@ def test_interpreter_runs_the_triton_kernel_for_the_gluon_config(M, cfg, gen, mo
     assert_error_rule("gluon config, interpreter", got, x.double() @ Wd.double().t(),
                       x @ Wd.to(torch.float16).t())
     assert not L._wgmma_applies(x, q.data, 64)
+
+
+@pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32])
+def test_gluon_dx_config_routes_to_the_dx_kernel(adapters, gen, monkeypatch):
+    """With a GLUON config where the dX kernel applies (forced here: it needs an sm_90 GPU),
+    lora_matmul's dX is one `dx_linear` call, epilogue included, with its own arguments; fp32
+    adapters (the exact-fp32 epilogue) go to the Triton kernel instead."""
+    from peftkern.ops.backends import triton as tb
+    dx_calls, triton_calls = [], []
+    monkeypatch.setattr(L, "_wgmma_applies", lambda inp, w, bs, forward=True, P=0: not forward)
+    monkeypatch.setattr(G, "dx_linear", lambda *a: dx_calls.append(a) or a[-1])
+
+    class Launcher:  # stands in for the Triton kernel: `kernel[grid](...)` records the launch
+        def __getitem__(self, grid):
+            return lambda *a, **k: triton_calls.append(grid)
+
+    monkeypatch.setattr(L, "_lora_matmul_kernel", Launcher())
+    N, K, M, R = 256, 512, 130, 16
+    q, _ = _quantized(gen, N, K, "nf4", 64, True)
+    wq = tb._qstate(q.absmax, q.absmax2, q.code8, q.offset, "nf4", 64, torch.device("cpu"),
+                    torch.bfloat16)
+    dy = torch.randn(M, N, generator=gen).to(torch.bfloat16)
+    Lt, R2 = torch.randn(M, R).to(adapters), torch.randn(R, K).to(adapters)
+    mask = torch.ones(M, K, dtype=torch.bfloat16)
+    out = L.lora_matmul(dy, q.data.reshape(-1), wq, Lt, R2, 0.5, mask, stride_wq=K, stride_wp=1,
+                        P=K, config=GLUON_LARGE_CFG)
+    if adapters == torch.float32:
+        assert not dx_calls and triton_calls
+        return
+    assert not triton_calls and len(dx_calls) == 1
+    a = dx_calls[0]
+    assert a[0] is dy and a[7] == 64 and a[8] == K and a[9] is Lt and a[10] is R2
+    assert a[11] == 0.5 and a[12] is mask and a[13] is out and out.shape == (M, K)
 
 
 def test_misaligned_packed_bytes_are_not_read_in_place():

@@ -226,6 +226,34 @@ def test_gluon_forward_meets_the_large_m_bound(fast_report):
     assert not over, over
 
 
+def test_gluon_dx_meets_the_large_m_bound(fast_report):
+    """Issue 13's large-M bar for dX, met by `_qlora_wgmma_dx_kernel` (sm_90a, bf16, NF4 +
+    double quant, its epilogue with and without a dropout mask): at most 6 instructions per
+    weight element (a tile's: its K loop, its staging and its epilogue), no 64-bit division, no
+    spills, two programs per SM, the decoded values as wgmma's register operand (only dY from
+    shared memory), and an estimated bound at M = 8192, 4096x4096 and 14336x4096 at most 1.15x
+    the dense tile's (the rule config, compiled and estimated the same way)."""
+    from peftkern.kernels import qlora_wgmma as G
+    rows = [r for r in fast_report["rows"] if r["kernel"] == "_qlora_wgmma_dx_kernel"]
+    assert sorted((r["arch"], r["weight"], r["pass"], r["extra"] or "") for r in rows) == [
+        ("sm_90a", "nf4-nested", "dx", ""), ("sm_90a", "nf4-nested", "dx", "mask")]
+    for r in rows:
+        assert r["launchable"] and not r["spill_bytes"] and not r["local_bytes"], r["extra"]
+        assert static.ctas_per_sm(r["registers"], r["shared_bytes"], 4, 90) >= G.DX_RESIDENT
+        assert r["main_loop_div64"] == 0
+    r = next(r for r in rows if not r["extra"])
+    assert r["instr_per_weight_elem"] <= 6
+    inner = r["inner_loop_mix"]
+    assert inner["categories"]["mma"] == 8  # m64n128k16, 4 per 64-row sub-step, A in registers
+    assert r["inner_loop_wgmma_shared_bytes"] == 8 * G.LARGE_M * 16 * 2
+    assert not any(op.startswith(("LDSM", "STSM")) for op in inner["widths"])
+    bounds = [b for b in fast_report["shape_bounds"] if b["kernel"] == "_qlora_wgmma_dx_kernel"]
+    assert {(b["M"], b["N"], b["K"]) for b in bounds} == {(8192, N, K) for N, K in static.SHAPES}
+    over = [f"{b['N']}x{b['K']}: {b['bound_vs_dense']}" for b in bounds
+            if not b["bound_vs_dense"] or b["bound_vs_dense"] > 1.15]
+    assert not over, over
+
+
 def test_rule_configs_are_candidates_the_dispatcher_may_pick():
     from peftkern.kernels import lora_linear as L
     for regime, by_arch in L.RULE.items():

@@ -10,9 +10,10 @@ weights with plain or nested (double-quantized) absmax, fp16 (rule configs only)
 epilogue kernel, quantize (every bnb blocksize), dequantize, the AdaLoRA sensitivity update and
 the DoRA weight norm (`_dora_norm_kernel`: dense, 4-bit plain and nested, each dtype) and the
 mixed-adapter grouped LoRA (`_shrink_kernel`, `_expand_kernel`, each dtype), and the Gluon
-4-bit forwards (kernels/qlora_wgmma.py: `_qlora_wgmma_kernel` for small M, `_qlora_wgmma_large_kernel`
-and its scale decode `_block_scales_t_kernel` for large M; sm_90a only, the GLUON candidates'
-forwards; compiled through `GluonASTSource`).
+4-bit kernels (kernels/qlora_wgmma.py: `_qlora_wgmma_kernel` for small M, `_qlora_wgmma_large_kernel`
+and its scale decode `_block_scales_t_kernel` for large M, the dX kernel `_qlora_wgmma_dx_kernel`
+(also with a dropout mask); sm_90a only, what the GLUON candidates launch; compiled through
+`GluonASTSource`).
 Reduced sets: bias and the DoRA output scale (forward), dropout mask (dX) and fp32 adapters only on the rule configs, dense
 and nf4-nested, bf16; M = 1 (Triton makes an int == 1 a constexpr) on the small rule config.
 `--configs rule`: the rule configs and the GLUON candidates. `--quick`: those, the first split-K
@@ -33,7 +34,8 @@ address); the largest such range (most instructions) is "the main loop". Its ins
 counted statically (each instruction once: a guarded slow path inside the loop counts as if
 taken). A loop nested in it (the Gluon kernel's K loop inside its persistent tile loop) is
 counted as running INNER_ITERS times per main-loop iteration (the config says how many; the
-large Gluon kernel's: Q / 128, per shape). 64-bit integer division is counted in the PTX of the largest PTX loop (`div/rem.s64/u64`:
+large Gluon kernels': Q / 128 per shape, less the dX kernel's one peeled iteration, which is in
+the tile loop's own code). 64-bit integer division is counted in the PTX of the largest PTX loop (`div/rem.s64/u64`:
 `main_loop_div64`) and as CALLs to the `__internal_*_div_s64`-style routines in the SASS main loop
 (`main_loop_div64_calls`; `main_loop_calls` counts every CALL).
 
@@ -65,18 +67,20 @@ First-order bound model (a STATIC ESTIMATE, never a measurement):
     few warps per SM the real time is longer;
   * persistent kernels (the Gluon kernels) run a tile per main-loop iteration, its K loop
     nested (the tile's instructions = the tile loop's + (K-loop iterations - 1) × the K loop's:
-    the small kernel 4 per K slice, the large one Q / 128); the busiest SM's tiles and programs
-    come from the launcher's own schedule (`qlora_wgmma.tiles_per_sm`, `large_tiles_per_sm`),
+    the small kernel 4 per K slice, the large ones Q / 128); the busiest SM's tiles and programs
+    come from the launcher's own schedule (`qlora_wgmma.tiles_per_sm`, `large_tiles_per_sm`,
+    `dx_tiles_per_sm`),
     and its time is (max(issue, MMA, L1) × its tiles + once × its programs) / clock; their
     table lookups are conflict-free by construction (one lane-interleaved table copy per
     lane), so their LDS count as is;
   * HBM time = bytes once each (x or dY, the weight: dense, or packed codes + absmax (+ nested
     absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM); a split-K
     workspace that fits L2 (SPLIT_K × M × P fp32, written and read back once: 0.9-3.7 MB at
-    M = 16) is not counted; a larger one (the large Gluon kernel's M × P fp32: 128 MB at
+    M = 16) is not counted; a larger one (the large Gluon forward's M × P fp32: 128 MB at
     M = 8192, P = 4096) replaces the output in the kernel's bytes, and the epilogue launch
     that reads it back (+ writes out, reads L and R2) adds its HBM time after the kernel's:
-    bound = max(compute, HBM) + epilogue;
+    bound = max(compute, HBM) + epilogue (the Gluon dX kernel has its epilogue in it: no
+    workspace);
   * bound_vs_dense = the 4-bit variant's bound / the dense variant's (same config, dtype, pass,
     arch, M), both estimated this way (per row at N = K = 4096 and the row's M; per shape in
     `shape_bounds` for N x K = 4096 x 4096 and 14336 x 4096, M = 1, 16, 8192, r = 16, bf16).
@@ -211,14 +215,17 @@ def gemm_variants(configs, weights, dtypes, extras, fp16_rule_only=False) -> lis
 def _gluon_large_variants(indices, weights, dtypes) -> list[Variant]:
     """The large Gluon kernel's other specializations its launcher takes (a blocksize and a
     staged-block count, `qlora_wgmma.LARGE_SPILL_FREE`), recorded at the K that gives them
-    (extra "K=..."): each must compile without spills like the one at N = K = 4096."""
+    (extra "K=..."): each must compile without spills like the one at N = K = 4096; and the
+    dX kernel with a dropout mask."""
     from peftkern.kernels import qlora_wgmma as G
     gluon = [i for i in indices if _candidates()["large"][i].get("GLUON")]
     if not gluon or "nf4-nested" not in weights or "bf16" not in dtypes:
         return []
     return [Variant("gemm", "bf16", "nf4-nested", "fwd", "large", i, M_OF["large"],
                     f"K={n * bs} bs={bs}", bs) for i in gluon for bs, n in sorted(G.LARGE_SPILL_FREE)
-            if (bs, n) != (BLOCKSIZE, SHAPES[0][1] // BLOCKSIZE)]
+            if (bs, n) != (BLOCKSIZE, SHAPES[0][1] // BLOCKSIZE)] + [
+        # the dX kernel's epilogue with a dropout mask (its own specialization)
+        Variant("gemm", "bf16", "nf4-nested", "dx", "large", i, M_OF["large"], "mask") for i in gluon]
 
 
 def _extra_variants(weights, dtypes) -> list[Variant]:
@@ -679,7 +686,7 @@ def gather_lookups(row: dict) -> tuple[int, int, int]:
 
 # Kernels whose table lookups are conflict-free by construction (a lane-interleaved copy per
 # lane: kernels/qlora_wgmma.py): their LDS count as is.
-CONFLICT_FREE = ("_qlora_wgmma_kernel", "_qlora_wgmma_large_kernel")
+CONFLICT_FREE = ("_qlora_wgmma_kernel", "_qlora_wgmma_large_kernel", "_qlora_wgmma_dx_kernel")
 GEMMS = ("_lora_matmul_kernel",) + CONFLICT_FREE
 HOPPER_ONLY = ("_block_scales_t_kernel",)  # launched only before the large Gluon kernel
 
@@ -769,7 +776,7 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     hw, cfg = ARCHS[row["arch"]], row["config_dict"]
     Q, P = (K, N) if row["pass"] == "fwd" else (N, K)
     if "TILE_K" in cfg:  # the large Gluon kernel: an iteration is a tile over all of Q
-        cfg = cfg | {"BLOCK_K": Q, "INNER_ITERS": Q // cfg["TILE_K"]}
+        cfg = cfg | {"BLOCK_K": Q, "INNER_ITERS": Q // cfg["TILE_K"] - cfg.get("PEELED", 0)}
         row = row | {"config_dict": cfg}
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg.get("SPLIT_K", 1)
     split = -(-Q // cfg["KSPAN"]) if "KSPAN" in cfg else split  # the Gluon kernel's K slices
@@ -783,7 +790,10 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     persistent = "KSPAN" in cfg or "TILE_K" in cfg
     if persistent:  # the Gluon kernels: an iteration is a tile; the launcher's own schedule
         from peftkern.kernels import qlora_wgmma
-        if "TILE_K" in cfg:
+        if row["kernel"] == "_qlora_wgmma_dx_kernel":
+            iters, on_sm = qlora_wgmma.dx_tiles_per_sm(M, P, hw["sms"])
+            ctas = qlora_wgmma.dx_programs(M, P, hw["sms"])
+        elif "TILE_K" in cfg:
             iters, on_sm = qlora_wgmma.large_tiles_per_sm(M, P, hw["sms"])
             ctas = qlora_wgmma.large_programs(M, P, hw["sms"])
         else:
@@ -809,7 +819,7 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     lora = (M + P) * RANK * lelt
     # a workspace that does not stay in L2 (the large Gluon kernel's fp32 [M, P]) is written
     # here and read back by the epilogue launch, which runs after: its time adds
-    spilled = "TILE_K" in cfg and M * P * 4 > L2_BYTES
+    spilled = row["kernel"] == "_qlora_wgmma_large_kernel" and M * P * 4 > L2_BYTES
     out_bytes = M * P * 4 if spilled else M * P * elt
     hbm = (M * Q * elt + weight_bytes(row["weight"], N, K, elt) + out_bytes + lora) / hw["hbm"]
     epilogue = (M * P * 4 + M * P * elt + lora) / hw["hbm"] if spilled else 0.0
@@ -866,6 +876,12 @@ def _row(v, launch, arch, cfg, rule, a) -> dict:
                 row["config_dict"].update(BLOCK_M=G.LARGE_M, BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=K,
                                           TILE_K=G.SUB_K * G.STEPS, INNER_ITERS=K // (G.SUB_K * G.STEPS),
                                           num_warps=G.LARGE_WARPS)
+            elif launch.fn.__name__ == "_qlora_wgmma_dx_kernel":  # a tile sums all of N
+                N = SHAPES[0][0]
+                # its last K-loop iteration is peeled (it stages the next tile): in the tile loop
+                row["config_dict"].update(BLOCK_M=G.LARGE_M, BLOCK_N=G.DX_ROWS, BLOCK_K=N,
+                                          TILE_K=2 * G.DX_SUB, PEELED=1,
+                                          INNER_ITERS=N // (2 * G.DX_SUB) - 1, num_warps=4)
             else:
                 row["config_dict"].update(BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=G.KSPAN, KSPAN=G.KSPAN,
                                           INNER_ITERS=G.KSPAN // (G.SUB_K * G.STEPS), num_warps=4)
