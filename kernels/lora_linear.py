@@ -353,7 +353,7 @@ def regime(M: int) -> str:
 # them 16x128x128 split-K 4 has the best bound (issue, MMA and shared-pipe time) in both passes
 # at 4096x4096 and 14336x4096; on sm_80 the large 4-bit tile with BLOCK_K = 128 spills. The GLUON
 # candidates (kernels/qlora_wgmma.py) have better bounds still (small M: memory-bound; large M:
-# forward 0.93x and dX 1.03x the dense tile's, against the Triton 4-bit tile's 2.24x), but no GPU has run them:
+# forward 0.90x and dX 1.03x the dense tile's, against the Triton 4-bit tile's 2.24x), but no GPU has run them:
 # they are tuned in only where a GPU measures them and their result agrees (bench/tune.py).
 RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 

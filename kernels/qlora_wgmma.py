@@ -8,10 +8,11 @@ table values in the activation dtype times xᵀ, each quantization block's fp32 
 its scale), for 16-bit x and blocks of 64..512 columns, into an fp32 workspace:
 - M <= 16 (`_qlora_wgmma_kernel`): split-K, `ws[split, m, n]`; x's K slice is staged once per
   program, the scales per tile;
-- M >= 128 (`_qlora_wgmma_large_kernel`, the shapes in LARGE_SPILL_FREE): [128 n x 128 m] tiles over all of K into
-  `ws` stored [N, M]; x streams through two shared buffers (each sub-step's x is loaded while the
-  one before multiplies), and a tile's block scales, decoded once per call by
-  `quant_4bit.block_scales_t` (bnb decodes nested absmax first too), are staged at its start.
+- M >= 128 (`_qlora_wgmma_large_kernel`): [128 n x 128 m] tiles over all of K into `ws` stored
+  [N, M]; x streams through two shared buffers (each sub-step's x is loaded while the one before
+  multiplies), and each sub-step's block scales, decoded once per call by
+  `quant_4bit.block_scales_t` (bnb decodes nested absmax first too), are loaded with its bytes;
+  table indices as in dX (one PRMT per byte, the 64-word-stride table).
 `lora_linear._split_k_epilogue_kernel` adds the splits and the LoRA term, as for every split-K
 tile config.
 
@@ -74,23 +75,18 @@ RESIDENT = 4         # programs per SM (128 registers x 128 threads, 53 KB of sh
 LARGE_M = 128        # the large-M kernel's x rows per tile (wgmma's N), M > MAX_M
 LARGE_WARPS = 8      # two warpgroups: 64 weight rows each
 LARGE_RESIDENT = 1   # programs per SM (the large kernel's registers: see the static report)
-# The large kernel's (blocksize, staged blocks = `stage_blocks(K / blocksize)`) specializations
-# that compile for sm_90a without spills (the static check compiles each: it sits at 249-254
-# registers there; e.g. K = 2048 or 14336 at blocksize 64 spill 24-48 B): the launcher takes
-# these only, so K = 4096 or 8192 at blocksize 64 or 128; other shapes run the Triton kernel.
 DX_ROWS = 64         # the dX kernel's K rows per tile (wgmma's M: one warpgroup; one block)
 DX_SUB = 64          # its reduction (N) per sub-step
 DX_RESIDENT = 2      # its programs per SM
-LARGE_SPILL_FREE = frozenset({(64, 64), (64, 128), (128, 32), (128, 64)})
 
 
 def supported(M: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:
-    """Shapes these kernels take: 16-bit x, whole blocks of 64..KSPAN columns that tile the
-    slices, K a multiple of a loop iteration (M <= MAX_M: the small kernel, else the large)."""
+    """Shapes these kernels take: 16-bit x, K a multiple of a loop iteration, whole blocks: of
+    64..KSPAN columns that tile the slices (M <= MAX_M: the small kernel), or of any multiple of
+    a sub-step (M >= LARGE_M: the large one)."""
     return (AVAILABLE and M > 0 and dtype in (torch.float16, torch.bfloat16)
-            and SUB_K <= blocksize <= KSPAN and K % blocksize == 0 and K % (SUB_K * STEPS) == 0
-            and (M <= MAX_M or LARGE_M <= M
-                 and (blocksize, stage_blocks(K // blocksize)) in LARGE_SPILL_FREE))
+            and blocksize % SUB_K == 0 and K % blocksize == 0 and K % (SUB_K * STEPS) == 0
+            and (M <= MAX_M and blocksize <= KSPAN or LARGE_M <= M))
 
 
 def splits(K: int, M: int = 1) -> int:
@@ -154,13 +150,20 @@ if AVAILABLE:
         return scales.gather(j * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)), 0)
 
     @gluon.jit
-    def _codes(cur, lane, table, A_L: gl.constexpr, DT: gl.constexpr):
-        """The table values of words `cur` [ROWS, 8] as wgmma's register A operand, slot order."""
+    def _codes(cur, lane, table, A_L: gl.constexpr, DT: gl.constexpr, WIDE: gl.constexpr = False):
+        """The table values of words `cur` [ROWS, 8] as wgmma's register A operand, slot order;
+        WIDE: `table` at a 64-word stride (`_table64`, `lane` as 4 lane: one PRMT per index)."""
         # byte b of each word -> its table index (byte << 5) | lane; [ROWS, 8, 4] physical order
-        i0 = ((cur << 5) & 0x1FE0) | lane
-        i1 = ((cur >> 3) & 0x1FE0) | lane
-        i2 = ((cur >> 11) & 0x1FE0) | lane
-        i3 = ((cur >> 19) & 0x1FE0) | lane
+        if WIDE:
+            i0 = _dx_index(cur, lane, "0x5504")
+            i1 = _dx_index(cur, lane, "0x5514")
+            i2 = _dx_index(cur, lane, "0x5524")
+            i3 = _dx_index(cur, lane, "0x5534")
+        else:
+            i0 = ((cur << 5) & 0x1FE0) | lane
+            i1 = ((cur >> 3) & 0x1FE0) | lane
+            i2 = ((cur >> 11) & 0x1FE0) | lane
+            i3 = ((cur >> 19) & 0x1FE0) | lane
         q4 = gl.join(gl.join(i0, i1), gl.join(i2, i3))  # [row, word, a, b] = byte a + 2 b
         idx = gl.reshape(gl.permute(q4, [0, 1, 3, 2]), [ROWS, 4, 8])  # [row, c, i]: byte 8 c + i
         idx = gl.reshape(gl.permute(idx, [0, 2, 1]), [ROWS * 32])     # slot order s = 4 i + c
@@ -272,41 +275,36 @@ if AVAILABLE:
 
 
     @gluon.jit
-    def _stage_block_scales(smem, st_ptr, n0, N, NB, NSTAGE: gl.constexpr, STL: gl.constexpr):
-        """smem[j * ROWS + r] = the scale of row n0 + r's block j, from the transposed fp32
-        scales st[NB, N] (`quant_4bit.block_scales_t`): a thread moves 4 rows' at once."""
-        j = gl.arange(0, NSTAGE, layout=gl.SliceLayout(1, STL))[:, None]
-        r = gl.arange(0, ROWS, layout=gl.SliceLayout(0, STL))[None, :]
-        # blocks past NB and rows past N are never read: no fill value
-        t = gl.load(st_ptr + n0 + j * N + r, mask=(j < NB) & (r < N - n0))
-        gl.barrier()  # the previous tile's reads are done
-        smem.store(gl.reshape(t, [NSTAGE * ROWS]))
+    def _row_scales(st_ptr, n0, N, j, n_steps, BS: gl.constexpr, MMA: gl.constexpr):
+        """Sub-step j's block scale of each of the tile's rows, in the accumulator's rows, from
+        the transposed fp32 scales st[NB, N] (`quant_4bit.block_scales_t`; L2-resident); rows
+        past N and sub-steps past the end read the last ones (never stored or used)."""
+        r = gl.minimum(gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)), N - 1 - n0)
+        kb = (gl.minimum(j, n_steps - 1) * SUB) // BS
+        return gl.load(st_ptr + kb * N + n0 + r)
 
     @gluon.jit
     def _qlora_wgmma_large_kernel(x_ptr, M, K, stride_xm, w_ptr, st_ptr, pairs_ptr, N, ws_ptr,
-                                  BS: gl.constexpr, NSTAGE: gl.constexpr, BMX: gl.constexpr):
+                                  BS: gl.constexpr, BMX: gl.constexpr):
         """M >= LARGE_M: persistent over [ROWS x BMX] output tiles (n fastest: the programs at
         work share x's m-tile and all of W in L2), each summing all of K; x streams through two
         shared [BMX, SUB] buffers (the next sub-step's x is loaded while this one multiplies);
-        a tile's block scales (NSTAGE >= K / BS blocks, fp32, decoded before the launch) are
-        staged at its start."""
+        each sub-step's block scales (fp32, decoded before the launch) are loaded with its
+        words, two sub-steps ahead."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         WL: gl.constexpr = _word_layout(8)  # two warpgroups: a third warp bit down the rows
         MMA: gl.constexpr = _mma_layout(8, BMX)
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         XL: gl.constexpr = _blocked(8, 8)
-        STL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [8, 1], [1, 0])
         TL: gl.constexpr = _blocked(4, 8)
         X_S: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BMX, SUB], DT)
 
         n_tiles = gl.cdiv(N, ROWS)
         n_steps = K // SUB  # even (K % (SUB * STEPS) == 0)
         gl.assume(n_steps >= 2)  # a tile's K loop runs: one entry path, not a zero-trip one too
-        table = _table(pairs_ptr, TL)
+        table = _table64(pairs_ptr, TL)
         xs = gl.allocate_shared_memory(DT, [2, BMX, SUB], X_S)
-        scales = gl.allocate_shared_memory(gl.float32, [NSTAGE * ROWS],
-                                           gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        lane = _lanes(WL)
+        lane = 4 * _lanes(WL)
         xr = gl.arange(0, BMX, layout=gl.SliceLayout(1, XL))[:, None]
         om = gl.arange(0, BMX, layout=gl.SliceLayout(0, MMA))
         for tile in range(gl.program_id(0), n_tiles * gl.cdiv(M, BMX), gl.num_programs(0)):
@@ -319,24 +317,25 @@ if AVAILABLE:
             w_rows = _rows(w_ptr, tile_n, N, K, 0, WL)
             w0 = _words(w_rows, 0, n_steps, WL, False)
             w1 = _words(w_rows, 1, n_steps, WL, False)
-            nxt = _x_slot(x_rows, None, 0, K, XL)
-            _stage_block_scales(scales, st_ptr, n0, N, K // BS, NSTAGE, STL)
-            xs.index(0).store(nxt)  # buffer 0 was last read before the barrier above
+            s0 = _row_scales(st_ptr, n0, N, 0, n_steps, BS, MMA)
+            s1 = _row_scales(st_ptr, n0, N, 1, n_steps, BS, MMA)
+            gl.barrier()  # the previous tile's reads of buffer 0 are done
+            xs.index(0).store(_x_slot(x_rows, None, 0, K, XL))
             fence_async_shared()
             gl.barrier()
             acc = gl.zeros([ROWS, BMX], gl.float32, MMA)
             for g in range(0, n_steps, 2):  # buffers and words rotate in pairs: no copies
                 nxt = _x_slot(x_rows, None, (g + 1) * SUB, K, XL)
-                acc = _step(acc, w0, lane, table, xs.index(0), scales, g * SUB // BS, MMA, A_L,
-                            DT)
+                acc = _scaled_mma(acc, _codes(w0, lane, table, A_L, DT, True), xs.index(0), s0)
                 w0 = _words(w_rows, g + 2, n_steps, WL, False)
+                s0 = _row_scales(st_ptr, n0, N, g + 2, n_steps, BS, MMA)
                 xs.index(1).store(nxt)  # buffer 1 was last read at step g - 1, before the barrier
                 fence_async_shared()
                 gl.barrier()
                 nxt = _x_slot(x_rows, None, (g + 2) * SUB, K, XL)
-                acc = _step(acc, w1, lane, table, xs.index(1), scales, (g + 1) * SUB // BS, MMA,
-                            A_L, DT)
+                acc = _scaled_mma(acc, _codes(w1, lane, table, A_L, DT, True), xs.index(1), s1)
                 w1 = _words(w_rows, g + 3, n_steps, WL, False)
+                s1 = _row_scales(st_ptr, n0, N, g + 3, n_steps, BS, MMA)
                 xs.index(0).store(nxt)
                 fence_async_shared()
                 gl.barrier()
@@ -608,7 +607,7 @@ def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, cod
         st = block_scales_t(absmax, absmax2, code8, offset, N, K // blocksize)
         _qlora_wgmma_large_kernel[(large_programs(M, N, _sms(x.device)),)](
             x, M, K, x.stride(0), _words_view(packed), st, pairs, N, ws, BS=blocksize,
-            NSTAGE=stage_blocks(K // blocksize), BMX=LARGE_M, num_warps=LARGE_WARPS,
+            BMX=LARGE_M, num_warps=LARGE_WARPS,
             enable_fp_fusion=False)
     return ws
 
@@ -657,11 +656,6 @@ def programs(N: int, K: int, sms: int) -> int:
     (and no more than there are tiles); program c takes every (G / splits)-th n-tile."""
     s, tiles = splits(K), -(-N // ROWS_PER_CTA)
     return s * max(1, min(tiles, sms * RESIDENT // s))
-
-
-def stage_blocks(nblocks: int) -> int:
-    """The large kernel's scale staging: a row's blocks, rounded up to a power of two (>= 8)."""
-    return max(8, 1 << (nblocks - 1).bit_length())
 
 
 def large_programs(M: int, N: int, sms: int) -> int:

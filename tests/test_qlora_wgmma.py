@@ -53,13 +53,17 @@ def _scales(q, n0, k_lo, nsub) -> torch.Tensor:
     return s + q.offset
 
 
-def _codes(cur, table, dtype, gen) -> torch.Tensor:
-    """The [rows, 64] slot-order table values of packed words `cur` [rows, 8], as `_codes`."""
+def _codes(cur, table, dtype, gen, wide=False) -> torch.Tensor:
+    """The [rows, 64] slot-order table values of packed words `cur` [rows, 8], as `_codes`
+    (`wide`: PRMT indices into the 64-word-stride table)."""
     rows = cur.shape[0]
     # any lane in 0..31 picks an identical copy: the lane only spreads the banks
     lane = torch.randint(0, 32, cur.shape, generator=gen, dtype=torch.int32)
-    i = [((cur << 5) & 0x1FE0) | lane, ((cur >> 3) & 0x1FE0) | lane,
-         ((cur >> 11) & 0x1FE0) | lane, ((cur >> 19) & 0x1FE0) | lane]
+    if wide:
+        i = [_prmt(cur, 4 * lane, 0x5504 + 16 * p) >> 2 for p in range(4)]
+    else:
+        i = [((cur << 5) & 0x1FE0) | lane, ((cur >> 3) & 0x1FE0) | lane,
+             ((cur >> 11) & 0x1FE0) | lane, ((cur >> 19) & 0x1FE0) | lane]
     q4 = torch.stack([torch.stack(i[:2], -1), torch.stack(i[2:], -1)], -1)
     idx = q4.permute(0, 1, 3, 2).reshape(rows, 4, 8).permute(0, 2, 1).reshape(rows * 32)
     two = table[idx].reshape(rows, 32)
@@ -97,13 +101,14 @@ def _mirror_large(x, q, dtype, gen, keep_from=lambda first, m0: first - m0,
                   block_of=lambda g, bs: g * G.SUB_K // bs) -> torch.Tensor:
     """out[M, N] as _qlora_wgmma_large_kernel computes it (M >= 128): its tile schedule (n fastest;
     the last m-tile shifted to end at row M, rows of the tile before not stored again), the
-    clamped weight rows, the staged block scales (rows past N unset: NaN), the slot-order
-    sub-steps; returns the [N, M] workspace seen as [M, N]."""
+    clamped weight rows, each sub-step's block scales from `block_scales_t` (rows past N: the
+    last row's, never stored), the slot-order sub-steps with PRMT table indices; returns the
+    [N, M] workspace seen as [M, N]."""
     N, K = q.shape
     M, R, BMX = x.shape[0], G.ROWS_PER_CTA, G.LARGE_M
     nb = K // q.blocksize
     words = q.data.reshape(-1).view(torch.int32).reshape(N, K // 8)
-    table = codes.byte_pair_table(q.quant_type, dtype)[:, None].expand(256, 32).reshape(-1)
+    table64 = codes.byte_pair_table(q.quant_type, dtype)[:, None].expand(256, 64).reshape(-1)
     st = (formulas.dequantize_absmax(q.absmax, q.absmax2, q.code8, q.offset)
           if q.absmax2 is not None else q.absmax.float()).reshape(N, nb).t()  # block_scales_t
     ws = torch.full((N, M), float("nan"))
@@ -113,14 +118,12 @@ def _mirror_large(x, q, dtype, gen, keep_from=lambda first, m0: first - m0,
         first = tile // n_tiles * BMX
         m0 = min(first, M - BMX)
         w_rows = torch.clamp(torch.arange(n0, n0 + R), max=N - 1)
-        staged = torch.full((G.stage_blocks(nb), R), float("nan"))
-        staged[:nb, :min(R, N - n0)] = st[:, n0:n0 + R]
         xt = x[m0:m0 + BMX]
         acc = torch.zeros(R, BMX)
         for g in range(K // G.SUB_K):
-            a = _codes(words[w_rows, 8 * g:8 * g + 8], table, dtype, gen)
+            a = _codes(words[w_rows, 8 * g:8 * g + 8], table64, dtype, gen, wide=True)
             part = a.float() @ _x_slot(xt, g * G.SUB_K).float().t()
-            acc = acc + part * staged[block_of(g, q.blocksize)][:, None]
+            acc = acc + part * st[block_of(g, q.blocksize), w_rows][:, None]
         keep = slice(keep_from(first, m0), BMX)
         ws[n0:n0 + R, m0:m0 + BMX][:, keep] = acc[:min(R, N - n0), keep]
     return ws.t().double()
@@ -278,9 +281,7 @@ def test_dx_mirror_fails_on_a_wrong_index(mutation, gen):
     (129, 64, 512, 256, "nf4", torch.float16)])
 def test_mirror_of_the_kernel_follows_the_error_rule(M, N, K, blocksize, kind, dt, gen):
     q, Wd = _quantized(gen, N, K, kind.split("-")[0], blocksize, kind.endswith("dq"))
-    # (the large kernel's launcher also limits K to its spill-free specializations: the tensor
-    # program is the same at every K)
-    assert G.supported(M, K, blocksize, dt) or M >= G.LARGE_M and G.supported(M, 4096, 64, dt)
+    assert G.supported(M, K, blocksize, dt) or not G.AVAILABLE
     x = torch.randn(M, K, generator=gen).to(dt)
     got = (_mirror if M <= G.MAX_M else _mirror_large)(x, q, dt, gen)
     oracle = x.double() @ Wd.double().t()
@@ -309,7 +310,7 @@ def test_large_mirror_fails_on_a_wrong_schedule_or_scale(mutation, gen):
     q, Wd = _quantized(gen, N, K, "nf4", 128, False)
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
     wrong = ({"keep_from": lambda first, m0: first - m0 + 1}
-             if mutation.startswith("a row") else {"block_of": lambda g, bs: g})
+             if mutation.startswith("a row") else {"block_of": lambda g, bs: min(g, K // bs - 1)})
     got = _mirror_large(x, q, torch.bfloat16, gen, **wrong)
     with pytest.raises(AssertionError):
         assert_error_rule("mutated", got, x.double() @ Wd.double().t(), x @ Wd.bfloat16().t())
@@ -332,8 +333,9 @@ def test_block_scales_t_are_the_decoded_absmax(dq, gen):
     (128, 4096, 64, torch.bfloat16, True), (8192, 8192, 128, torch.float16, True),
     (17, 4096, 64, torch.bfloat16, False),   # 16 < M < 128: the Triton kernel
     (127, 4096, 64, torch.bfloat16, False),
-    (4096, 14336, 64, torch.bfloat16, False),  # large M: a specialization that spills
-    (4096, 2048, 64, torch.bfloat16, False),
+    (4096, 14336, 64, torch.bfloat16, True), (4096, 2048, 64, torch.bfloat16, True),
+    (300, 11008, 256, torch.bfloat16, True), (4096, 4096, 4096, torch.float16, True),  # large M
+    (4096, 4096, 96, torch.bfloat16, False),   # a block not a whole number of sub-steps
     (4, 4096, 32, torch.bfloat16, False),    # a block shorter than a sub-step
     (4, 4096, 1024, torch.bfloat16, False),  # a block longer than a K slice
     (4, 4160, 64, torch.bfloat16, False),    # K not a multiple of 128

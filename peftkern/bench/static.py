@@ -213,19 +213,21 @@ def gemm_variants(configs, weights, dtypes, extras, fp16_rule_only=False) -> lis
 
 
 def _gluon_large_variants(indices, weights, dtypes) -> list[Variant]:
-    """The large Gluon kernel's other specializations its launcher takes (a blocksize and a
-    staged-block count, `qlora_wgmma.LARGE_SPILL_FREE`), recorded at the K that gives them
-    (extra "K=..."): each must compile without spills like the one at N = K = 4096; and the
-    dX kernel with a dropout mask."""
-    from peftkern.kernels import qlora_wgmma as G
+    """The large Gluon forward at its launcher's other blocksizes (a constexpr: a compile each)
+    and at K = 14336, recorded as extra "K=... bs=..." rows: each must compile without spills
+    like the one at N = K = 4096; and the dX kernel with a dropout mask."""
     gluon = [i for i in indices if _candidates()["large"][i].get("GLUON")]
     if not gluon or "nf4-nested" not in weights or "bf16" not in dtypes:
         return []
     return [Variant("gemm", "bf16", "nf4-nested", "fwd", "large", i, M_OF["large"],
-                    f"K={n * bs} bs={bs}", bs) for i in gluon for bs, n in sorted(G.LARGE_SPILL_FREE)
-            if (bs, n) != (BLOCKSIZE, SHAPES[0][1] // BLOCKSIZE)] + [
+                    f"K={k} bs={bs}", bs) for i in gluon for k, bs in LARGE_EXTRA] + [
         # the dX kernel's epilogue with a dropout mask (its own specialization)
         Variant("gemm", "bf16", "nf4-nested", "dx", "large", i, M_OF["large"], "mask") for i in gluon]
+
+
+# (K, blocksize) of the large Gluon forward's extra rows: bnb's blocksizes past 64 (the kernel
+# takes any multiple of 64) and the 14336-wide down projection
+LARGE_EXTRA = ((4096, 128), (4096, 512), (4096, 4096), (14336, 64))
 
 
 def _extra_variants(weights, dtypes) -> list[Variant]:
