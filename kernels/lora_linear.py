@@ -16,8 +16,9 @@ order by the second launch), no atomics.
 A GLUON tile config (a tuning candidate, one per regime) runs the 16-bit 4-bit forward on sm_90+
 as kernels/qlora_wgmma.py (the same block-scaled math with the decoded weight in wgmma's
 registers; M <= 16, or M >= 128 at the shapes its static check passes) into a workspace, which
-`_split_k_epilogue_kernel` finishes as for split-K tiles; and the large one the bf16 4-bit dX at
-M >= 128 as `qlora_wgmma.dx_linear` (its epilogue in the kernel; 16-bit adapters).
+`_split_k_epilogue_kernel` finishes as for split-K tiles; the large one also runs the bf16 4-bit dX
+at M >= 128, and both large kernels take the epilogue in (`qlora_wgmma.large_linear`,
+`dx_linear`: 16-bit adapters; no workspace).
 """
 from __future__ import annotations
 
@@ -353,7 +354,7 @@ def regime(M: int) -> str:
 # them 16x128x128 split-K 4 has the best bound (issue, MMA and shared-pipe time) in both passes
 # at 4096x4096 and 14336x4096; on sm_80 the large 4-bit tile with BLOCK_K = 128 spills. The GLUON
 # candidates (kernels/qlora_wgmma.py) have better bounds still (small M: memory-bound; large M:
-# forward 0.90x and dX 1.03x the dense tile's, against the Triton 4-bit tile's 2.24x), but no GPU has run them:
+# forward 0.75x and dX 1.03x the dense tile's, against the Triton 4-bit tile's 2.24x), but no GPU has run them:
 # they are tuned in only where a GPU measures them and their result agrees (bench/tune.py).
 RULE = {"small": {90: 4, 80: 5}, "large": {90: 0, 80: 2}}
 
@@ -442,13 +443,17 @@ def lora_matmul(inp, weight, wq: tuple, L, R2, scaling: float, mask=None, bias=N
     if INTERPRET:
         cfg.pop("num_warps", None), cfg.pop("num_stages", None)
     wgmma = cfg.pop("GLUON", False) and rows and _wgmma_applies(inp, weight, blocksize, forward, P)
-    if wgmma and not forward:  # the dX kernel, its epilogue included
-        if (qlora_wgmma.dx_lora_fits(L, R2, inp.dtype) and bias is None and scale is None
-                and not keep_z):
-            return qlora_wgmma.dx_linear(inp, weight, absmax, absmax2 if nested else None, code8,
-                                         offset, mma_pairs, blocksize, P, L, R2, scaling, mask,
-                                         out)
-        wgmma = False
+    # the large Gluon kernels with their own epilogue (16-bit LoRA factors; DoRA's scale and z
+    # take the forward's workspace path, the dX kernel has none)
+    fused = (wgmma and M > qlora_wgmma.MAX_M and qlora_wgmma.lora_fits(L, R2, inp.dtype)
+             and scale is None and not keep_z and (bias is None or forward)
+             and (mask is None or not forward))
+    if fused:
+        args = (inp, weight, absmax, absmax2 if nested else None, code8, offset, mma_pairs,
+                blocksize, P, L, R2, scaling)
+        return (qlora_wgmma.large_linear(*args, bias, out) if forward
+                else qlora_wgmma.dx_linear(*args, mask, out))
+    wgmma = wgmma and forward
     split = qlora_wgmma.splits(Q, M) if wgmma else cfg["SPLIT_K"]
     # rows: one lookup per byte (the swapped forward: codes in the activation dtype, scaled per
     # block after the MMA), else one per nibble

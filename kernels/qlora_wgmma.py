@@ -5,20 +5,22 @@ N = 16), one for large M (N = 128); dX: one kernel for large M.
 
 The forwards compute what `lora_linear._block_scaled_mma` does (the swapped forward: the codes'
 table values in the activation dtype times xᵀ, each quantization block's fp32 partial sum times
-its scale), for 16-bit x and blocks of 64..512 columns, into an fp32 workspace:
-- M <= 16 (`_qlora_wgmma_kernel`): split-K, `ws[split, m, n]`; x's K slice is staged once per
-  program, the scales per tile;
-- M >= 128 (`_qlora_wgmma_large_kernel`): [128 n x 128 m] tiles over all of K into `ws` stored
-  [N, M]; x streams through two shared buffers (each sub-step's x is loaded while the one before
-  multiplies), and each sub-step's block scales, decoded once per call by
+its scale), for 16-bit x:
+- M <= 16 (`_qlora_wgmma_kernel`, blocks of 64..512 columns): split-K into an fp32 workspace
+  `ws[split, m, n]` that `lora_linear._split_k_epilogue_kernel` adds up with the LoRA term, as
+  for every split-K tile config; x's K slice is staged once per program, the scales per tile;
+- M >= 128 (`_qlora_wgmma_large_kernel`, blocks of any multiple of 64): [128 n x 128 m] tiles
+  over all of K; x streams through two shared buffers (each sub-step's x is loaded while the
+  one before multiplies), and each sub-step's block scales, decoded once per call by
   `quant_4bit.block_scales_t` (bnb decodes nested absmax first too), are loaded with its bytes;
-  table indices as in dX (one PRMT per byte, the 64-word-stride table).
-`lora_linear._split_k_epilogue_kernel` adds the splits and the LoRA term, as for every split-K
-tile config.
+  table indices as in dX (one PRMT per byte, the 64-word-stride table). Its epilogue is in the
+  kernel (`large_linear`: + s·(xA)·Bᵀ + bias, one rounding, no workspace) except for DoRA's
+  output scale and pre-scale z, which take the workspace path (`forward_partials`).
 
 dX (`_qlora_wgmma_dx_kernel`, M >= 128, bf16 dY): dX = dY·W + s·(L·R2) [⊙ mask] with its own
-epilogue, no workspace. Tiles of 64 k (wgmma's M: the decoded Wᵀ from registers, swap AB) x 128
-m rows, persistent (two programs per SM), each summing all of N in sub-steps of 64 rows of W.
+epilogue (`_lora_epilogue`, shared with the large forward), no workspace. Tiles of 64 k (wgmma's
+M: the decoded Wᵀ from registers, swap AB) x 128 m rows, persistent (two programs per SM), each
+summing all of N in sub-steps of 64 rows of W.
 The reduction runs along W's rows, so a block's scale varies along it: the kernel multiplies dY's
 columns by the tile's block scales (a 64-k tile lies in one block; dY · scale in bf16, one
 HMUL2 per two values) and the codes' table values stay unscaled. The A fragment pairs two
@@ -26,10 +28,10 @@ reduction values (rows n, n + 1 of W) in a register while a packed byte pairs tw
 sub-step's bytes are transposed through a small swizzled shared buffer (a 4x4 byte transpose in
 8 PRMT, conflict-free both ways), one PRMT per byte makes its table address (the 64-word-stride
 copy), and a k pair's two nibbles land in accumulator rows g and g + 8 (row r = 16 w + 8 h + g
-is k = 16 w + 2 g + h), adjacent again in the output store. Rounding: each weight value is its
-code rounded to bf16, each dY value times its block scale (rounded to bf16) rounded once: as
-exact as dequantize-then-matmul, not bit-identical (tests/test_qlora_wgmma.py checks the error
-rule). fp16 dY is refused (a scaled fp16 gradient would lose small values to subnormals).
+is k = 16 w + 2 g + h: `_paired`; the large forward orders its weight rows the same way), adjacent
+again in the output store. Rounding: each weight value is its code rounded to bf16, each dY
+value times its block scale (rounded to bf16) rounded once: as exact as dequantize-then-matmul,
+not bit-identical (tests/test_qlora_wgmma.py checks the error rule). fp16 dY is refused (a scaled fp16 gradient would lose small values to subnormals).
 
 Gluon kernels do not run under TRITON_INTERPRET: the interpreter runs the Triton kernel with the
 same math instead (`lora_linear.lora_matmul`), these are checked by the static report (`python
@@ -216,10 +218,14 @@ if AVAILABLE:
         return ((lc[None, :] >> 1) & 3) | ((lr[:, None] & 7) << 2)
 
     @gluon.jit
-    def _rows(w_ptr, tile, N, K, k_lo, WL: gl.constexpr):
-        """Row pointers of n-tile `tile` (rows past N: row N - 1, never stored)."""
+    def _rows(w_ptr, tile, N, K, k_lo, WL: gl.constexpr, PAIRED: gl.constexpr = False):
+        """Row pointers of n-tile `tile` (rows past N: row N - 1, never stored); PAIRED: tensor
+        row r holds weight row `_paired(r)` (the large kernel: adjacent rows in a thread)."""
         n0 = tile * ROWS
-        r = gl.minimum(gl.arange(0, ROWS, layout=gl.SliceLayout(1, WL)), N - 1 - n0)
+        r = gl.arange(0, ROWS, layout=gl.SliceLayout(1, WL))
+        if PAIRED:
+            r = _paired(r)
+        r = gl.minimum(r, N - 1 - n0)
         return w_ptr + n0.to(gl.int64) * (K // 8) + (r * (K // 8) + k_lo // 8)[:, None]
 
     @gluon.jit
@@ -279,18 +285,23 @@ if AVAILABLE:
         """Sub-step j's block scale of each of the tile's rows, in the accumulator's rows, from
         the transposed fp32 scales st[NB, N] (`quant_4bit.block_scales_t`; L2-resident); rows
         past N and sub-steps past the end read the last ones (never stored or used)."""
-        r = gl.minimum(gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)), N - 1 - n0)
+        r = gl.minimum(_paired(gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))), N - 1 - n0)
         kb = (gl.minimum(j, n_steps - 1) * SUB) // BS
         return gl.load(st_ptr + kb * N + n0 + r)
 
     @gluon.jit
     def _qlora_wgmma_large_kernel(x_ptr, M, K, stride_xm, w_ptr, st_ptr, pairs_ptr, N, ws_ptr,
-                                  BS: gl.constexpr, BMX: gl.constexpr):
+                                  l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr, stride_rp, R,
+                                  scaling, bias_ptr, BS: gl.constexpr, BMX: gl.constexpr,
+                                  FUSED: gl.constexpr, BLOCK_R: gl.constexpr,
+                                  HAS_BIAS: gl.constexpr):
         """M >= LARGE_M: persistent over [ROWS x BMX] output tiles (n fastest: the programs at
         work share x's m-tile and all of W in L2), each summing all of K; x streams through two
         shared [BMX, SUB] buffers (the next sub-step's x is loaded while this one multiplies);
         each sub-step's block scales (fp32, decoded before the launch) are loaded with its
-        words, two sub-steps ahead."""
+        words, two sub-steps ahead. Accumulator row r is weight row n0 + `_paired(r)`. FUSED:
+        the epilogue too, out = `ws_ptr` [M, N] (`_lora_epilogue`); else the fp32 sums into
+        the workspace `ws_ptr` [N, M] for `lora_linear._split_k_epilogue_kernel`."""
         DT: gl.constexpr = x_ptr.dtype.element_ty
         WL: gl.constexpr = _word_layout(8)  # two warpgroups: a third warp bit down the rows
         MMA: gl.constexpr = _mma_layout(8, BMX)
@@ -314,7 +325,7 @@ if AVAILABLE:
             first = (tile // n_tiles) * BMX
             m0 = gl.minimum(first, M - BMX)
             x_rows = x_ptr + m0.to(gl.int64) * stride_xm + xr * stride_xm
-            w_rows = _rows(w_ptr, tile_n, N, K, 0, WL)
+            w_rows = _rows(w_ptr, tile_n, N, K, 0, WL, True)
             w0 = _words(w_rows, 0, n_steps, WL, False)
             w1 = _words(w_rows, 1, n_steps, WL, False)
             s0 = _row_scales(st_ptr, n0, N, 0, n_steps, BS, MMA)
@@ -339,10 +350,16 @@ if AVAILABLE:
                 xs.index(0).store(nxt)
                 fence_async_shared()
                 gl.barrier()
-            # the workspace is [N, M] (M contiguous: a thread's accumulator pairs are adjacent)
-            on = (n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA)))[:, None]
-            at = ws_ptr + m0 + on.to(gl.int64) * M + om[None, :]
-            gl.store(at, acc, mask=(om[None, :] >= first - m0) & (on < N))
+            if FUSED:  # L's rows go to x's buffer 1, free after the K loop
+                ls = xs.index(1).reinterpret(
+                    DT, [BMX, BLOCK_R], gl.NVMMASharedLayout.get_default_for([BMX, BLOCK_R], DT))
+                _lora_epilogue(acc, n0, N, m0, first, ls, l_ptr, stride_lm, stride_lr, r2_ptr,
+                               stride_rr, stride_rp, R, scaling, ws_ptr, bias_ptr, ws_ptr, BMX,
+                               BLOCK_R, False, HAS_BIAS, MMA, A_L)
+            else:  # the workspace is [N, M] (M contiguous: a thread's accumulator pairs are adjacent)
+                on = (n0 + _paired(gl.arange(0, ROWS, layout=gl.SliceLayout(1, MMA))))[:, None]
+                at = ws_ptr + m0 + on.to(gl.int64) * M + om[None, :]
+                gl.store(at, acc, mask=(om[None, :] >= first - m0) & (on < N))
 
 
 
@@ -489,9 +506,9 @@ if AVAILABLE:
             acc = _dx_steps(acc, wb0, wb1, ys, lane4, table, woff, offs, st_ptr, w_ptr, dy_t,
                             k0 // BS, (n_steps - 1) * DXS, w_ptr + (nk0 - k0) // 8,
                             dy_ptr + nm0.to(gl.int64) * N, nk0 // BS, 0, N, K, DL, A_L, YL)
-            _dx_epilogue(acc, k0, m0, first, ls, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
-                         stride_rp, R, scaling, mask_ptr, out_ptr, K,
-                         BMX, BLOCK_R, HAS_MASK, MMA, A_L)
+            _lora_epilogue(acc, k0, K, m0, first, ls, l_ptr, stride_lm, stride_lr, r2_ptr,
+                           stride_rr, stride_rp, R, scaling, mask_ptr, out_ptr, out_ptr, BMX,
+                           BLOCK_R, HAS_MASK, False, MMA, A_L)
             gl.barrier()  # every warp's epilogue is done with buffer 1
 
     @gluon.jit
@@ -529,24 +546,27 @@ if AVAILABLE:
         return (tile % k_tiles) * DXR, first, gl.minimum(first, M - BMX)
 
     @gluon.jit
-    def _dx_k(k0, L: gl.constexpr):
-        """The k of each accumulator row r = 16 w + 8 h + g: k0 + 16 w + 2 g + h."""
-        r = gl.arange(0, DXR, layout=L)
-        return k0 + (r & ~15) + 2 * (r & 7) + ((r >> 3) & 1)
+    def _paired(r):
+        """The output row (dX: k, large forward: n) of accumulator row r = 16 w + 8 h + g:
+        16 w + 2 g + h, so that a thread's rows g and g + 8 are adjacent outputs."""
+        return (r & ~15) + 2 * (r & 7) + ((r >> 3) & 1)
 
     @gluon.jit
-    def _dx_epilogue(acc, k0, m0, first, ls, l_ptr, stride_lm, stride_lr, r2_ptr, stride_rr,
-                     stride_rp, R, scaling, mask_ptr, out_ptr, K: gl.constexpr,
-                     BMX: gl.constexpr, BLOCK_R: gl.constexpr, HAS_MASK: gl.constexpr,
-                     MMA: gl.constexpr, A_L: gl.constexpr):
-        """out[m, k] = acc + s·(L·R2) [⊙ mask], as `lora_linear._epilogue` (one rounding); rows
-        m of the tile before (the shifted last m-tile) are not stored again. The LoRA term is one
-        more wgmma into a second accumulator (the K loop's registers are free here): R2ᵀ's tile
-        from registers, L's rows staged in `ls` (dY's buffer 1, free after the K loop)."""
-        ka = _dx_k(k0, gl.SliceLayout(1, A_L))[:, None]
+    def _lora_epilogue(acc, c0, P, m0, first, ls, l_ptr, stride_lm, stride_lr, r2_ptr,
+                       stride_rr, stride_rp, R, scaling, mask_ptr, bias_ptr, out_ptr,
+                       BMX: gl.constexpr, BLOCK_R: gl.constexpr, HAS_MASK: gl.constexpr,
+                       HAS_BIAS: gl.constexpr, MMA: gl.constexpr, A_L: gl.constexpr):
+        """out[m, c] = acc + s·(L·R2) [⊙ mask] [+ bias] for accumulator rows r of output columns
+        c = c0 + `_paired(r)` < P (dX: k, the large forward: n) and the tile's BMX rows m (out
+        and mask contiguous [M, P]), as `lora_linear._epilogue` (one rounding); rows m of the tile
+        before (the shifted last m-tile) are not stored again. The LoRA term is one more wgmma
+        into a second accumulator (the K loop's registers are free here): R2ᵀ's tile from
+        registers, L's rows staged in `ls` (an x / dY buffer, free after the K loop)."""
+        ROWS_: gl.constexpr = acc.shape[0]
+        ca = c0 + _paired(gl.arange(0, ROWS_, layout=gl.SliceLayout(1, A_L)))[:, None]
         rr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, A_L))[None, :]
-        r2 = gl.load(r2_ptr + rr * stride_rr + ka * stride_rp, mask=rr < R, other=0.0)
-        LL: gl.constexpr = _blocked(8, 4)
+        r2 = gl.load(r2_ptr + rr * stride_rr + ca * stride_rp, mask=(rr < R) & (ca < P), other=0.0)
+        LL: gl.constexpr = _blocked(8, acc.type.layout.warps_per_cta[0])
         lm = gl.arange(0, BMX, layout=gl.SliceLayout(1, LL))[:, None]
         lr = gl.arange(0, BLOCK_R, layout=gl.SliceLayout(0, LL))[None, :]
         ls.store(gl.load(l_ptr + (m0 + lm).to(gl.int64) * stride_lm + lr * stride_lr,
@@ -555,35 +575,42 @@ if AVAILABLE:
         gl.barrier()
         lora = warpgroup_mma(r2, ls.permute((1, 0)), gl.zeros(acc.shape, gl.float32, MMA),
                              use_acc=False) * scaling
-        # in k pairs: the pair (2 g, 2 g + 1) of a thread's rows g and g + 8 is adjacent in out
-        # (and in the mask): one 2-element access
-        PL: gl.constexpr = _pair_layout(BMX)
+        # in column pairs: the pair (2 g, 2 g + 1) of a thread's rows g and g + 8 is adjacent in
+        # out (and in the mask): one 2-element access
+        PL: gl.constexpr = _pair_layout(BMX, acc.type.layout.warps_per_cta[0])
         acc = gl.convert_layout(_k_pairs(acc), PL, assert_trivial=True)
         lora = gl.convert_layout(_k_pairs(lora), PL, assert_trivial=True)
-        p = gl.arange(0, DXR // 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, PL)))[:, None, None]
+        p = gl.arange(0, ROWS_ // 2, layout=gl.SliceLayout(1, gl.SliceLayout(2, PL)))[:, None, None]
         m = gl.arange(0, BMX, layout=gl.SliceLayout(0, gl.SliceLayout(2, PL)))[None, :, None]
         h = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, PL)))[None, None, :]
-        keep = (m >= first - m0) & (h < 2)
+        c = 2 * p + h  # from c0
+        keep = (m >= first - m0) & (c < P - c0)
+        at = (m0.to(gl.int64) * P + c0) + (m * P + c)  # out's and the mask's offsets
         if HAS_MASK:
-            at = mask_ptr + (m0.to(gl.int64) * K + k0) + (m * K + 2 * p + h)  # contiguous, as out
-            lora *= gl.load(at, mask=keep, other=0.0).to(gl.float32)
-        out = (acc + lora).to(out_ptr.dtype.element_ty)
-        gl.store(out_ptr + (m0.to(gl.int64) * K + k0) + (m * K + 2 * p + h), out, mask=keep)
+            lora *= gl.load(mask_ptr + at, mask=keep, other=0.0).to(gl.float32)
+        out = acc + lora
+        if HAS_BIAS:
+            out += gl.load(bias_ptr + c0 + c, mask=c < P - c0, other=0.0).to(gl.float32)
+        gl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=keep)
 
     @gluon.constexpr_function
-    def _pair_layout(n):
-        """The accumulator's [DX_ROWS / 2 k pairs, n, 2] with the pair's two values in adjacent
-        registers (the MMA layout holds them apart: its first register bit is the column's)."""
+    def _pair_layout(n, warps):
+        """The accumulator (16 rows per warp, n columns) as [output pairs, n, 2] with a pair's
+        two values in adjacent registers (the MMA layout holds them apart: its first register
+        bit is the column's)."""
         return gl.DistributedLinearLayout(
             reg_bases=[[0, 0, 1], [0, 1, 0]] + [[0, 8 << i, 0] for i in range(n.bit_length() - 4)],
             lane_bases=[[0, 2, 0], [0, 4, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
-            warp_bases=[[8, 0, 0], [16, 0, 0]], block_bases=[], shape=[DX_ROWS // 2, n, 2])
+            warp_bases=[[8 << i, 0, 0] for i in range(warps.bit_length() - 1)], block_bases=[],
+            shape=[8 * warps, n, 2])
 
     @gluon.jit
     def _k_pairs(t):
-        """[DX_ROWS, BMX] in accumulator rows -> [DX_ROWS / 2, BMX, 2]: k pairs last."""
+        """[rows, BMX] in accumulator rows -> [rows / 2, BMX, 2]: output pairs last."""
+        R_: gl.constexpr = t.shape[0]
         BMX: gl.constexpr = t.shape[1]
-        return gl.reshape(gl.permute(gl.reshape(t, [4, 2, 8, BMX]), [0, 2, 3, 1]), [DXR // 2, BMX, 2])
+        return gl.reshape(gl.permute(gl.reshape(t, [R_ // 16, 2, 8, BMX]), [0, 2, 3, 1]),
+                          [R_ // 2, BMX, 2])
 
 
 def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, offset,
@@ -604,12 +631,34 @@ def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, cod
             BS=blocksize, NESTED=nested, KSPAN=KSPAN, num_warps=4, enable_fp_fusion=False)
     else:  # one plane, stored [N, M]: returned as its [1, M, N] view
         ws = torch.empty((1, N, M), dtype=torch.float32, device=x.device).transpose(1, 2)
-        st = block_scales_t(absmax, absmax2, code8, offset, N, K // blocksize)
-        _qlora_wgmma_large_kernel[(large_programs(M, N, _sms(x.device)),)](
-            x, M, K, x.stride(0), _words_view(packed), st, pairs, N, ws, BS=blocksize,
-            BMX=LARGE_M, num_warps=LARGE_WARPS,
-            enable_fp_fusion=False)
+        _large(x, packed, absmax, absmax2, code8, offset, pairs, blocksize, N, ws)
     return ws
+
+
+def large_linear(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, offset,
+                 pairs: torch.Tensor, blocksize: int, N: int, L: torch.Tensor, R2: torch.Tensor,
+                 scaling: float, bias, out: torch.Tensor) -> torch.Tensor:
+    """out[m, n] = Σ_k x[m, k] · W[n, k] + scaling · (L · R2)[m, n] [+ bias[n]] (M >= LARGE_M,
+    `lora_linear.lora_matmul`'s forward with its epilogue) as `_qlora_wgmma_large_kernel`
+    computes it, no workspace; `out` contiguous [M, N]. Call only where `supported(...)`,
+    `aligned(packed)` and `lora_fits(L, R2, x.dtype)` hold, on sm_90+."""
+    _large(x.contiguous() if x.stride(1) != 1 else x, packed, absmax, absmax2, code8, offset,
+           pairs, blocksize, N, out, (L, R2, scaling, bias))
+    return out
+
+
+def _large(x, packed, absmax, absmax2, code8, offset, pairs, blocksize, N, dst, lora=None):
+    """Launch the large forward into `dst`: the fp32 workspace, or with `lora` = (L, R2,
+    scaling, bias) the output itself (FUSED)."""
+    M, K = x.shape
+    st = block_scales_t(absmax, absmax2, code8, offset, N, K // blocksize)
+    L, R2, scaling, bias = lora or (x, x, 0.0, None)
+    _qlora_wgmma_large_kernel[(large_programs(M, N, _sms(x.device)),)](
+        x, M, K, x.stride(0), _words_view(packed), st, pairs, N, dst, L, L.stride(0), L.stride(1),
+        R2, R2.stride(0), R2.stride(1), L.shape[1], float(scaling),
+        bias if bias is not None else dst, BS=blocksize, BMX=LARGE_M, FUSED=lora is not None,
+        BLOCK_R=_block_r(L.shape[1]) if lora else 16, HAS_BIAS=bias is not None,
+        num_warps=LARGE_WARPS, enable_fp_fusion=False)
 
 
 def dx_linear(dy: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, offset,
@@ -618,7 +667,7 @@ def dx_linear(dy: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, of
     """out[m, k] = Σ_n dY[m, n] · W[n, k] + scaling · (L · R2)[m, k] [⊙ mask] for bf16 dY [M, N]
     and the 4-bit W [N, K] (`lora_linear.lora_matmul`'s dX with its epilogue), as
     `_qlora_wgmma_dx_kernel` computes it; `out` contiguous [M, K]. Call only where
-    `dx_supported(...)`, `aligned(packed)` and `dx_lora_fits(L, R2)` hold, on sm_90+."""
+    `dx_supported(...)`, `aligned(packed)` and `lora_fits(L, R2, dy.dtype)` hold, on sm_90+."""
     M, N = dy.shape
     dy = dy.contiguous()  # the kernel's row stride is N
     st = block_scales_t(absmax, absmax2, code8, offset, N, K // blocksize).to(dy.dtype)
@@ -635,10 +684,10 @@ def _block_r(R: int) -> int:
     return max(16, 1 << (R - 1).bit_length())
 
 
-def dx_lora_fits(L: torch.Tensor, R2: torch.Tensor, dtype: torch.dtype) -> bool:
-    """The dX kernel's own epilogue takes the LoRA factors in dY's dtype (fp32 adapters: the
-    Triton kernel's exact-fp32 epilogue) and ranks up to DX_SUB (L's rows staged in one dY
-    buffer)."""
+def lora_fits(L: torch.Tensor, R2: torch.Tensor, dtype: torch.dtype) -> bool:
+    """The large kernels' own epilogue (`_lora_epilogue`) takes the LoRA factors in the
+    activations' dtype (fp32 adapters: the Triton kernel's exact-fp32 epilogue) and ranks up to
+    DX_SUB (L's rows staged in one x / dY buffer)."""
     return L.dtype == R2.dtype == dtype and _block_r(L.shape[1]) <= DX_SUB
 
 

@@ -127,8 +127,9 @@ def test_gluon_forward_follows_error_rule(M, N, K, blocksize, qt, dq, bias, r, l
     from peftkern.kernels import lora_linear as L
     from peftkern.kernels import qlora_wgmma
     calls = []
-    real = qlora_wgmma.forward_partials
-    monkeypatch.setattr(qlora_wgmma, "forward_partials", lambda *a: calls.append(1) or real(*a))
+    for name in ("forward_partials", "large_linear"):  # small M; large M with its epilogue
+        real = getattr(qlora_wgmma, name)
+        monkeypatch.setattr(qlora_wgmma, name, lambda *a, real=real: calls.append(1) or real(*a))
     q, Wd = _quantized(N, K, qt, blocksize, dq, gen)
     x = torch.randn(M, K, generator=gen) if layout == "2d" else torch.randn(K, M, generator=gen).t()
     x = x.to(dtype)
@@ -146,6 +147,40 @@ def test_gluon_forward_follows_error_rule(M, N, K, blocksize, qt, dq, bias, r, l
                          B.double(), 0.5)
     base = R.lora_linear(cuda[0], Wd.to(dtype).cuda(), *cuda[1:], 0.5)  # torch in dtype, on GPU
     assert_error_rule("y", y.cpu(), want, base.cpu())
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90+ GPU and Triton with Gluon")
+@pytest.mark.parametrize("M, N, K", [(1024, 4096, 4096), (333, 333, 1280)])
+def test_gluon_large_forward_workspace_path(M, N, K, gen, monkeypatch):
+    """The large forward's workspace path (DoRA's output scale and its pre-scale z, which the
+    kernel's own epilogue does not take): `forward_partials` + the split-K epilogue kernel."""
+    from peftkern.kernels import lora_linear as L
+    from peftkern.kernels import qlora_wgmma
+    from peftkern.ops.backends import triton as tb
+    calls = []
+    real = qlora_wgmma.forward_partials
+    monkeypatch.setattr(qlora_wgmma, "forward_partials", lambda *a: calls.append(1) or real(*a))
+    q, Wd = _quantized(N, K, "nf4", 64, True, gen)
+    dt = torch.bfloat16
+    x = torch.randn(M, K, generator=gen).to(dt)
+    A = (torch.randn(16, K, generator=gen) / K ** 0.5).to(dt)
+    B = (torch.randn(N, 16, generator=gen) / 4).to(dt)
+    bias = torch.randn(N, generator=gen).to(dt)
+    scale = torch.rand(N, generator=gen) + 0.5
+    qc = q.to("cuda")
+    wq = tb._qstate(qc.absmax, qc.absmax2, qc.code8, qc.offset, "nf4", 64, torch.device("cuda"), dt)
+    xa = x.cuda() @ A.cuda().t()
+    cfg = next(c for c in L.CANDIDATES["large"] if c.get("GLUON"))
+    out, z = L.lora_matmul(x.cuda(), qc.data.reshape(-1), wq, xa, B.cuda().t(), 0.5, None,
+                           bias.cuda(), stride_wq=1, stride_wp=K, P=N, config=cfg,
+                           scale=scale.cuda(), keep_z=True)
+    assert calls == [1], "the Gluon kernel did not run"
+    zd = x.double() @ Wd.double().t() + 0.5 * xa.double().cpu() @ B.double().t()
+    zb = x.cuda() @ Wd.to(dt).cuda().t() + (xa @ B.cuda().t()) * 0.5
+    assert_error_rule("z", z.float().cpu(), zd, zb.float().cpu())
+    want = zd * scale.double() + bias.double()
+    assert_error_rule("out", out.float().cpu(), want,
+                      (zb.float() * scale.cuda() + bias.cuda().float()).to(dt).float().cpu())
+
+
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90+ GPU and Triton with Gluon")
 @pytest.mark.parametrize("M, N, K, blocksize, qt, dq, r, dropout, out_dtype", [
     (1024, 4096, 4096, 64, "nf4", True, 16, False, torch.bfloat16),

@@ -97,36 +97,53 @@ def _mirror(x, q, dtype, gen) -> torch.Tensor:
     return out
 
 
-def _mirror_large(x, q, dtype, gen, keep_from=lambda first, m0: first - m0,
-                  block_of=lambda g, bs: g * G.SUB_K // bs) -> torch.Tensor:
+def _paired(r):
+    """`_paired`: accumulator row r = 16 w + 8 h + g holds output 16 w + 2 g + h."""
+    return (r & ~15) + 2 * (r & 7) + ((r >> 3) & 1)
+
+
+def _mirror_large(x, q, dtype, gen, lora=None, keep_from=lambda first, m0: first - m0,
+                  block_of=lambda g, bs: g * G.SUB_K // bs, paired=None) -> torch.Tensor:
     """out[M, N] as _qlora_wgmma_large_kernel computes it (M >= 128): its tile schedule (n fastest;
-    the last m-tile shifted to end at row M, rows of the tile before not stored again), the
-    clamped weight rows, each sub-step's block scales from `block_scales_t` (rows past N: the
-    last row's, never stored), the slot-order sub-steps with PRMT table indices; returns the
-    [N, M] workspace seen as [M, N]."""
+    the last m-tile shifted to end at row M, rows of the tile before not stored again), tensor
+    row r holding weight row n0 + `_paired(r)` (clamped), each sub-step's block scales from
+    `block_scales_t`, the slot-order sub-steps with PRMT table indices. Without `lora`: the
+    [N, M] fp32 workspace seen as [M, N]; with `lora` = (L, R2, scaling, bias): the FUSED
+    output in x's dtype (`_lora_epilogue`). Unwritten outputs stay NaN."""
     N, K = q.shape
     M, R, BMX = x.shape[0], G.ROWS_PER_CTA, G.LARGE_M
     nb = K // q.blocksize
+    paired = paired or _paired
     words = q.data.reshape(-1).view(torch.int32).reshape(N, K // 8)
     table64 = codes.byte_pair_table(q.quant_type, dtype)[:, None].expand(256, 64).reshape(-1)
     st = (formulas.dequantize_absmax(q.absmax, q.absmax2, q.code8, q.offset)
           if q.absmax2 is not None else q.absmax.float()).reshape(N, nb).t()  # block_scales_t
-    ws = torch.full((N, M), float("nan"))
+    out = torch.full((M, N), float("nan"), dtype=torch.float64 if lora is None else dtype)
     n_tiles = -(-N // R)
     for tile in range(n_tiles * -(-M // BMX)):
         n0 = tile % n_tiles * R
         first = tile // n_tiles * BMX
         m0 = min(first, M - BMX)
-        w_rows = torch.clamp(torch.arange(n0, n0 + R), max=N - 1)
+        n = n0 + _paired(torch.arange(R))  # where the epilogue stores row r
+        w_rows = torch.clamp(n0 + paired(torch.arange(R)), max=N - 1)  # which row it loaded
         xt = x[m0:m0 + BMX]
         acc = torch.zeros(R, BMX)
         for g in range(K // G.SUB_K):
             a = _codes(words[w_rows, 8 * g:8 * g + 8], table64, dtype, gen, wide=True)
             part = a.float() @ _x_slot(xt, g * G.SUB_K).float().t()
             acc = acc + part * st[block_of(g, q.blocksize), w_rows][:, None]
-        keep = slice(keep_from(first, m0), BMX)
-        ws[n0:n0 + R, m0:m0 + BMX][:, keep] = acc[:min(R, N - n0), keep]
-    return ws.t().double()
+        live, keep = n < N, slice(keep_from(first, m0), BMX)
+        if lora is None:
+            out[m0:m0 + BMX][keep][:, n[live]] = acc[live].t()[keep].double()
+            continue
+        L, R2, scaling, bias = lora
+        nc = torch.clamp(n, max=N - 1)  # the epilogue's columns (masked past N)
+        o = acc + (R2[:, nc].t().float() @ L[m0:m0 + BMX].t().float()) * scaling
+        if bias is not None:
+            o = o + bias[nc].float()[:, None]
+        rows = out[m0:m0 + BMX]
+        rows[keep.start:, n[live]] = o[live].t()[keep].to(dtype)
+    return out
 
 
 def _prmt(a, b, sel: int) -> torch.Tensor:
@@ -301,16 +318,37 @@ def test_mirror_fails_on_a_wrong_permutation(gen):
     assert err > 0.1 * (x.double() @ Wd.double().t()).abs().max().item()
 
 
+@pytest.mark.parametrize("M, N, K, R, blocksize, kind, dt, bias", [
+    (128, 128, 512, 16, 64, "nf4-dq", torch.bfloat16, True),   # one tile
+    (200, 150, 640, 8, 64, "nf4", torch.float16, False),       # shifted m-tile, partial n-tile
+    (300, 260, 1280, 64, 128, "fp4-dq", torch.bfloat16, True)])
+def test_large_fused_mirror_follows_the_error_rule(M, N, K, R, blocksize, kind, dt, bias, gen):
+    """The large forward with its own epilogue (FUSED): x·Wᵀ + s·(xA)·Bᵀ + bias, one rounding."""
+    q, Wd = _quantized(gen, N, K, kind.split("-")[0], blocksize, kind.endswith("dq"))
+    x = torch.randn(M, K, generator=gen).to(dt)
+    L = torch.randn(M, R, generator=gen).to(dt)
+    R2 = (torch.randn(N, R, generator=gen) / R ** 0.5).to(dt).t()
+    b = torch.randn(N, generator=gen).to(dt) if bias else None
+    got = _mirror_large(x, q, dt, gen, lora=(L, R2, 0.5, b))
+    oracle = x.double() @ Wd.double().t() + 0.5 * L.double() @ R2.double() + (
+        0 if b is None else b.double())
+    baseline = x @ Wd.to(dt).t() + (L @ R2) * 0.5 + (0 if b is None else b)
+    assert_error_rule(f"fused mirror M={M} {kind}", got, oracle, baseline)
+
+
 @pytest.mark.parametrize("mutation", ["a row of the shifted tile not stored",
-                                      "a sub-step's own scale, not its block's"])
+                                      "a sub-step's own scale, not its block's",
+                                      "rows in natural order"])
 def test_large_mirror_fails_on_a_wrong_schedule_or_scale(mutation, gen):
-    """The check above can fail: the shifted last tile leaving a row unwritten (NaN), or blocks of
-    two sub-steps scaled per sub-step."""
+    """The check above can fail: the shifted last tile leaving a row unwritten (NaN), blocks of
+    two sub-steps scaled per sub-step, or weight rows loaded in natural order while the
+    epilogue stores in paired order."""
     N, K, M = 64, 512, 200
     q, Wd = _quantized(gen, N, K, "nf4", 128, False)
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
-    wrong = ({"keep_from": lambda first, m0: first - m0 + 1}
-             if mutation.startswith("a row") else {"block_of": lambda g, bs: min(g, K // bs - 1)})
+    wrong = {"a row of the shifted tile not stored": {"keep_from": lambda first, m0: first - m0 + 1},
+             "a sub-step's own scale, not its block's": {"block_of": lambda g, bs: min(g, K // bs - 1)},
+             "rows in natural order": {"paired": lambda r: r}}[mutation]
     got = _mirror_large(x, q, torch.bfloat16, gen, **wrong)
     with pytest.raises(AssertionError):
         assert_error_rule("mutated", got, x.double() @ Wd.double().t(), x @ Wd.bfloat16().t())
@@ -357,11 +395,11 @@ def test_where_the_dx_kernel_applies(M, N, K, blocksize, dt, ok):
     assert G.dx_supported(M, N, K, blocksize, dt) == (ok and G.AVAILABLE)
 
 
-def test_dx_lora_fits_in_its_epilogue():
+def test_lora_fits_in_the_large_kernels_epilogue():
     b16, f32 = torch.bfloat16, torch.float32
-    assert G.dx_lora_fits(torch.empty(4, 64, dtype=b16), torch.empty(64, 8, dtype=b16), b16)
-    assert not G.dx_lora_fits(torch.empty(4, 65, dtype=b16), torch.empty(65, 8, dtype=b16), b16)
-    assert not G.dx_lora_fits(torch.empty(4, 16, dtype=f32), torch.empty(16, 8, dtype=f32), b16)
+    assert G.lora_fits(torch.empty(4, 64, dtype=b16), torch.empty(64, 8, dtype=b16), b16)
+    assert not G.lora_fits(torch.empty(4, 65, dtype=b16), torch.empty(65, 8, dtype=b16), b16)
+    assert not G.lora_fits(torch.empty(4, 16, dtype=f32), torch.empty(16, 8, dtype=f32), b16)
 
 
 def test_dx_schedule_covers_every_tile_once():
@@ -402,7 +440,8 @@ def test_large_schedule_covers_every_tile_once():
 def test_interpreter_runs_the_triton_kernel_for_the_gluon_config(M, cfg, gen, monkeypatch):
     """Under TRITON_INTERPRET the GLUON config never reaches Gluon: the Triton kernel with its
     tiles computes the same math (and follows the error rule)."""
-    monkeypatch.setattr(G, "forward_partials", lambda *a, **k: pytest.fail("Gluon launched"))
+    for name in ("forward_partials", "large_linear", "dx_linear"):
+        monkeypatch.setattr(G, name, lambda *a, **k: pytest.fail("Gluon launched"))
     N, K = 100, 512
     q, Wd = _quantized(gen, N, K, "nf4", 64, True)
     x = torch.randn(M, K, generator=gen).to(torch.float16)
@@ -415,25 +454,34 @@ def test_interpreter_runs_the_triton_kernel_for_the_gluon_config(M, cfg, gen, mo
     assert not L._wgmma_applies(x, q.data, 64)
 
 
+class _Launches:
+    """Stands in for a Triton kernel: `kernel[grid](...)` records the launch's kwargs."""
+    def __init__(self, seen):
+        self.seen = seen
+
+    def __getitem__(self, grid):
+        return lambda *a, **k: self.seen.append(k)
+
+
+def _routing_weight(gen, N, K):
+    """A 4-bit weight and lora_matmul's `wq` state for it (bf16 compute, CPU)."""
+    from peftkern.ops.backends import triton as tb
+    q, _ = _quantized(gen, N, K, "nf4", 64, True)
+    return q, tb._qstate(q.absmax, q.absmax2, q.code8, q.offset, "nf4", 64, torch.device("cpu"),
+                         torch.bfloat16)
+
+
 @pytest.mark.parametrize("adapters", [torch.bfloat16, torch.float32])
 def test_gluon_dx_config_routes_to_the_dx_kernel(adapters, gen, monkeypatch):
     """With a GLUON config where the dX kernel applies (forced here: it needs an sm_90 GPU),
     lora_matmul's dX is one `dx_linear` call, epilogue included, with its own arguments; fp32
     adapters (the exact-fp32 epilogue) go to the Triton kernel instead."""
-    from peftkern.ops.backends import triton as tb
     dx_calls, triton_calls = [], []
     monkeypatch.setattr(L, "_wgmma_applies", lambda inp, w, bs, forward=True, P=0: not forward)
     monkeypatch.setattr(G, "dx_linear", lambda *a: dx_calls.append(a) or a[-1])
-
-    class Launcher:  # stands in for the Triton kernel: `kernel[grid](...)` records the launch
-        def __getitem__(self, grid):
-            return lambda *a, **k: triton_calls.append(grid)
-
-    monkeypatch.setattr(L, "_lora_matmul_kernel", Launcher())
+    monkeypatch.setattr(L, "_lora_matmul_kernel", _Launches(triton_calls))
     N, K, M, R = 256, 512, 130, 16
-    q, _ = _quantized(gen, N, K, "nf4", 64, True)
-    wq = tb._qstate(q.absmax, q.absmax2, q.code8, q.offset, "nf4", 64, torch.device("cpu"),
-                    torch.bfloat16)
+    q, wq = _routing_weight(gen, N, K)
     dy = torch.randn(M, N, generator=gen).to(torch.bfloat16)
     Lt, R2 = torch.randn(M, R).to(adapters), torch.randn(R, K).to(adapters)
     mask = torch.ones(M, K, dtype=torch.bfloat16)
@@ -446,6 +494,33 @@ def test_gluon_dx_config_routes_to_the_dx_kernel(adapters, gen, monkeypatch):
     a = dx_calls[0]
     assert a[0] is dy and a[7] == 64 and a[8] == K and a[9] is Lt and a[10] is R2
     assert a[11] == 0.5 and a[12] is mask and a[13] is out and out.shape == (M, K)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_gluon_large_forward_routes_to_its_fused_epilogue(dora, gen, monkeypatch):
+    """With the GLUON large config where the large forward applies (forced here), lora_matmul's
+    forward is one `large_linear` call, epilogue and bias included; DoRA's scale and z take
+    the workspace path (`forward_partials` + the split-K epilogue kernel)."""
+    fused, partials, launches = [], [], []
+    monkeypatch.setattr(L, "_wgmma_applies", lambda inp, w, bs, forward=True, P=0: forward)
+    monkeypatch.setattr(G, "large_linear", lambda *a: fused.append(a) or a[-1])
+    monkeypatch.setattr(G, "forward_partials", lambda *a: partials.append(a) or torch.zeros(1, 1, 1))
+    monkeypatch.setattr(L, "_split_k_epilogue_kernel", _Launches(launches))
+    N, K, M, R = 256, 512, 130, 16
+    q, wq = _routing_weight(gen, N, K)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+    Lt, R2 = torch.randn(M, R).to(torch.bfloat16), torch.randn(N, R).to(torch.bfloat16).t()
+    bias = torch.randn(N).to(torch.bfloat16)
+    scale = torch.ones(N) if dora else None
+    got = L.lora_matmul(x, q.data.reshape(-1), wq, Lt, R2, 0.5, None, bias, stride_wq=1,
+                        stride_wp=K, P=N, config=GLUON_LARGE_CFG, scale=scale, keep_z=dora)
+    if dora:
+        assert not fused and len(partials) == 1 and launches and launches[0]["HAS_SCALE"]
+        return
+    assert not partials and not launches and len(fused) == 1
+    a = fused[0]
+    assert a[0] is x and a[7] == 64 and a[8] == N and a[9] is Lt and a[10] is R2
+    assert a[11] == 0.5 and a[12] is bias and a[13] is got and got.shape == (M, N)
 
 
 def test_misaligned_packed_bytes_are_not_read_in_place():

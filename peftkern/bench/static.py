@@ -215,14 +215,17 @@ def gemm_variants(configs, weights, dtypes, extras, fp16_rule_only=False) -> lis
 def _gluon_large_variants(indices, weights, dtypes) -> list[Variant]:
     """The large Gluon forward at its launcher's other blocksizes (a constexpr: a compile each)
     and at K = 14336, recorded as extra "K=... bs=..." rows: each must compile without spills
-    like the one at N = K = 4096; and the dX kernel with a dropout mask."""
+    like the one at N = K = 4096; its workspace path (DoRA's scale and z) and the dX kernel
+    with a dropout mask."""
     gluon = [i for i in indices if _candidates()["large"][i].get("GLUON")]
     if not gluon or "nf4-nested" not in weights or "bf16" not in dtypes:
         return []
     return [Variant("gemm", "bf16", "nf4-nested", "fwd", "large", i, M_OF["large"],
                     f"K={k} bs={bs}", bs) for i in gluon for k, bs in LARGE_EXTRA] + [
-        # the dX kernel's epilogue with a dropout mask (its own specialization)
-        Variant("gemm", "bf16", "nf4-nested", "dx", "large", i, M_OF["large"], "mask") for i in gluon]
+        # DoRA's scale and z: the large forward's workspace path (FUSED off); the dX kernel's
+        # epilogue with a dropout mask (its own specialization)
+        Variant("gemm", "bf16", "nf4-nested", p, "large", i, M_OF["large"], extra)
+        for i in gluon for p, extra in (("fwd", "scale"), ("dx", "mask"))]
 
 
 # (K, blocksize) of the large Gluon forward's extra rows: bnb's blocksizes past 64 (the kernel
@@ -821,7 +824,8 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     lora = (M + P) * RANK * lelt
     # a workspace that does not stay in L2 (the large Gluon kernel's fp32 [M, P]) is written
     # here and read back by the epilogue launch, which runs after: its time adds
-    spilled = row["kernel"] == "_qlora_wgmma_large_kernel" and M * P * 4 > L2_BYTES
+    spilled = (row["kernel"] == "_qlora_wgmma_large_kernel" and M * P * 4 > L2_BYTES
+               and not cfg.get("FUSED"))
     out_bytes = M * P * 4 if spilled else M * P * elt
     hbm = (M * Q * elt + weight_bytes(row["weight"], N, K, elt) + out_bytes + lora) / hw["hbm"]
     epilogue = (M * P * 4 + M * P * elt + lora) / hw["hbm"] if spilled else 0.0
@@ -877,7 +881,8 @@ def _row(v, launch, arch, cfg, rule, a) -> dict:
                 K = _recorded_k(v)  # gemm_bound re-derives it per shape
                 row["config_dict"].update(BLOCK_M=G.LARGE_M, BLOCK_N=G.ROWS_PER_CTA, BLOCK_K=K,
                                           TILE_K=G.SUB_K * G.STEPS, INNER_ITERS=K // (G.SUB_K * G.STEPS),
-                                          num_warps=G.LARGE_WARPS)
+                                          num_warps=G.LARGE_WARPS,
+                                          FUSED=bool(launch.kwargs["FUSED"]))  # else a workspace
             elif launch.fn.__name__ == "_qlora_wgmma_dx_kernel":  # a tile sums all of N
                 N = SHAPES[0][0]
                 # its last K-loop iteration is peeled (it stages the next tile): in the tile loop
