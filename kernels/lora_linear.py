@@ -15,10 +15,11 @@ Deterministic: every output tile is owned by one program (split-K partials are a
 order by the second launch), no atomics.
 A GLUON tile config (a tuning candidate, one per regime) runs the 16-bit 4-bit forward on sm_90+
 as kernels/qlora_wgmma.py (the same block-scaled math with the decoded weight in wgmma's
-registers; M <= 16, or M >= 128 at the shapes its static check passes) into a workspace, which
-`_split_k_epilogue_kernel` finishes as for split-K tiles; the large one also runs the bf16 4-bit dX
-at M >= 128, and both large kernels take the epilogue in (`qlora_wgmma.large_linear`,
-`dx_linear`: 16-bit adapters; no workspace).
+registers; M <= 16 or M >= 128): at small M into a split-K workspace that
+`_split_k_epilogue_kernel` finishes as for split-K tiles; the large config also runs the bf16
+4-bit dX at M >= 128, and both large kernels do the epilogue themselves (`qlora_wgmma.
+large_linear`, `dx_linear`: 16-bit adapters, no workspace; DoRA's scale and z and fp32 adapters
+take the large forward's workspace path).
 """
 from __future__ import annotations
 

@@ -157,10 +157,10 @@ if AVAILABLE:
         WIDE: `table` at a 64-word stride (`_table64`, `lane` as 4 lane: one PRMT per index)."""
         # byte b of each word -> its table index (byte << 5) | lane; [ROWS, 8, 4] physical order
         if WIDE:
-            i0 = _dx_index(cur, lane, "0x5504")
-            i1 = _dx_index(cur, lane, "0x5514")
-            i2 = _dx_index(cur, lane, "0x5524")
-            i3 = _dx_index(cur, lane, "0x5534")
+            i0 = _prmt_index(cur, lane, "0x5504")
+            i1 = _prmt_index(cur, lane, "0x5514")
+            i2 = _prmt_index(cur, lane, "0x5524")
+            i3 = _prmt_index(cur, lane, "0x5534")
         else:
             i0 = ((cur << 5) & 0x1FE0) | lane
             i1 = ((cur >> 3) & 0x1FE0) | lane
@@ -402,8 +402,8 @@ if AVAILABLE:
         wb.scatter(gl.reshape(tw, [512]), gl.reshape(128 * s + 32 * t + (j ^ (9 * t)), [512]), 0)
 
     @gluon.jit
-    def _dx_index(wd, lane4, SEL: gl.constexpr):
-        """Byte SEL of each word as the word index 64 e + lane of the 64-word-stride table (one
+    def _prmt_index(wd, lane4, SEL: gl.constexpr):
+        """Byte SEL of each word as the word index 64 e + lane of `_table64` (one
         PRMT: the byte address 256 e + 4 lane, whose low byte is lane4)."""
         return gl.inline_asm_elementwise(
             asm="prmt.b32 $0, $1, $2, " + SEL + ";", constraints="=r,r,r", args=[wd, lane4],
@@ -418,8 +418,8 @@ if AVAILABLE:
         t = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, DL)))[None, None, :]
         wd = gl.reshape(wb.gather(gl.reshape(128 * s + 32 * t + (j ^ (9 * t)), [512]), 0), [32, 4, 4])
         # byte p = 2 q + e of each word: [j, s, t, e, q] (e innermost: a register's two values)
-        idx = gl.join(gl.join(_dx_index(wd, lane4, "0x5504"), _dx_index(wd, lane4, "0x5514")),
-                      gl.join(_dx_index(wd, lane4, "0x5524"), _dx_index(wd, lane4, "0x5534")))
+        idx = gl.join(gl.join(_prmt_index(wd, lane4, "0x5504"), _prmt_index(wd, lane4, "0x5514")),
+                      gl.join(_prmt_index(wd, lane4, "0x5524"), _prmt_index(wd, lane4, "0x5534")))
         two = gl.reshape(table.gather(gl.reshape(idx, [32 * 4 * 4 * 4]), 0), [32, 4, 4, 2, 2])
         hi = two.to(gl.int16).to(DT, bitcast=True)  # k = 2 j: the high nibble (low half)
         lo = (two >> 16).to(gl.int16).to(DT, bitcast=True)
@@ -620,10 +620,10 @@ def forward_partials(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, cod
     (`codes.byte_pair_table`). Call only where `supported(...)` and `aligned(packed)` hold, on
     sm_90+."""
     M, K = x.shape
-    if x.stride(1) != 1:
-        x = x.contiguous()
     nested = absmax2 is not None
     if M <= MAX_M:
+        if x.stride(1) != 1:
+            x = x.contiguous()
         ws = torch.empty((splits(K), M, N), dtype=torch.float32, device=x.device)
         _qlora_wgmma_kernel[(programs(N, K, _sms(x.device)),)](
             x, M, K, x.stride(0), _words_view(packed), absmax, absmax2 if nested else absmax,
@@ -642,14 +642,16 @@ def large_linear(x: torch.Tensor, packed: torch.Tensor, absmax, absmax2, code8, 
     `lora_linear.lora_matmul`'s forward with its epilogue) as `_qlora_wgmma_large_kernel`
     computes it, no workspace; `out` contiguous [M, N]. Call only where `supported(...)`,
     `aligned(packed)` and `lora_fits(L, R2, x.dtype)` hold, on sm_90+."""
-    _large(x.contiguous() if x.stride(1) != 1 else x, packed, absmax, absmax2, code8, offset,
-           pairs, blocksize, N, out, (L, R2, scaling, bias))
+    _large(x, packed, absmax, absmax2, code8, offset, pairs, blocksize, N, out,
+           (L, R2, scaling, bias))
     return out
 
 
 def _large(x, packed, absmax, absmax2, code8, offset, pairs, blocksize, N, dst, lora=None):
     """Launch the large forward into `dst`: the fp32 workspace, or with `lora` = (L, R2,
     scaling, bias) the output itself (FUSED)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
     M, K = x.shape
     st = block_scales_t(absmax, absmax2, code8, offset, N, K // blocksize)
     L, R2, scaling, bias = lora or (x, x, 0.0, None)
@@ -687,8 +689,8 @@ def _block_r(R: int) -> int:
 def lora_fits(L: torch.Tensor, R2: torch.Tensor, dtype: torch.dtype) -> bool:
     """The large kernels' own epilogue (`_lora_epilogue`) takes the LoRA factors in the
     activations' dtype (fp32 adapters: the Triton kernel's exact-fp32 epilogue) and ranks up to
-    DX_SUB (L's rows staged in one x / dY buffer)."""
-    return L.dtype == R2.dtype == dtype and _block_r(L.shape[1]) <= DX_SUB
+    one sub-step (L's rows staged in one x / dY buffer)."""
+    return L.dtype == R2.dtype == dtype and _block_r(L.shape[1]) <= min(SUB_K, DX_SUB)
 
 
 def dx_supported(M: int, N: int, K: int, blocksize: int, dtype: torch.dtype) -> bool:

@@ -218,16 +218,29 @@ def test_gluon_forward_meets_the_large_m_bound(fast_report):
     assert r["launchable"] and not r["spill_bytes"] and not r["local_bytes"]
     assert static.ctas_per_sm(r["registers"], r["shared_bytes"], G.LARGE_WARPS, 90) >= G.LARGE_RESIDENT
     assert r["instr_per_weight_elem"] <= 6
+    _assert_register_a(r, 4 * G.STEPS)  # m64n128k16: 4 per sub-step
+    bounds = _large_m_bounds(fast_report, "_qlora_wgmma_large_kernel")
+    assert not any(b["epilogue_s"] for b in bounds)  # no workspace: the epilogue is in it
+
+
+def _assert_register_a(r, mma):
+    """The K loop's `mma` m64n128k16 take A from registers: only B (LARGE_M x rows x 16) from
+    shared memory, and no ldmatrix / stmatrix trip of a decoded tile."""
+    from peftkern.kernels import qlora_wgmma as G
     inner = r["inner_loop_mix"]
-    assert inner["categories"]["mma"] == 4 * G.STEPS  # m64n128k16: 4 per sub-step, A in regs
-    assert r["inner_loop_wgmma_shared_bytes"] == 4 * G.STEPS * G.LARGE_M * 16 * 2
+    assert inner["categories"]["mma"] == mma
+    assert r["inner_loop_wgmma_shared_bytes"] == mma * G.LARGE_M * 16 * 2
     assert not any(op.startswith(("LDSM", "STSM")) for op in inner["widths"])
-    bounds = [b for b in fast_report["shape_bounds"] if b["kernel"] == "_qlora_wgmma_large_kernel"]
+
+
+def _large_m_bounds(report, kernel):
+    """The kernel's bounds at M = 8192 for every shape, each at most 1.15x the dense tile's."""
+    bounds = [b for b in report["shape_bounds"] if b["kernel"] == kernel]
     assert {(b["M"], b["N"], b["K"]) for b in bounds} == {(8192, N, K) for N, K in static.SHAPES}
     over = [f"{b['N']}x{b['K']}: {b['bound_vs_dense']}" for b in bounds
             if not b["bound_vs_dense"] or b["bound_vs_dense"] > 1.15]
     assert not over, over
-    assert not any(b["epilogue_s"] for b in bounds)  # no workspace: the epilogue is in it
+    return bounds
 
 
 def test_gluon_dx_meets_the_large_m_bound(fast_report):
@@ -247,15 +260,8 @@ def test_gluon_dx_meets_the_large_m_bound(fast_report):
         assert r["main_loop_div64"] == 0
     r = next(r for r in rows if not r["extra"])
     assert r["instr_per_weight_elem"] <= 6
-    inner = r["inner_loop_mix"]
-    assert inner["categories"]["mma"] == 8  # m64n128k16, 4 per 64-row sub-step, A in registers
-    assert r["inner_loop_wgmma_shared_bytes"] == 8 * G.LARGE_M * 16 * 2
-    assert not any(op.startswith(("LDSM", "STSM")) for op in inner["widths"])
-    bounds = [b for b in fast_report["shape_bounds"] if b["kernel"] == "_qlora_wgmma_dx_kernel"]
-    assert {(b["M"], b["N"], b["K"]) for b in bounds} == {(8192, N, K) for N, K in static.SHAPES}
-    over = [f"{b['N']}x{b['K']}: {b['bound_vs_dense']}" for b in bounds
-            if not b["bound_vs_dense"] or b["bound_vs_dense"] > 1.15]
-    assert not over, over
+    _assert_register_a(r, 8)  # m64n128k16: 4 per 64-row sub-step
+    _large_m_bounds(fast_report, "_qlora_wgmma_dx_kernel")
 
 
 def test_rule_configs_are_candidates_the_dispatcher_may_pick():

@@ -76,11 +76,11 @@ First-order bound model (a STATIC ESTIMATE, never a measurement):
   * HBM time = bytes once each (x or dY, the weight: dense, or packed codes + absmax (+ nested
     absmax2 and code8), L and R2, out) / bandwidth;  bound = max(compute, HBM); a split-K
     workspace that fits L2 (SPLIT_K × M × P fp32, written and read back once: 0.9-3.7 MB at
-    M = 16) is not counted; a larger one (the large Gluon forward's M × P fp32: 128 MB at
-    M = 8192, P = 4096) replaces the output in the kernel's bytes, and the epilogue launch
-    that reads it back (+ writes out, reads L and R2) adds its HBM time after the kernel's:
-    bound = max(compute, HBM) + epilogue (the Gluon dX kernel has its epilogue in it: no
-    workspace);
+    M = 16) is not counted; a larger one (the large Gluon forward's M × P fp32 on its workspace
+    path, DoRA's: 128 MB at M = 8192, P = 4096) replaces the output in the kernel's bytes, and
+    the epilogue launch that reads it back (+ writes out, reads L and R2) adds its HBM time
+    after the kernel's: bound = max(compute, HBM) + epilogue (the large Gluon kernels' FUSED
+    variants and the dX kernel have their epilogue in them: no workspace);
   * bound_vs_dense = the 4-bit variant's bound / the dense variant's (same config, dtype, pass,
     arch, M), both estimated this way (per row at N = K = 4096 and the row's M; per shape in
     `shape_bounds` for N x K = 4096 x 4096 and 14336 x 4096, M = 1, 16, 8192, r = 16, bf16).
@@ -822,8 +822,8 @@ def gemm_bound(row: dict, M: int, N: int, K: int) -> dict | None:
     elt = {"fp16": 2, "bf16": 2, "fp32": 4}[row["dtype"]]
     lelt = 4 if row.get("extra") == "lora-fp32" else elt
     lora = (M + P) * RANK * lelt
-    # a workspace that does not stay in L2 (the large Gluon kernel's fp32 [M, P]) is written
-    # here and read back by the epilogue launch, which runs after: its time adds
+    # a workspace that does not stay in L2 (the large Gluon forward's fp32 [M, P] when not
+    # FUSED) is written here and read back by the epilogue launch, which runs after: its time adds
     spilled = (row["kernel"] == "_qlora_wgmma_large_kernel" and M * P * 4 > L2_BYTES
                and not cfg.get("FUSED"))
     out_bytes = M * P * 4 if spilled else M * P * elt
