@@ -72,11 +72,14 @@ def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 @pytest.mark.parametrize("simd", [3, 2, 1, 0], ids=["best", "avx512", "avx2", "scalar"])
 @pytest.mark.parametrize("M, N, K, blocksize, dq", [
-    # bf16 products (AVX512-BF16 hosts, M >= 5): 4 rows x 512 codes per L1 chunk, 6-row x tiles:
-    # a partial second chunk (K=640), one short chunk (K=96), N tails, x-row tails 5, 6+6+1,
-    # 6+6+4, 6+3; absmax blocks smaller than, equal to and longer than a chunk
+    # bf16 products (AVX512-BF16 hosts, M >= 2): 4 rows x 512 codes per L1 chunk in 64-code
+    # groups, 6-row x tiles: a partial second chunk (K=640), one short chunk (K=96: a group and a
+    # 32-code tail), a tail chunk of 32 codes after 4 full ones (K=2080, blocksize 32: 65 blocks
+    # a row, so a row's 16 scales cross nested blocks of 256), N tails, x-row tails 5, 6+6+1,
+    # 6+6+4, 6+3, 6+1; absmax blocks smaller than, equal to and longer than a chunk
     (5, 9, 96, 32, False), (13, 6, 640, 64, True), (16, 70, 1024, 1024, True),
-    (9, 5, 640, 128, False), (4, 7, 64, 64, True),
+    (9, 5, 640, 128, False), (4, 7, 64, 64, True), (7, 23, 2080, 32, True),
+    (11, 10, 1536, 512, True),
     # AMX (every M): 16-row W tiles with an N tail, 32-code groups in fours with 1-3 left over
     # (K=544, 96, 2112), M=1, 2, 3 and 16 columns of x, nested blocks of 256 absmax crossed
     # within a row's 16 scales, and rows of 66 blocks (block scales decoded 32 at a time: 32,

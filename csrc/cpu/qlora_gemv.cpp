@@ -4,8 +4,9 @@
 // registers (vpshufb on AVX2, vpermps on AVX-512); every decoded vector is used for a tile of rows
 // of x, and the block scale (plain or double-quantized absmax) is applied once per block to the
 // partial sums. From kTiledMinRows on, the decoded weights go through L1 to a register-blocked
-// micro-kernel instead: fp32 FMAs (Avx2::run_tiled; Avx512::run_tiled on Intel), or bf16 dot products (vdpbf16ps,
-// Avx512Bf16) when the caller computes in bf16 and the CPU has AVX512-BF16. With AMX-BF16 and bf16
+// micro-kernel instead: fp32 FMAs (Avx2::run_tiled; Avx512::run_tiled on Intel), or, from
+// kBf16TiledMinRows on, bf16 dot products (vdpbf16ps, Avx512Bf16) when the caller computes in
+// bf16 and the CPU has AVX512-BF16. With AMX-BF16 and bf16
 // compute, every M runs on the tile unit instead (Amx). OpenMP across output features. `choose`
 // picks the path at run time; the scalar loop is the fallback.
 // Requires in_features % blocksize == 0 (blocks never span rows).
@@ -30,6 +31,10 @@ constexpr int64_t kTiledMinRows = 5;
 // 4096x4096 NF4 + double quant, two threads: M=1 0.46 ms against the AVX-512 row path's 0.82;
 // M=2 0.45, M=4 0.49, M=8 0.53, M=16 0.64 ms (vdpbf16ps at M=16: ~3 ms).
 constexpr int64_t kAmxMinRows = 1;
+// AVX512-BF16 (bf16 compute, no AMX): from this M on, the vdpbf16ps tiled path. Measured on a
+// 2-core Zen 4 EPYC, 4096x4096 NF4 + double quant, two threads, against the fp32 AVX-512 rows:
+// M=1 0.66 against 0.63 ms, M=2 0.75 / 0.82, M=3 0.85 / 1.13, M=4 1.24 / 1.71.
+constexpr int64_t kBf16TiledMinRows = 2;
 
 struct Scales {
   const float* absmax; const uint8_t* absmax_q; const float* absmax2; const float* code8;
@@ -330,21 +335,77 @@ struct Avx512 {
                  int64_t rows) const;
 };
 
-// ---- AVX512-BF16, larger batches of bf16 compute: Avx2's tiled scheme with vdpbf16ps, which
-// multiplies 32 bf16 pairs per instruction (twice the fp32 FMA rate). kWRows rows of W decode to
-// bf16 (round to nearest even, as bnb's bf16 dequantize) kChunk codes at a time;
-// x goes chunk-major in bf16 (exact: it came from bf16). 6 x 4 accumulators, 10 loads per 24
-// dot products.
+// The fp32 AVX-512 tiled loop: per kChunk codes, kWRows rows of W decoded into L1, then micro
+// over kXRows-row tiles of x (the last tile, 1 to kXRows - 1 rows, by its own instance), sums
+// reduced at the end.
+template <int MX>
+__attribute__((target("avx512f"))) void avx512_micro_rest(const float* xc, int64_t M, int64_t m0,
+                                                          int64_t len, const float* w, __m512* acc) {
+  if constexpr (MX > 0) {
+    if (M - m0 == MX) return Avx512::micro<MX>(xc + m0 * len, len, w, acc + m0 * Avx512::kWRows);
+    avx512_micro_rest<MX - 1>(xc, M, m0, len, w, acc);
+  }
+}
+
+__attribute__((target("avx512f"))) void Avx512::run_tiled(const GemvArgs& a, const float* x,
+                                                          const Scales& scale, int64_t n,
+                                                          int64_t rows) const {
+  alignas(64) float w[kWRows * kChunk];
+  std::fill(w + rows * kChunk, w + kWRows * kChunk, 0.0f);  // rows past N: never written
+  __m512 acc[kMaxGemvRows * kWRows];
+  for (auto& v : acc) v = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
+    const int64_t len = std::min(kChunk, a.K - k0);
+    decode_rows(a, scale, n, rows, k0, len, w);
+    const float* xc = x + k0 * a.M;
+    int64_t m0 = 0;
+    for (; m0 + kXRows <= a.M; m0 += kXRows) micro<kXRows>(xc + m0 * len, len, w, acc + m0 * kWRows);
+    avx512_micro_rest<kXRows - 1>(xc, a.M, m0, len, w, acc);
+  }
+  for (int64_t m = 0; m < a.M; ++m)
+    for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[m * kWRows + r]);
+}
+
+// The scales of one row's blocks [first, first + count), 0 < count <= 16, in a vector (lanes past
+// count: 0). Double-quantized: code8[q] * absmax2[block / 256] + offset, rounded twice, as bnb.
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m512 scales16(const Scales& scale,
+                                                                            int64_t first,
+                                                                            int64_t count) {
+  const __mmask16 live = __mmask16((1u << count) - 1);
+  if (!scale.absmax_q) return _mm512_maskz_loadu_ps(live, scale.absmax + first);
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, scale.absmax_q + first));
+  const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, q, scale.code8, 4);
+  // 16 blocks span at most two nested blocks of 256: absmax2 of the first and last
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __mmask16 upper = _mm512_cmpneq_epi32_mask(
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(int(first & 255)), iota), 8),
+      _mm512_setzero_si512());
+  const __m512 a2 = _mm512_mask_blend_ps(upper, _mm512_set1_ps(scale.absmax2[first >> 8]),
+                                         _mm512_set1_ps(scale.absmax2[(first + count - 1) >> 8]));
+  return _mm512_maskz_add_ps(live, _mm512_mul_ps(c, a2), _mm512_set1_ps(scale.offset));
+}
+
+// ---- AVX512-BF16, larger batches of bf16 compute: vdpbf16ps (32 bf16 pairs per instruction,
+// twice the fp32 FMA rate) on a 6 x 4 register block of x rows by W rows, 10 loads per 24 dot
+// products. kWRows rows of W decode to bf16 kChunk codes at a time into L1, and the next chunk's
+// decode runs inside this chunk's micro-kernel, one 64-code group per step, so the shuffles
+// overlap the dot products (decoding a chunk, then multiplying it, ran the two in series: 2.5 ->
+// 1.8 ms, M=16, 4096x4096, two threads of a Zen 4 EPYC). A group's 32 packed bytes are
+// zero-extended to words; the high nibbles (even codes) come by a shift, and one vpermw each
+// looks them up in the group's table: the 16 code values times the block's absmax, rounded to
+// bf16 once (the bits of bnb's bf16 dequantize). So a group holds its even codes, then its odd
+// ones, and x is stored in that order too. x goes chunk-major in bf16 (exact: it came from bf16).
 struct Avx512Bf16 {
   static constexpr int kWRows = 4, kXRows = 6;
-  static constexpr int64_t kChunk = 512;
+  static constexpr int64_t kChunk = 512, kGroups = kChunk / 64;
   float table[16];
 
   explicit Avx512Bf16(int quant_type) {
     for (int i = 0; i < 16; ++i) table[i] = code_value(quant_type, i);
   }
 
-  // x chunk by chunk as XChunked, in bf16 (round to nearest even), 64-byte aligned.
+  // x chunk by chunk as XChunked, in bf16 (round to nearest even), 64-byte aligned; within each
+  // 64 codes (32 at a K % 64 tail) the even ones, then the odd ones.
   struct X {
     std::vector<uint16_t> buf;
     const uint16_t* data;
@@ -352,71 +413,139 @@ struct Avx512Bf16 {
         : buf(a.M * a.K + 32) {
       uint16_t* d = buf.data() + (32 - (reinterpret_cast<uintptr_t>(buf.data()) / 2) % 32) % 32;
       data = d;
+      const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+      const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
       for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
         const int64_t len = std::min(kChunk, a.K - k0);
         for (int64_t m = 0; m < a.M; ++m)
-          for (int64_t i = 0; i < len; i += 32) {
+          for (int64_t i = 0; i < len; i += 64) {
             const float* src = a.x + m * a.K + k0 + i;
-            const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + 16), _mm512_loadu_ps(src));
-            _mm512_store_si512(d + k0 * a.M + m * len + i, (__m512i)v);
+            uint16_t* dst = d + k0 * a.M + m * len + i;
+            const __m512 f0 = _mm512_loadu_ps(src), f1 = _mm512_loadu_ps(src + 16);
+            const __m512 e0 = _mm512_permutex2var_ps(f0, even, f1), o0 = _mm512_permutex2var_ps(f0, odd, f1);
+            if (len - i < 64) {  // 32 codes
+              _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(o0, e0));
+              continue;
+            }
+            const __m512 f2 = _mm512_loadu_ps(src + 32), f3 = _mm512_loadu_ps(src + 48);
+            const __m512 e1 = _mm512_permutex2var_ps(f2, even, f3), o1 = _mm512_permutex2var_ps(f2, odd, f3);
+            _mm512_store_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+            _mm512_store_si512(dst + 32, (__m512i)_mm512_cvtne2ps_pbh(o1, o0));
           }
       }
     }
   };
 
-  // w[r * kChunk + i] = bf16(table[code] * absmax) for W[n + r, k0 + i]: per absmax block, the
-  // 16 table values are scaled in fp32 and rounded to bf16 once, then one vpermw looks up 32
-  // codes (the same bits as rounding each decoded weight; about half the work). The codes
-  // `ahead` further on are prefetched, one line per 128 codes: the callers pass the next block
-  // of rows, which OpenMP's static schedule gives the same thread.
-  __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vbmi"))) void decode_rows(
-      const GemvArgs& a, const Scales& scale, int64_t n, int64_t rows, int64_t k0, int64_t len,
-      uint16_t* w) const {
-    const int64_t ahead = kWRows * a.K;  // codes: the same place in the next block of rows
-    const __m512 lut = _mm512_loadu_ps(table);
-    // vpermb spreads packed byte j to both words of dword j; vpsrlvw then shifts the even word
-    // right by 4: word 2j = the high nibble, word 2j + 1 = the byte, whose low nibble vpermw reads
-    // (it reads an index's low 5 bits, so the scaled table sits in words 0..15 and again 16..31)
-    const __m512i spread = _mm512_set_epi8(
-        15, 15, 15, 15, 14, 14, 14, 14, 13, 13, 13, 13, 12, 12, 12, 12, 11, 11, 11, 11, 10, 10, 10,
-        10, 9, 9, 9, 9, 8, 8, 8, 8, 7, 7, 7, 7, 6, 6, 6, 6, 5, 5, 5, 5, 4, 4, 4, 4, 3, 3, 3, 3, 2, 2,
-        2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const __mmask64 low_bytes = 0x5555555555555555ull;  // the low byte of each word; others zero
-    const __m512i shifts = _mm512_set1_epi32(4);        // word 2j by 4, word 2j + 1 by 0
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t flat = (n + r) * a.K + k0;  // 32-code groups never span an absmax block
-      for (int64_t i = 0; i < len;) {
-        const int64_t block = scale.block_of(flat + i);
-        const int64_t end = std::min(len, ((block + 1) << scale.shift) - flat);
-        const __m512 v = _mm512_mul_ps(lut, _mm512_set1_ps(scale(block)));
-        const __m512i scaled = (__m512i)_mm512_cvtne2ps_pbh(v, v);
-        for (; i < end; i += 32) {
-          const uint8_t* p = a.packed + (flat + i) / 2;
-          if ((i & 127) == 0) _mm_prefetch(reinterpret_cast<const char*>(p + ahead / 2), _MM_HINT_T0);
-          const __m512i bytes = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-          const __m512i idx = _mm512_srlv_epi16(_mm512_maskz_permutexvar_epi8(low_bytes, spread, bytes), shifts);
-          _mm512_store_si512(w + r * kChunk + i, _mm512_permutexvar_epi16(idx, scaled));
-        }
+  // The next chunk of kWRows rows of W, decoded step by step: first each row's block scales
+  // (kWRows steps), then one 64-code group per step, row by row. A group's table is the 16 code
+  // values times its block's absmax, rounded to bf16 once, in both halves (vpermw reads 5 index
+  // bits; a low nibble's word keeps its high nibble's low bit in bit 4); at blocksize 32, the
+  // group's two blocks, one per half, with index bit 4 set for the second. Rows past N decode row
+  // n's codes with zero scales. The codes of the next block of rows, which OpenMP's static
+  // schedule gives the same thread, are prefetched one line per 128 codes. Everything here is
+  // inlined into the micro-kernel's loop (a call there clobbers every zmm register).
+  struct Next {
+    const uint8_t* codes;  // row n's codes of the chunk; row r at codes + r * row_bytes
+    int64_t row_bytes, len;
+    int64_t step_no;  // -kWRows .. -1: a row's scales; 0 .. kSteps - 1: a group
+    uint16_t* w;
+    const float* table;
+    const Scales* scale;
+    int64_t rows, first_block;
+    alignas(64) float sc[kWRows][16];  // the rows' block scales over the chunk (<= 16 blocks)
+
+    static constexpr int64_t kSteps = kWRows * kGroups;
+
+    __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) void scales(int r) {
+      const int64_t count = ((len - 1) >> scale->shift) + 1, per_row = row_bytes * 2 >> scale->shift;
+      _mm512_store_ps(sc[r], r < rows ? scales16(*scale, first_block + r * per_row, count)
+                                      : _mm512_setzero_ps());
+    }
+
+    // group g of row r: codes [64 g, 64 g + 64) (a tail: 32) into w in the order of X
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) void group(
+        int64_t r, int64_t g) {
+      const int64_t i = 64 * g;
+      if (i >= len) return;
+      const uint8_t* p = codes + (r < rows ? r : 0) * row_bytes + i / 2;
+      if (!(g & 1)) _mm_prefetch(reinterpret_cast<const char*>(p + kWRows * row_bytes), _MM_HINT_T0);
+      const __m512 lut = _mm512_loadu_ps(table);
+      uint16_t* dst = w + r * kChunk + i;
+      if (scale->shift == 5 && len - i >= 64) {
+        const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(sc[r][2 * g + 1])),
+                                                       _mm512_mul_ps(lut, _mm512_set1_ps(sc[r][2 * g])));
+        const __m512i half = _mm512_set_epi64(0x0010001000100010ll, 0x0010001000100010ll,
+                                              0x0010001000100010ll, 0x0010001000100010ll, 0, 0, 0, 0);
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        _mm512_store_si512(dst, _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(b, 4), half), t));
+        _mm512_store_si512(dst + 32, _mm512_permutexvar_epi16(  // 0xEA: (b & 15) | half
+                                         _mm512_ternarylogic_epi32(b, _mm512_set1_epi16(15), half, 0xEA), t));
+        return;
+      }
+      const __m512 v = _mm512_mul_ps(lut, _mm512_set1_ps(sc[r][i >> scale->shift]));
+      const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(v, v);
+      if (len - i >= 64) {
+        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        _mm512_store_si512(dst, _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t));
+        _mm512_store_si512(dst + 32, _mm512_permutexvar_epi16(b, t));
+      } else {  // a 32-code tail (one block): [even 16 | odd 16]
+        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(b, 4)), b, 1);
+        _mm512_store_si512(dst, _mm512_permutexvar_epi16(idx, t));
       }
     }
+
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) void step() {
+      if (step_no >= kSteps) return;
+      if (step_no < 0) scales(int(step_no + kWRows));
+      else group(uint64_t(step_no) / kGroups, uint64_t(step_no) % kGroups);
+      ++step_no;
+    }
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void finish() {
+      while (step_no < kSteps) step();
+    }
+  };
+
+  // Start decoding codes [k0, k0 + kChunk) of rows n .. n + rows into w (past K: nothing).
+  __attribute__((target("avx512f"))) void next(const GemvArgs& a, const Scales& scale, int64_t n,
+                                               int64_t rows, int64_t k0, uint16_t* w, Next& nx) const {
+    nx.table = table, nx.scale = &scale, nx.rows = rows, nx.w = w;
+    nx.len = std::max<int64_t>(0, std::min(kChunk, a.K - k0));
+    nx.codes = a.packed + (n * a.K + k0) / 2, nx.row_bytes = a.K / 2;
+    nx.first_block = scale.block_of(n * a.K + k0);
+    nx.step_no = nx.len ? -kWRows : Next::kSteps;
   }
 
+  // acc[i * kWRows + j] += x[i, :len] · w[j, :len] (16 lanes each) for MX rows of x, one step of
+  // the next chunk's decode per 32 codes.
   template <int MX>
-  __attribute__((target("avx512f,avx512bf16,avx512bw"))) static void micro(
-      const uint16_t* x, int64_t len, const uint16_t* w, __m512* acc) {
+  __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) static void micro(
+      const uint16_t* x, int64_t len, const uint16_t* w, __m512* acc, Next& nx) {
     __m512 c[MX][kWRows];
     for (int i = 0; i < MX; ++i)
       for (int j = 0; j < kWRows; ++j) c[i][j] = acc[i * kWRows + j];
     for (int64_t k = 0; k < len; k += 32) {
-      __m512bh xv[MX];
-      for (int i = 0; i < MX; ++i) xv[i] = (__m512bh)_mm512_load_si512(x + i * len + k);
-      for (int j = 0; j < kWRows; ++j) {
-        const __m512bh wv = (__m512bh)_mm512_load_si512(w + j * kChunk + k);
-        for (int i = 0; i < MX; ++i) c[i][j] = _mm512_dpbf16_ps(c[i][j], xv[i], wv);
+      __m512bh wv[kWRows];
+      for (int j = 0; j < kWRows; ++j) wv[j] = (__m512bh)_mm512_load_si512(w + j * kChunk + k);
+      for (int i = 0; i < MX; ++i) {
+        const __m512bh xv = (__m512bh)_mm512_load_si512(x + i * len + k);
+        for (int j = 0; j < kWRows; ++j) c[i][j] = _mm512_dpbf16_ps(c[i][j], xv, wv[j]);
       }
+      nx.step();
     }
     for (int i = 0; i < MX; ++i)
       for (int j = 0; j < kWRows; ++j) acc[i * kWRows + j] = c[i][j];
+  }
+
+  // the last tile of x rows (1 to kXRows - 1 rows) by its own instance
+  template <int MX>
+  __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) static void micro_rest(
+      const uint16_t* xc, int64_t M, int64_t m0, int64_t len, const uint16_t* w, __m512* acc,
+      Next& nx) {
+    if constexpr (MX > 0) {
+      if (M - m0 == MX) return micro<MX>(xc + m0 * len, len, w, acc + m0 * kWRows, nx);
+      micro_rest<MX - 1>(xc, M, m0, len, w, acc, nx);
+    }
   }
 
   // y[:, n .. n + rows) for all M rows of x (`x`: this struct's X of a.x).
@@ -424,47 +553,25 @@ struct Avx512Bf16 {
                  int64_t rows) const;
 };
 
-// The zmm tiled paths' loop (Avx512 in fp32, Avx512Bf16 in bf16; T: their element type): per
-// kChunk codes, kWRows rows of W decoded into L1, then Isa::micro over kXRows-row tiles of x
-// (the last tile, 1 to kXRows - 1 rows, by its own instance), sums reduced at the end.
-template <class Isa, int MX, class T>
-__attribute__((target("avx512f"))) void zmm_micro_rest(const T* xc, int64_t M, int64_t m0,
-                                                       int64_t len, const T* w, __m512* acc) {
-  if constexpr (MX > 0) {
-    if (M - m0 == MX) return Isa::template micro<MX>(xc + m0 * len, len, w, acc + m0 * Isa::kWRows);
-    zmm_micro_rest<Isa, MX - 1>(xc, M, m0, len, w, acc);
-  }
-}
-
-template <class Isa, class T>
-__attribute__((target("avx512f"))) void zmm_run_tiled(const Isa& isa, const GemvArgs& a, const T* x,
-                                                      const Scales& scale, int64_t n, int64_t rows) {
-  constexpr int kW = Isa::kWRows, kX = Isa::kXRows;
-  constexpr int64_t kChunk = Isa::kChunk;
-  alignas(64) T w[kW * kChunk];
-  std::fill(w + rows * kChunk, w + kW * kChunk, T(0));  // rows past N: never written
-  __m512 acc[kMaxGemvRows * kW];
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void Avx512Bf16::run_tiled(
+    const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n, int64_t rows) const {
+  alignas(64) uint16_t w[2][kWRows * kChunk];
+  __m512 acc[kMaxGemvRows * kWRows];
   for (auto& v : acc) v = _mm512_setzero_ps();
-  for (int64_t k0 = 0; k0 < a.K; k0 += kChunk) {
+  Next nx;
+  next(a, scale, n, rows, 0, w[0], nx);
+  nx.finish();
+  for (int64_t k0 = 0, c = 0; k0 < a.K; k0 += kChunk, ++c) {
     const int64_t len = std::min(kChunk, a.K - k0);
-    isa.decode_rows(a, scale, n, rows, k0, len, w);
-    const T* xc = x + k0 * a.M;
+    next(a, scale, n, rows, k0 + kChunk, w[(c + 1) & 1], nx);
+    const uint16_t* xc = x + k0 * a.M;
     int64_t m0 = 0;
-    for (; m0 + kX <= a.M; m0 += kX) Isa::template micro<kX>(xc + m0 * len, len, w, acc + m0 * kW);
-    zmm_micro_rest<Isa, kX - 1>(xc, a.M, m0, len, w, acc);
+    for (; m0 + kXRows <= a.M; m0 += kXRows) micro<kXRows>(xc + m0 * len, len, w[c & 1], acc + m0 * kWRows, nx);
+    micro_rest<kXRows - 1>(xc, a.M, m0, len, w[c & 1], acc, nx);
+    nx.finish();
   }
   for (int64_t m = 0; m < a.M; ++m)
-    for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[m * kW + r]);
-}
-
-void Avx512::run_tiled(const GemvArgs& a, const float* x, const Scales& scale, int64_t n,
-                       int64_t rows) const {
-  zmm_run_tiled(*this, a, x, scale, n, rows);
-}
-
-void Avx512Bf16::run_tiled(const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n,
-                           int64_t rows) const {
-  zmm_run_tiled(*this, a, x, scale, n, rows);
+    for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[m * kWRows + r]);
 }
 
 // ---- AMX (AMX-BF16), bf16 compute: the tile unit multiplies, so only the decode costs. With yᵀ =
@@ -539,32 +646,11 @@ struct Amx {
   __attribute__((target("avx512f,avx512bw,avx512vl"))) static void scales(
       const GemvArgs& a, const Scales& scale, int64_t n, int64_t rows, int64_t kb, Block& b) {
     const int64_t per_row = a.K >> scale.shift, count = std::min<int64_t>(kSpan, per_row - kb);
-    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int r = 0; r < kWRows; ++r)
       for (int64_t j = 0; j < kSpan; j += 16) {
         const int64_t left = r < rows ? std::clamp<int64_t>(count - j, 0, 16) : 0;
-        const __mmask16 live = __mmask16((1u << left) - 1);
-        const int64_t first = (n + r) * per_row + kb + j;  // this vector's first block
-        __m512 s;
-        if (scale.absmax_q) {  // code8[q] * absmax2[block / 256] + offset, rounded twice
-          if (!left) {
-            _mm512_store_ps(&b.sc[r][j], _mm512_setzero_ps());
-            continue;
-          }
-          const __m512i q = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, scale.absmax_q + first));
-          const __m512 c = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live, q, scale.code8, 4);
-          // 16 blocks span at most two nested blocks of 256: absmax2 of the first and last
-          const int64_t lo = first >> 8, hi = (first + left - 1) >> 8;
-          const __mmask16 upper = _mm512_cmpneq_epi32_mask(
-              _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32(int(first & 255)), iota), 8),
-              _mm512_setzero_si512());
-          const __m512 a2 = _mm512_mask_blend_ps(upper, _mm512_set1_ps(scale.absmax2[lo]),
-                                                 _mm512_set1_ps(scale.absmax2[hi]));
-          s = _mm512_maskz_add_ps(live, _mm512_mul_ps(c, a2), _mm512_set1_ps(scale.offset));
-        } else {
-          s = _mm512_maskz_loadu_ps(live, scale.absmax + first);
-        }
-        _mm512_store_ps(&b.sc[r][j], s);
+        _mm512_store_ps(&b.sc[r][j], left ? scales16(scale, (n + r) * per_row + kb + j, left)
+                                          : _mm512_setzero_ps());
       }
   }
 
@@ -706,7 +792,7 @@ enum class Path { kScalar, kAvx2, kAvx2Tiled, kAvx512, kAvx512Bf16Tiled, kAmxTil
 // Measured per host class. AMD (2-core EPYC, Zen 4: 512-bit FMAs are double-pumped, so fp32
 // AVX-512 has no FMA-rate advantage): fp32 AVX-512 rows for M < kTiledMinRows, else AVX2's tiled
 // path (an fp32 AVX-512 tiled one took 1.2-1.6x its time); vdpbf16ps, where bf16 products are
-// asked for, from kTiledMinRows on. Intel (2-core Xeon with AMX, 4096x4096 fp32, rotated
+// asked for, from kBf16TiledMinRows on. Intel (2-core Xeon with AMX, 4096x4096 fp32, rotated
 // weights, two threads): the AVX2 rows beat the AVX-512 ones (M=1 0.80-0.84 against 0.91-1.0 ms,
 // M=4 1.57-1.86 against 2.0-2.1; 512-bit shuffles issue on one port, 256-bit ones on two), and
 // the AVX-512 tiled path beats AVX2's (two 512-bit FMA ports: M=5 1.37-1.39 against 1.81-1.84 ms,
@@ -717,7 +803,8 @@ inline bool avx512_rows_win() { return __builtin_cpu_is("amd"); }
 Path choose(int64_t M, bool bf16_products, int simd_level) {
   const bool tiled = M >= kTiledMinRows;
   if (simd_level >= 3 && M >= kAmxMinRows && bf16_products && has_amx_bf16()) return Path::kAmxTiled;
-  if (simd_level >= 2 && tiled && bf16_products && has_avx512_bf16()) return Path::kAvx512Bf16Tiled;
+  if (simd_level >= 2 && M >= kBf16TiledMinRows && bf16_products && has_avx512_bf16())
+    return Path::kAvx512Bf16Tiled;
   if (simd_level >= 2 && !tiled && has_avx512() && (simd_level == 2 || avx512_rows_win() || !has_avx2()))
     return Path::kAvx512;
   if (simd_level >= 2 && tiled && has_avx512() && (simd_level == 2 || !avx512_rows_win() || !has_avx2()))
