@@ -4,10 +4,10 @@
 // registers (vpshufb on AVX2, vpermps on AVX-512); every decoded vector is used for a tile of rows
 // of x, and the block scale (plain or double-quantized absmax) is applied once per block to the
 // partial sums. From kTiledMinRows on, the decoded weights go through L1 to a register-blocked
-// micro-kernel instead: fp32 FMAs (Avx2::run_tiled; Avx512::run_tiled on Intel), or, from
-// kBf16TiledMinRows on, bf16 dot products (vdpbf16ps, Avx512Bf16) when the caller computes in
-// bf16 and the CPU has AVX512-BF16. With AMX-BF16 and bf16
-// compute, every M runs on the tile unit instead (Amx). OpenMP across output features. `choose`
+// micro-kernel instead: fp32 FMAs (Avx2::run_tiled; Avx512::run_tiled on Intel). When the
+// caller computes in bf16 and the CPU has AVX512-BF16, bf16 dot products (vdpbf16ps, Avx512Bf16)
+// at every M: on groups decoded in registers below kBf16TiledMinRows, tiled from it on. With
+// AMX-BF16 and bf16 compute, every M runs on the tile unit instead (Amx). OpenMP across output features. `choose`
 // picks the path at run time; the scalar loop is the fallback.
 // Requires in_features % blocksize == 0 (blocks never span rows).
 #include <immintrin.h>
@@ -31,10 +31,13 @@ constexpr int64_t kTiledMinRows = 5;
 // 4096x4096 NF4 + double quant, two threads: M=1 0.46 ms against the AVX-512 row path's 0.82;
 // M=2 0.45, M=4 0.49, M=8 0.53, M=16 0.64 ms (vdpbf16ps at M=16: ~3 ms).
 constexpr int64_t kAmxMinRows = 1;
-// AVX512-BF16 (bf16 compute, no AMX): from this M on, the vdpbf16ps tiled path. Measured on a
-// 2-core Zen 4 EPYC, 4096x4096 NF4 + double quant, two threads, against the fp32 AVX-512 rows:
-// M=1 0.66 against 0.63 ms, M=2 0.75 / 0.82, M=3 0.85 / 1.13, M=4 1.24 / 1.71.
-constexpr int64_t kBf16TiledMinRows = 2;
+// AVX512-BF16 (bf16 compute, no AMX): below this M, vdpbf16ps on groups decoded in registers
+// (Avx512Bf16::run_few); from it on, the tiled path. Measured on a 2-core Zen 4 EPYC VM, 4096x4096
+// NF4, the kernel alone, two threads, 8 weights in turn, back to back: run_few M=1 0.52-0.54,
+// M=2 0.55-0.58, M=3 0.65-0.66, M=4 0.73-0.75 ms; tiled M=1..4 1.12-1.36, M=5 1.39-1.46 (the fp32
+// AVX-512 rows, bf16 M=1 before: 1.17-1.25). run_few beyond 4 rows (GCC no longer unrolls it)
+// showed no clear gain.
+constexpr int64_t kBf16TiledMinRows = 5;
 
 struct Scales {
   const float* absmax; const uint8_t* absmax_q; const float* absmax2; const float* code8;
@@ -385,8 +388,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m51
   return _mm512_maskz_add_ps(live, _mm512_mul_ps(c, a2), _mm512_set1_ps(scale.offset));
 }
 
-// ---- AVX512-BF16, larger batches of bf16 compute: vdpbf16ps (32 bf16 pairs per instruction,
-// twice the fp32 FMA rate) on a 6 x 4 register block of x rows by W rows, 10 loads per 24 dot
+// ---- AVX512-BF16, bf16 compute: vdpbf16ps (32 bf16 pairs per instruction, twice the fp32 FMA
+// rate). Few rows of x: run_few. From kBf16TiledMinRows on: a 6 x 4 register block of x rows by W rows, 10 loads per 24 dot
 // products. kWRows rows of W decode to bf16 kChunk codes at a time into L1, and the next chunk's
 // decode runs inside this chunk's micro-kernel, one 64-code group per step, so the shuffles
 // overlap the dot products (decoding a chunk, then multiplying it, ran the two in series: 2.5 ->
@@ -436,12 +439,41 @@ struct Avx512Bf16 {
     }
   };
 
+  // A row's codes [i, i + 64) at p (avail < 64: a 32-code tail) as bf16 in X's order, into v:
+  // returns 2 vectors, or 1 for a tail ([even 16 | odd 16]). The table is the 16 code values
+  // times the block's scale s[0], rounded to bf16 once, in both halves (vpermw reads 5 index
+  // bits; a low nibble's word keeps its high nibble's low bit in bit 4); at blocksize 32
+  // (shift 5), the group's two blocks s[0], s[1], one per half, with index bit 4 set for the
+  // second.
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) static int decode64(
+      const uint8_t* p, int64_t avail, __m512 lut, const float* s, int shift, __m512i v[2]) {
+    if (shift == 5 && avail >= 64) {
+      const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(s[1])),
+                                                     _mm512_mul_ps(lut, _mm512_set1_ps(s[0])));
+      const __m512i half = _mm512_set_epi64(0x0010001000100010ll, 0x0010001000100010ll,
+                                            0x0010001000100010ll, 0x0010001000100010ll, 0, 0, 0, 0);
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      v[0] = _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(b, 4), half), t);
+      v[1] = _mm512_permutexvar_epi16(  // 0xEA: (b & 15) | half
+          _mm512_ternarylogic_epi32(b, _mm512_set1_epi16(15), half, 0xEA), t);
+      return 2;
+    }
+    const __m512 scaled = _mm512_mul_ps(lut, _mm512_set1_ps(s[0]));
+    const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(scaled, scaled);
+    if (avail >= 64) {
+      const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      v[0] = _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t);
+      v[1] = _mm512_permutexvar_epi16(b, t);
+      return 2;
+    }
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    v[0] = _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(b, 4)), b, 1), t);
+    return 1;
+  }
+
   // The next chunk of kWRows rows of W, decoded step by step: first each row's block scales
-  // (kWRows steps), then one 64-code group per step, row by row. A group's table is the 16 code
-  // values times its block's absmax, rounded to bf16 once, in both halves (vpermw reads 5 index
-  // bits; a low nibble's word keeps its high nibble's low bit in bit 4); at blocksize 32, the
-  // group's two blocks, one per half, with index bit 4 set for the second. Rows past N decode row
-  // n's codes with zero scales. The codes of the next block of rows, which OpenMP's static
+  // (kWRows steps), then one 64-code group per step (decode64), row by row. Rows past N decode
+  // row n's codes with zero scales. The codes of the next block of rows, which OpenMP's static
   // schedule gives the same thread, are prefetched one line per 128 codes. Everything here is
   // inlined into the micro-kernel's loop (a call there clobbers every zmm register).
   struct Next {
@@ -469,30 +501,12 @@ struct Avx512Bf16 {
       if (i >= len) return;
       const uint8_t* p = codes + (r < rows ? r : 0) * row_bytes + i / 2;
       if (!(g & 1)) _mm_prefetch(reinterpret_cast<const char*>(p + kWRows * row_bytes), _MM_HINT_T0);
-      const __m512 lut = _mm512_loadu_ps(table);
+      __m512i v[2];
       uint16_t* dst = w + r * kChunk + i;
-      if (scale->shift == 5 && len - i >= 64) {
-        const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(lut, _mm512_set1_ps(sc[r][2 * g + 1])),
-                                                       _mm512_mul_ps(lut, _mm512_set1_ps(sc[r][2 * g])));
-        const __m512i half = _mm512_set_epi64(0x0010001000100010ll, 0x0010001000100010ll,
-                                              0x0010001000100010ll, 0x0010001000100010ll, 0, 0, 0, 0);
-        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        _mm512_store_si512(dst, _mm512_permutexvar_epi16(_mm512_or_si512(_mm512_srli_epi16(b, 4), half), t));
-        _mm512_store_si512(dst + 32, _mm512_permutexvar_epi16(  // 0xEA: (b & 15) | half
-                                         _mm512_ternarylogic_epi32(b, _mm512_set1_epi16(15), half, 0xEA), t));
-        return;
-      }
-      const __m512 v = _mm512_mul_ps(lut, _mm512_set1_ps(sc[r][i >> scale->shift]));
-      const __m512i t = (__m512i)_mm512_cvtne2ps_pbh(v, v);
-      if (len - i >= 64) {
-        const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-        _mm512_store_si512(dst, _mm512_permutexvar_epi16(_mm512_srli_epi16(b, 4), t));
-        _mm512_store_si512(dst + 32, _mm512_permutexvar_epi16(b, t));
-      } else {  // a 32-code tail (one block): [even 16 | odd 16]
-        const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(b, 4)), b, 1);
-        _mm512_store_si512(dst, _mm512_permutexvar_epi16(idx, t));
-      }
+      const int got = decode64(p, len - i, _mm512_loadu_ps(table), sc[r] + (i >> scale->shift),
+                               scale->shift, v);
+      _mm512_store_si512(dst, v[0]);
+      if (got == 2) _mm512_store_si512(dst + 32, v[1]);
     }
 
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"), always_inline)) void step() {
@@ -548,13 +562,72 @@ struct Avx512Bf16 {
     }
   }
 
-  // y[:, n .. n + rows) for all M rows of x (`x`: this struct's X of a.x).
+  // y[:, n .. n + rows) for all M rows of x (`x`: this struct's X of a.x); below
+  // kBf16TiledMinRows, run_few.
   void run_tiled(const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n,
                  int64_t rows) const;
+  template <int MX>
+  void run_few(const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n,
+               int64_t rows) const;
+  template <int MX>  // run_few<a.M>, for a.M <= MX
+  void few_rest(const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n,
+                int64_t rows) const {
+    if constexpr (MX > 0) {
+      if (a.M == MX) return run_few<MX>(a, x, scale, n, rows);
+      few_rest<MX - 1>(a, x, scale, n, rows);
+    }
+  }
 };
+
+// Few rows of x (M < kBf16TiledMinRows): the groups go from registers straight into the dot
+// products (no L1 buffer, no chunk steps): kWRows rows of W at a time, 64 codes a step, an
+// accumulator per row of W and of x; scales 16 blocks at a time (a step never crosses a chunk of
+// x's layout: chunks of 512 codes, spans of >= 16 blocks of 32). The fp32 rows (Avx512::run<1>)
+// decode 16 codes per vpermps into one FMA chain and reached ~2.7 codes per cycle.
+template <int MX>
+__attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void Avx512Bf16::run_few(
+    const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n, int64_t rows) const {
+  const __m512 lut = _mm512_loadu_ps(table);
+  const int64_t row_bytes = a.K / 2, span = int64_t(16) << scale.shift;
+  const uint8_t* codes[kWRows];
+  for (int r = 0; r < kWRows; ++r) codes[r] = a.packed + (n + (r < rows ? r : 0)) * row_bytes;
+  __m512 acc[kWRows][MX];
+  for (auto& r : acc)
+    for (auto& v : r) v = _mm512_setzero_ps();
+  alignas(64) float sc[kWRows][16];
+  for (int64_t k0 = 0; k0 < a.K; k0 += span) {
+    const int64_t len = std::min(span, a.K - k0), count = ((len - 1) >> scale.shift) + 1;
+    for (int r = 0; r < kWRows; ++r)  // rows past N: zero scales
+      _mm512_store_ps(sc[r], r < rows ? scales16(scale, scale.block_of((n + r) * a.K + k0), count)
+                                      : _mm512_setzero_ps());
+    for (int64_t i = 0; i < len; i += 64) {
+      const int64_t k = k0 + i, c0 = k & ~(kChunk - 1), clen = std::min(kChunk, a.K - c0);
+      const uint16_t* xs = x + c0 * a.M + (k - c0);  // row m at xs + m * clen
+      const bool full = len - i >= 64;
+      __m512bh xe[MX], xo[MX];
+      for (int m = 0; m < MX; ++m) {
+        xe[m] = (__m512bh)_mm512_load_si512(xs + m * clen);
+        xo[m] = full ? (__m512bh)_mm512_load_si512(xs + m * clen + 32) : xe[m];
+      }
+      for (int r = 0; r < kWRows; ++r) {
+        const uint8_t* p = codes[r] + k / 2;
+        if (!(i & 64)) _mm_prefetch(reinterpret_cast<const char*>(p + kWRows * row_bytes), _MM_HINT_T0);
+        __m512i v[2];
+        decode64(p, len - i, lut, sc[r] + (i >> scale.shift), scale.shift, v);
+        for (int m = 0; m < MX; ++m) {
+          acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xe[m], (__m512bh)v[0]);
+          if (full) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], xo[m], (__m512bh)v[1]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MX; ++m)
+    for (int64_t r = 0; r < rows; ++r) a.y[m * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
 
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void Avx512Bf16::run_tiled(
     const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n, int64_t rows) const {
+  if (a.M < kBf16TiledMinRows) return few_rest<kBf16TiledMinRows - 1>(a, x, scale, n, rows);
   alignas(64) uint16_t w[2][kWRows * kChunk];
   __m512 acc[kMaxGemvRows * kWRows];
   for (auto& v : acc) v = _mm512_setzero_ps();
@@ -787,12 +860,13 @@ void run_tiled(const GemvArgs& a, const X* x, const Scales& scale) {
   }
 }
 
-enum class Path { kScalar, kAvx2, kAvx2Tiled, kAvx512, kAvx512Bf16Tiled, kAmxTiled, kAvx512Tiled };
+enum class Path { kScalar, kAvx2, kAvx2Tiled, kAvx512, kAvx512Bf16Tiled, kAmxTiled, kAvx512Tiled,
+                  kAvx512Bf16 };
 
 // Measured per host class. AMD (2-core EPYC, Zen 4: 512-bit FMAs are double-pumped, so fp32
 // AVX-512 has no FMA-rate advantage): fp32 AVX-512 rows for M < kTiledMinRows, else AVX2's tiled
-// path (an fp32 AVX-512 tiled one took 1.2-1.6x its time); vdpbf16ps, where bf16 products are
-// asked for, from kBf16TiledMinRows on. Intel (2-core Xeon with AMX, 4096x4096 fp32, rotated
+// path (an fp32 AVX-512 tiled one took 1.2-1.6x its time); vdpbf16ps at every M where bf16
+// products are asked for. Intel (2-core Xeon with AMX, 4096x4096 fp32, rotated
 // weights, two threads): the AVX2 rows beat the AVX-512 ones (M=1 0.80-0.84 against 0.91-1.0 ms,
 // M=4 1.57-1.86 against 2.0-2.1; 512-bit shuffles issue on one port, 256-bit ones on two), and
 // the AVX-512 tiled path beats AVX2's (two 512-bit FMA ports: M=5 1.37-1.39 against 1.81-1.84 ms,
@@ -803,8 +877,8 @@ inline bool avx512_rows_win() { return __builtin_cpu_is("amd"); }
 Path choose(int64_t M, bool bf16_products, int simd_level) {
   const bool tiled = M >= kTiledMinRows;
   if (simd_level >= 3 && M >= kAmxMinRows && bf16_products && has_amx_bf16()) return Path::kAmxTiled;
-  if (simd_level >= 2 && M >= kBf16TiledMinRows && bf16_products && has_avx512_bf16())
-    return Path::kAvx512Bf16Tiled;
+  if (simd_level >= 2 && M >= 1 && bf16_products && has_avx512_bf16())
+    return M >= kBf16TiledMinRows ? Path::kAvx512Bf16Tiled : Path::kAvx512Bf16;
   if (simd_level >= 2 && !tiled && has_avx512() && (simd_level == 2 || avx512_rows_win() || !has_avx2()))
     return Path::kAvx512;
   if (simd_level >= 2 && tiled && has_avx512() && (simd_level == 2 || !avx512_rows_win() || !has_avx2()))
@@ -819,6 +893,7 @@ void qlora_gemv(const GemvArgs& a, int simd_level) {
   const Scales scale{a.absmax, a.absmax_q, a.absmax2, a.code8, a.offset,
                      __builtin_ctzll(uint64_t(a.blocksize))};  // a power of two (bindings)
   switch (choose(a.M, a.bf16_products, simd_level)) {
+    case Path::kAvx512Bf16:  // Avx512Bf16::run_few, by M
     case Path::kAvx512Bf16Tiled: {
       const Avx512Bf16::X x(a);
       return run_tiled<Avx512Bf16>(a, x.data, scale);
@@ -849,8 +924,8 @@ void qlora_gemv(const GemvArgs& a, int simd_level) {
 }
 
 const char* gemv_path(int64_t M, bool bf16_products, int simd_level) {
-  static const char* names[] = {"scalar",          "avx2",     "avx2-tiled", "avx512",
-                                "avx512bf16-tiled", "amx-tiled", "avx512-tiled"};
+  static const char* names[] = {"scalar",          "avx2",      "avx2-tiled",   "avx512",
+                                "avx512bf16-tiled", "amx-tiled", "avx512-tiled", "avx512bf16"};
   return names[static_cast<int>(choose(M, bf16_products, simd_level))];
 }
 
