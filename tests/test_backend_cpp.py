@@ -82,10 +82,9 @@ def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
     (11, 10, 1536, 512, True),
     # M=1-4 (avx512bf16: 4 rows of W at a time, decoded in registers, 16 blocks of scales per
     # span; M=2 and 3 among the AMX cases below, M=4 in (4, 7, 64, ...) above, with x
-    # chunk-major): N tails (23, 10, 6, 5 rows),
-    # the 32-code K tail alone in the last span (K=2080, blocksize 32, spans of 512 codes
-    # crossing nested blocks of 256), one span shorter than 16 blocks (K=1536 at 512; K=96 at
-    # 32), plain absmax
+    # chunk-major): N tails (23, 10, 6, 5 rows), the 32-code K tail alone in the last span
+    # (K=2080, blocksize 32, spans of 512 codes crossing nested blocks of 256), one span shorter
+    # than 16 blocks (K=1536 at 512; K=96 at 32), plain absmax
     (1, 23, 2080, 32, True), (1, 10, 1536, 512, True), (1, 6, 640, 128, False),
     (1, 5, 96, 32, False),
     # AMX (every M): 16-row W tiles with an N tail, 32-code groups in fours with 1-3 left over

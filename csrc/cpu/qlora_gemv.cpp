@@ -7,8 +7,8 @@
 // micro-kernel instead: fp32 FMAs (Avx2::run_tiled; Avx512::run_tiled on Intel). When the
 // caller computes in bf16 and the CPU has AVX512-BF16, bf16 dot products (vdpbf16ps, Avx512Bf16)
 // at every M: on groups decoded in registers below kBf16TiledMinRows, tiled from it on. With
-// AMX-BF16 and bf16 compute, every M runs on the tile unit instead (Amx). OpenMP across output features. `choose`
-// picks the path at run time; the scalar loop is the fallback.
+// AMX-BF16 and bf16 compute, every M runs on the tile unit instead (Amx). OpenMP across output
+// features. `choose` picks the path at run time; the scalar loop is the fallback.
 // Requires in_features % blocksize == 0 (blocks never span rows).
 #include <immintrin.h>
 
@@ -411,10 +411,10 @@ __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline)) inline __m51
 }
 
 // ---- AVX512-BF16, bf16 compute: vdpbf16ps (32 bf16 pairs per instruction, twice the fp32 FMA
-// rate). Few rows of x: run_few. From kBf16TiledMinRows on: a 6 x 4 register block of x rows by W rows, 10 loads per 24 dot
-// products. kWRows rows of W decode to bf16 kChunk codes at a time into L1, and the next chunk's
-// decode runs inside this chunk's micro-kernel, one 64-code group per step, so the shuffles
-// overlap the dot products (decoding a chunk, then multiplying it, ran the two in series: 2.5 ->
+// rate). Few rows of x: run_few. From kBf16TiledMinRows on: a 6 x 4 register block of x rows by
+// W rows, 10 loads per 24 dot products. kWRows rows of W decode to bf16 kChunk codes at a time
+// into L1, and the next chunk's decode runs inside this chunk's micro-kernel, one 64-code group
+// per step, so the shuffles overlap the dot products (decoding a chunk, then multiplying it, ran the two in series: 2.5 ->
 // 1.8 ms, M=16, 4096x4096, two threads of a Zen 4 EPYC). A group's 32 packed bytes are
 // zero-extended to words; the high nibbles (even codes) come by a shift, and one vpermw each
 // looks them up in the group's table: the 16 code values times the block's absmax, rounded to
@@ -604,8 +604,8 @@ struct Avx512Bf16 {
 // Few rows of x (M < kBf16TiledMinRows): the groups go from registers straight into the dot
 // products (no L1 buffer, no chunk steps): kWRows rows of W at a time, 64 codes a step, an
 // accumulator per row of W and of x; scales 16 blocks at a time (a step never crosses a chunk of
-// x's layout: chunks of 512 codes, spans of >= 16 blocks of 32). The fp32 rows (Avx512::run<1>)
-// decode 16 codes per vpermps into one FMA chain and reached ~2.7 codes per cycle.
+// x's layout: chunks of 512 codes, spans of >= 16 blocks of 32). Against the tiled path at these
+// M it saves the stores and loads of the L1 buffer and the chunk steps' bookkeeping.
 template <int MX>
 __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl"))) void Avx512Bf16::run_few(
     const GemvArgs& a, const uint16_t* x, const Scales& scale, int64_t n, int64_t rows) const {
@@ -899,7 +899,7 @@ inline bool avx512_rows_win() { return __builtin_cpu_is("amd"); }
 Path choose(int64_t M, bool bf16_products, int simd_level) {
   const bool tiled = M >= kTiledMinRows;
   if (simd_level >= 3 && M >= kAmxMinRows && bf16_products && has_amx_bf16()) return Path::kAmxTiled;
-  if (simd_level >= 2 && M >= 1 && bf16_products && has_avx512_bf16())
+  if (simd_level >= 2 && bf16_products && has_avx512_bf16())
     return M >= kBf16TiledMinRows ? Path::kAvx512Bf16Tiled : Path::kAvx512Bf16;
   if (simd_level >= 2 && !tiled && has_avx512() && (simd_level == 2 || avx512_rows_win() || !has_avx2()))
     return Path::kAvx512;
