@@ -84,9 +84,9 @@ def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
     # span; M=2 and 3 among the AMX cases below, M=4 in (4, 7, 64, ...) above, with x
     # chunk-major): N tails (23, 10, 6, 5 rows), the 32-code K tail alone in the last span
     # (K=2080, blocksize 32, spans of 512 codes crossing nested blocks of 256), one span shorter
-    # than 16 blocks (K=1536 at 512; K=96 at 32), plain absmax
+    # than 16 blocks (K=1536 at 512; K=96 at 32), plain absmax; M=0 (no rows: nothing runs)
     (1, 23, 2080, 32, True), (1, 10, 1536, 512, True), (1, 6, 640, 128, False),
-    (1, 5, 96, 32, False),
+    (1, 5, 96, 32, False), (0, 8, 64, 64, True),
     # AMX (every M): 16-row W tiles with an N tail, 32-code groups in fours with 1-3 left over
     # (K=544, 96, 2112), M=1, 2, 3 and 16 columns of x, nested blocks of 256 absmax crossed
     # within a row's 16 scales, and rows of 66 blocks (block scales decoded 32 at a time: 32,
