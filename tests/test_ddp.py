@@ -1,4 +1,5 @@
 """peftkern layers under DistributedDataParallel: 2 processes, gloo backend, CPU."""
+import gc
 import os
 
 import torch
@@ -35,6 +36,13 @@ def _worker(rank, world, out_dir):
     torch.nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
     grads = {n: p.grad for n, p in model.module.named_parameters() if p.requires_grad}
     torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    # Tear down while the interpreter is fully alive: no rank closes its pairs while the other is
+    # still in a collective (barrier), and the DDP reducer's reference to the process group is gone
+    # before destroy_process_group, so gloo's threads never outlive Python (a rare SIGABRT,
+    # "terminate called without an active exception", in CI on 2026-12-04).
+    dist.barrier()
+    del model, grads
+    gc.collect()
     dist.destroy_process_group()
 
 
