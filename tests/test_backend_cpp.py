@@ -80,6 +80,9 @@ def test_cpu_gemv_takes_16bit_activations(M, dtype, gen, gemv_calls):
     (5, 9, 96, 32, False), (13, 6, 640, 64, True), (16, 70, 1024, 1024, True),
     (9, 5, 640, 128, False), (4, 7, 64, 64, True), (7, 23, 2080, 32, True),
     (11, 10, 1536, 512, True),
+    # two threads (M*N*K >= 2^20), each carrying its decode from block to block, 3 chunks a row
+    # (the L1 buffers alternate across blocks), an N tail
+    (6, 150, 1536, 64, True),
     # M=1-4 (avx512bf16: 4 rows of W at a time, decoded in registers, 16 blocks of scales per
     # span; M=2 and 3 among the AMX cases below, M=4 in (4, 7, 64, ...) above, with x
     # chunk-major): N tails (23, 10, 6, 5 rows), the 32-code K tail alone in the last span
