@@ -3,12 +3,13 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 # tune imports the Triton kernels: here, while TRITON_INTERPRET=1 (the fixture below unsets it)
-from peftkern.bench import cases, cli, sweep, tune
+from peftkern.bench import cases, cli, measure, sweep, tune
 
 
 @pytest.fixture(autouse=True)
@@ -55,6 +56,32 @@ def test_a_failing_baseline_is_reported_not_raised():
     bad = next(r for r in rows if r["impl"] == "broken")
     assert "baseline exploded" in bad["error"] and bad["peftkern_speedup"] is None
     assert next(r for r in rows if r["impl"] == "peftkern")["peftkern_speedup"] == 1.0
+
+
+def test_cpu_timing_interleaves_implementations_and_keeps_errors_in_place():
+    """The implementations of a case run in alternating slices (so one host's drift moves them
+    alike), each gets at least one call per slice, and one that fails mid-way is reported in its
+    place without being called again."""
+    calls = []
+
+    def fn(name, seconds):
+        def run():
+            calls.append(name)
+            time.sleep(seconds)
+        return run
+
+    def flaky():
+        calls.append("flaky")
+        if calls.count("flaky") == 3:  # warm-up and one slice pass, then it breaks
+            raise RuntimeError("broke mid-way")
+    fast, slow, bad = measure.interleaved_median_ms(
+        [fn("fast", 0.001), fn("slow", 0.004), flaky], min_time_s=0.05, rounds=4)
+    assert 1 <= fast < slow < 20 and isinstance(bad, RuntimeError)
+    assert calls.count("flaky") == 3
+    # after the warm-ups, slices alternate: fast, slow, flaky, then slow, fast (flaky is gone), ...
+    runs = [k for i, k in enumerate(calls[3:]) if i == 0 or calls[3 + i - 1] != k]
+    assert runs[:5] == ["fast", "slow", "flaky", "slow", "fast"]
+    assert calls.count("slow") >= 1 + 4  # the warm-up and at least one call per slice
 
 
 def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):

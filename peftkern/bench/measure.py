@@ -1,8 +1,10 @@
 """How the suite measures: median times, the machine's roofline, peak memory, run metadata.
 
 GPU times come from `triton.testing.do_bench` (median, L2 flushed between calls), or from its CUDA
-graph variant for launch-bound ops. CPU times are the median of wall-clock repeats. Inputs rotate
-over copies larger than the last-level cache (`copies`), so weights are read from memory.
+graph variant for launch-bound ops. CPU times are the median of wall-clock repeats; a sweep's
+implementations of one case are timed in alternating slices (`interleaved_median_ms`), so that a
+shared host's drift moves them alike. Inputs rotate over copies larger than the last-level cache
+(`copies`), so weights are read from memory.
 """
 from __future__ import annotations
 
@@ -50,6 +52,39 @@ def median_ms(fn, device: str, min_time_s: float = 0.3, graph: bool = False) -> 
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def interleaved_median_ms(fns, min_time_s: float = 0.3, rounds: int = 5, max_calls: int = 50):
+    """CPU: the median milliseconds of each of `fns`, timed in `rounds` slices that alternate
+    between them (forward, then backward order), each slice about `min_time_s / rounds` of one fn
+    and at least one call, so each gets `rounds` to `max_calls` calls. Timed one after another, a
+    2-core VM's drift (a neighbour, the clock) moved a ratio between two fns by up to 1.5x from
+    run to run. A fn that raises gets its exception in its place, and is not called again."""
+    out = []
+    for fn in fns:  # warm-up: first-call allocation, lazy init
+        try:
+            fn()
+            out.append([])
+        except Exception as e:  # noqa: BLE001 -- reported in its place
+            out.append(e)
+    per_slice = max(1, max_calls // rounds)
+    for r in range(rounds):
+        for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
+            if isinstance(out[i], Exception):
+                continue
+            start = time.perf_counter()
+            for _ in range(per_slice):
+                t0 = time.perf_counter()
+                try:
+                    fns[i]()
+                except Exception as e:  # noqa: BLE001
+                    out[i] = e
+                    break
+                t1 = time.perf_counter()
+                out[i].append((t1 - t0) * 1e3)
+                if t1 - start >= min_time_s / rounds:
+                    break
+    return [t if isinstance(t, Exception) else sorted(t)[len(t) // 2] for t in out]
 
 
 def peak_extra_mib(fn, device: str):

@@ -99,14 +99,21 @@ class Progress:
             print(file=sys.stderr)
 
 
-def _time_impl(case, impl, min_time_s):
+def _copies(impl):
+    """The implementation's rotating call (over copies past the caches), its first copy, and how
+    many copies it rotates over."""
     call, nbytes = impl.make()
     calls = [call] + [impl.make()[0] for _ in range(measure.copies(nbytes) - 1)]
     for c in calls:  # warm every copy: first calls may allocate or cache per layer
         c()
     it = itertools.cycle(calls)
-    ms = measure.median_ms(lambda: next(it)(), case.device, min_time_s, graph=case.graph)
-    return ms, measure.peak_extra_mib(call, case.device), len(calls)
+    return (lambda: next(it)()), call, len(calls)
+
+
+def _time_impl(case, impl, min_time_s):
+    rotate, call, n = _copies(impl)
+    ms = measure.median_ms(rotate, case.device, min_time_s, graph=case.graph)
+    return ms, measure.peak_extra_mib(call, case.device), n
 
 
 def _row(case, impl, ms, peak, n, roof):
@@ -119,17 +126,38 @@ def _row(case, impl, ms, peak, n, roof):
             "peak_extra_MiB": peak, "copies": n}
 
 
-def run_case(case, roof, min_time_s) -> list[dict]:
-    rows = []
+def _error_row(case, name, e, roof):
+    return {**_row(case, name, float("nan"), None, 0, roof), "error": f"{type(e).__name__}: {e}"[:300]}
+
+
+def _cpu_rows(case, roof, min_time_s):
+    """CPU: every implementation's copies built first, then all timed in alternating slices."""
+    built, rows = [], {}
     for impl in case.impls:
         try:
-            ms, peak, n = _time_impl(case, impl, min_time_s)
-            rows.append(_row(case, impl.name, ms, peak, n, roof))
+            built.append((impl.name, *_copies(impl)))
         except Exception as e:  # report and go on: one broken baseline must not sink the sweep
-            rows.append({**_row(case, impl.name, float("nan"), None, 0, roof),
-                         "error": f"{type(e).__name__}: {e}"[:300]})
-        if case.device == "cuda":
-            torch.cuda.empty_cache()
+            rows[impl.name] = _error_row(case, impl.name, e, roof)
+    times = measure.interleaved_median_ms([b[1] for b in built], min_time_s)
+    for (name, _, _, n), ms in zip(built, times):
+        rows[name] = _error_row(case, name, ms, roof) if isinstance(ms, Exception) \
+            else _row(case, name, ms, None, n, roof)
+    return [rows[impl.name] for impl in case.impls]
+
+
+def run_case(case, roof, min_time_s) -> list[dict]:
+    if case.device == "cpu":
+        rows = _cpu_rows(case, roof, min_time_s)
+    else:
+        rows = []
+        for impl in case.impls:
+            try:
+                ms, peak, n = _time_impl(case, impl, min_time_s)
+                rows.append(_row(case, impl.name, ms, peak, n, roof))
+            except Exception as e:  # report and go on: one broken baseline must not sink the sweep
+                rows.append(_error_row(case, impl.name, e, roof))
+            if case.device == "cuda":
+                torch.cuda.empty_cache()
     ours = next((r["ms"] for r in rows if r["impl"] == "peftkern"), float("nan"))
     for r in rows:   # > 1: peftkern is that many times faster than this implementation
         r["peftkern_speedup"] = r["ms"] / ours if ours == ours and r["ms"] == r["ms"] else None
