@@ -54,21 +54,18 @@ def median_ms(fn, device: str, min_time_s: float = 0.3, graph: bool = False) -> 
     return sorted(times)[len(times) // 2]
 
 
-def interleaved_median_ms(fns, min_time_s: float = 0.3, rounds: int = 5, max_calls: int = 50):
+def interleaved_median_ms(fns, min_time_s: float = 0.3, rounds: int = 5, max_calls: int = 50,
+                          warm_rounds: int = 1):
     """CPU: the median milliseconds of each of `fns`, timed in `rounds` slices that alternate
     between them (forward, then backward order), each slice about `min_time_s / rounds` of one fn
     and at least one call, so each gets `rounds` to `max_calls` calls. Timed one after another, a
     2-core VM's drift (a neighbour, the clock) moved a ratio between two fns by up to 1.5x from
-    run to run. A fn that raises gets its exception in its place, and is not called again."""
-    out = []
-    for fn in fns:  # warm-up: first-call allocation, lazy init
-        try:
-            fn()
-            out.append([])
-        except Exception as e:  # noqa: BLE001 -- reported in its place
-            out.append(e)
+    run to run. `warm_rounds` rounds of slices run first, untimed: right after a case's copies
+    are built (hundreds of MB), the first slice ran up to 1.9x slower than the later ones. A fn
+    that raises gets its exception in its place, and is not called again."""
+    out: list = [[] for _ in fns]
     per_slice = max(1, max_calls // rounds)
-    for r in range(rounds):
+    for r in range(warm_rounds + rounds):
         for i in (range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))):
             if isinstance(out[i], Exception):
                 continue
@@ -77,11 +74,12 @@ def interleaved_median_ms(fns, min_time_s: float = 0.3, rounds: int = 5, max_cal
                 t0 = time.perf_counter()
                 try:
                     fns[i]()
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 -- reported in its place
                     out[i] = e
                     break
                 t1 = time.perf_counter()
-                out[i].append((t1 - t0) * 1e3)
+                if r >= warm_rounds:
+                    out[i].append((t1 - t0) * 1e3)
                 if t1 - start >= min_time_s / rounds:
                     break
     return [t if isinstance(t, Exception) else sorted(t)[len(t) // 2] for t in out]
