@@ -204,6 +204,10 @@ std::string gemv_path(int64_t M, bool bf16_products, int64_t simd_level) {
   return peftkern::cpu::gemv_path(M, bf16_products, (int)simd_level);
 }
 
+bool gemv_lora_in_kernel(int64_t M, bool bf16_products, int64_t simd_level) {
+  return peftkern::cpu::gemv_lora_in_kernel(M, bf16_products, (int)simd_level);
+}
+
 // y [M, N] = x·deq(W)ᵀ + bias + s·xa·Bᵀ for fp32 x [M <= 16, K] (CPU; see csrc/cpu/qlora_gemv.cpp).
 // bf16_products: x and the weights rounded to bf16 before multiplying (bf16 compute), where the
 // CPU has a faster path for it.
@@ -293,6 +297,7 @@ TORCH_LIBRARY(peftkern_C, m) {
         "Tensor? offset, int quant_type, int blocksize, int out_features, Tensor? bias, Tensor? xa, "
         "Tensor? lora_B, float scaling, int simd_level=3, bool bf16_products=False) -> Tensor");
   m.def("gemv_path(int M, bool bf16_products, int simd_level=3) -> str");
+  m.def("gemv_lora_in_kernel(int M, bool bf16_products, int simd_level=3) -> bool");
 }
 
 TORCH_LIBRARY_IMPL(peftkern_C, CPU, m) {
@@ -306,6 +311,7 @@ TORCH_LIBRARY_IMPL(peftkern_C, CPU, m) {
 TORCH_LIBRARY_IMPL(peftkern_C, CompositeExplicitAutograd, m) {
   m.impl("code_table", &code_table);
   m.impl("gemv_path", &gemv_path);
+  m.impl("gemv_lora_in_kernel", &gemv_lora_in_kernel);
 }
 
 #ifdef PEFTKERN_WITH_CUDA

@@ -114,6 +114,29 @@ def test_cpu_gemv_bf16_products_follow_error_rule(simd, M, N, K, blocksize, dq, 
 
 
 @pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("simd", [3, 2, 1], ids=["best", "avx512", "avx2"])
+@pytest.mark.parametrize("M, rank", [(1, 16), (1, 33), (3, 1), (7, 20), (16, 16), (16, 48)])
+def test_cpu_gemv_low_rank_term_at_every_rank(simd, M, rank, gen):
+    """The low-rank term s·xa·Bᵀ inside the GEMV (the AVX512-BF16 paths add it to their
+    accumulators, 16 ranks a vector: ranks below, at and past 16, and not a multiple of it;
+    elsewhere the scalar epilogue), with bias; and gemv_lora_in_kernel names those paths."""
+    ext = ops.backends.ext.EXT
+    N, K = 13, 256
+    q, Wd = quantized(torch.randn(N, K, generator=gen) / K ** 0.5, "nf4", 64, True)
+    x = torch.randn(M, K, generator=gen).bfloat16()
+    b = torch.randn(N, generator=gen)
+    A, B = torch.randn(rank, K, generator=gen) / K ** 0.5, torch.randn(N, rank, generator=gen) / rank ** 0.5
+    xa = x.float() @ A.t()
+    got = ext.qlora_gemv(x.float(), q.data.view(-1), q.absmax, q.absmax2, q.code8,
+                         q.offset.reshape(1), 0, 64, N, b, xa, B, 0.75, simd, True)
+    want = R.lora_linear(x.double(), Wd.double(), b.double(), A.double(), B.double(), 0.75)
+    base = R.lora_linear(x, Wd.bfloat16(), b.bfloat16(), A.bfloat16(), B.bfloat16(), 0.75)
+    path = ext.gemv_path(M, True, simd)
+    assert_error_rule(f"y ({path}, r={rank})", got, want, base)
+    assert ext.gemv_lora_in_kernel(M, True, simd) == path.startswith("avx512bf16")
+
+
+@pytest.mark.skipif(not HAS_CPP, reason="C++ extension not built")
 def test_cpu_gemv_path_is_reported():
     """The GEMV's run-time choice is one named path, and plan(...) says which."""
     ext = ops.backends.ext.EXT

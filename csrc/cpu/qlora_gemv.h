@@ -33,6 +33,10 @@ struct GemvArgs {
 // "avx512-tiled", "avx512bf16-tiled", "amx-tiled" (dispatch reports it in plan(...).reason).
 const char* gemv_path(int64_t M, bool bf16_products, int simd_level);
 
+// Whether that path adds the low-rank term at no extra pass (in its accumulators); on the others
+// a separate addmm after the kernel is faster than the epilogue's scalar loop.
+bool gemv_lora_in_kernel(int64_t M, bool bf16_products, int simd_level);
+
 // simd_level: 3 = the path measured fastest on this CPU's class (AMX for bf16 compute, AVX-512,
 // AVX2), 2 = the AVX-512 paths where the CPU has them (no AMX), 1 = at most AVX2, 0 = scalar.
 // Lower levels exist so that tests cover every path on any machine.

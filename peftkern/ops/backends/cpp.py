@@ -5,6 +5,7 @@ panels of rows, each multiplied at once, so no full-size dequantized weight is w
 rows, small) and the result rounded once."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -16,6 +17,12 @@ from .common import (add_grouped_lora, add_lora, add_scaled_lora, lora_xa,  # no
                      offset_1d, packed_bytes, quant_type_id, scale_grad, scaled_output)
 
 PANEL_ELEMS = 1 << 20  # dequantize ~4 MB of fp32 weight at a time, so it stays in cache
+
+
+@functools.lru_cache(maxsize=None)
+def _lora_in_kernel(M, bf16):
+    """Whether the GEMV's path for M rows adds the low-rank term itself (csrc/cpu `choose`)."""
+    return bool(ext.EXT.gemv_lora_in_kernel(M, bf16))
 
 
 def _f32(t):
@@ -53,13 +60,18 @@ def qlora_linear_fwd(x, qw, out_features, bias, lora_A, lora_B, scaling, mask, c
     xc = x.to(compute_dtype)
     if config == "gemv":
         # the best SIMD level; bf16 products (as bnb's bf16 compute) only for bf16 compute; a
-        # scale applies to the fp32 result before the bias. The low-rank term goes to MKL after
-        # it (the kernel's scalar epilogue for it took 0.2 ms of 1.15 at M=16, 4096x4096, r=16)
+        # scale applies to the fp32 result before the bias. The low-rank term: in the kernel
+        # where its path adds it to the accumulators, else by MKL after it (the kernel's scalar
+        # epilogue for it took 0.2 ms of 1.15 at M=16, 4096x4096, r=16)
+        bf16 = compute_dtype == torch.bfloat16
+        fused = _lora_in_kernel(x.shape[0], bf16)
         y = ext.EXT.qlora_gemv(_f32(xc), packed_bytes(data), absmax, absmax2, code8,
                                offset_1d(offset), quant_type_id(quant_type), blocksize,
-                               out_features, _f32(bias) if scale is None else None, None, None,
-                               0.0, 3, compute_dtype == torch.bfloat16)
-        y.addmm_(_f32(xa), _f32(lora_B).t(), alpha=float(scaling))
+                               out_features, _f32(bias) if scale is None else None,
+                               _f32(xa) if fused else None, _f32(lora_B) if fused else None,
+                               float(scaling) if fused else 0.0, 3, bf16)
+        if not fused:
+            y.addmm_(_f32(xa), _f32(lora_B).t(), alpha=float(scaling))
         if scale is None:
             return y.to(out), xa, None
         return scaled_output(y, scale, bias, out), xa, y.to(out) if keep_z else None
