@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -595,10 +596,9 @@ struct Avx512Bf16 {
     int first = 0;
   };
 
-  // The low-rank term into the accumulators before their sum over lanes: acc(m, r) += s·xa[m, j]
-  // ·B[n + r, j] with rank j in the lanes, 16 ranks a vector (R/16 FMAs per accumulator; an
+  // The low-rank term into the accumulators before their sum over lanes: acc(m, r) += xa[m, j]
+  // ·s·B[n + r, j] with rank j in the lanes, 16 ranks a vector (R/16 FMAs per accumulator; an
   // addmm after the kernel took 41 us of 2.2 ms, M=16, 4096x4096, r=16).
-  static constexpr bool kLoraInAcc = true;
   template <class Acc>
   __attribute__((target("avx512f"), always_inline)) static void add_lora(
       const GemvArgs& a, int64_t n, int64_t rows, int64_t M, Acc&& acc) {
@@ -607,11 +607,9 @@ struct Avx512Bf16 {
     for (int64_t j = 0; j < a.R; j += 16) {
       const __mmask16 k = a.R - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (a.R - j)) - 1);
       for (int64_t r = 0; r < rows; ++r) {
-        const __m512 b = _mm512_maskz_loadu_ps(k, a.lora_B + (n + r) * a.R + j);
-        for (int64_t m = 0; m < M; ++m) {
-          const __m512 xs = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, a.xa + m * a.R + j));
-          acc(m, r) = _mm512_fmadd_ps(xs, b, acc(m, r));
-        }
+        const __m512 sb = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(k, a.lora_B + (n + r) * a.R + j));
+        for (int64_t m = 0; m < M; ++m)
+          acc(m, r) = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a.xa + m * a.R + j), sb, acc(m, r));
       }
     }
   }
@@ -908,23 +906,17 @@ void run_rows(const GemvArgs& a, const Scales& scale) {
   }
 }
 
-// A block of the tiled paths with what the thread carries between its blocks (Avx512Bf16's
-// decode pipeline; the others carry nothing).
+// How a tiled path differs in the driver: what a thread carries between its blocks, and whether
+// the path adds the low-rank term in its accumulators (Avx512Bf16 does both; the others neither).
 struct NoCarry {};
-template <class Isa> struct CarryOf { using type = NoCarry; };
-template <> struct CarryOf<Avx512Bf16> { using type = Avx512Bf16::Carry; };
-template <class Isa> constexpr bool kLoraInAcc = false;  // Avx512Bf16 adds it in its accumulators
-template <> constexpr bool kLoraInAcc<Avx512Bf16> = Avx512Bf16::kLoraInAcc;
-template <class Isa, class X>
-void run_block(const Isa& isa, const GemvArgs& a, const X* x, const Scales& scale, int64_t n,
-               int64_t rows, NoCarry&) {
-  isa.run_tiled(a, x, scale, n, rows);
-}
-template <class Isa, class X, class Carry>
-void run_block(const Isa& isa, const GemvArgs& a, const X* x, const Scales& scale, int64_t n,
-               int64_t rows, Carry& carry) {
-  isa.run_tiled(a, x, scale, n, rows, carry);
-}
+template <class Isa> struct Tiled {
+  using Carry = NoCarry;
+  static constexpr bool kLoraInAcc = false;
+};
+template <> struct Tiled<Avx512Bf16> {
+  using Carry = Avx512Bf16::Carry;
+  static constexpr bool kLoraInAcc = true;
+};
 
 // The tiled paths, OpenMP over blocks of kWRows output features; `x`: the ISA's layout of x. The
 // static schedule gives each thread consecutive blocks (which a carry relies on for speed only).
@@ -934,14 +926,17 @@ void run_tiled(const GemvArgs& a, const X* x, const Scales& scale) {
   const int64_t blocks = (a.N + Isa::kWRows - 1) / Isa::kWRows;
 #pragma omp parallel if (a.M * a.N * a.K >= kParallelMinWork)
   {
-    typename CarryOf<Isa>::type carry;
+    typename Tiled<Isa>::Carry carry;
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n = b * Isa::kWRows, rows = std::min<int64_t>(Isa::kWRows, a.N - n);
-      run_block(isa, a, x, scale, n, rows, carry);
+      if constexpr (std::is_same_v<typename Tiled<Isa>::Carry, NoCarry>)
+        isa.run_tiled(a, x, scale, n, rows);
+      else
+        isa.run_tiled(a, x, scale, n, rows, carry);
       for (int64_t m = 0; m < a.M; ++m)
         for (int64_t r = n; r < n + rows; ++r)
-          a.y[m * a.N + r] = epilogue(a, m, r, a.y[m * a.N + r], !kLoraInAcc<Isa>);
+          a.y[m * a.N + r] = epilogue(a, m, r, a.y[m * a.N + r], !Tiled<Isa>::kLoraInAcc);
     }
   }
 }
@@ -1010,7 +1005,7 @@ void qlora_gemv(const GemvArgs& a, int simd_level) {
 }
 
 bool gemv_lora_in_kernel(int64_t M, bool bf16_products, int simd_level) {
-  const Path p = choose(M, bf16_products, simd_level);
+  const Path p = choose(M, bf16_products, simd_level);  // the paths run by Avx512Bf16
   return p == Path::kAvx512Bf16 || p == Path::kAvx512Bf16Tiled;
 }
 
